@@ -1,4 +1,6 @@
 """rlbatch: an actor-inference harness for reinforcement learning in Python."""
+from rlbatch.batcher import BatchedService, Caller
+from rlbatch.decorators import BatchedFunction, batched, service
 from rlbatch.errors import (
     BatchOutputError,
     DeadlineExceeded,
@@ -10,9 +12,16 @@ from rlbatch.errors import (
 )
 from rlbatch.learner import Learner
 from rlbatch.policy_types import Policy
+from rlbatch.stats import ServiceStats
 from rlbatch.trajectory import Trajectory, stack_trajectories
 
 __all__ = [
+    "BatchedFunction",
+    "BatchedService",
+    "Caller",
+    "ServiceStats",
+    "batched",
+    "service",
     "BatchOutputError",
     "DeadlineExceeded",
     "InvalidRequest",

@@ -1,0 +1,767 @@
+"""BatchedService: many callers, one input each; one worker, one batch function call per batch.
+
+Threading model
+---------------
+Callers (threads or asyncio tasks) enqueue requests under one lock (`_cond`). A single worker thread
+forms batches and calls the batch function; with `max_in_flight > 1` a second thread, the completer,
+turns the outputs into results while the worker already forms and dispatches the next batch (JAX
+dispatch is asynchronous, so batch k+1 is prepared while batch k runs on the device).
+Nothing polls: the worker blocks on `_cond` (with no timeout while the queue is empty, and with the
+oldest request's remaining delay otherwise), callers block on a lock or a Future, the completer on
+a queue.
+
+Batch formation
+---------------
+A batch goes as soon as one of these holds:
+1. it holds `max_batch_size` rows;
+2. its oldest request has waited `max_delay` seconds (the clock starts at that request's arrival);
+3. early flush: every registered caller (`register()`) has a request outstanding, so nothing more
+   can come from them until this batch runs;
+4. the service is closing (the queue is drained without waiting).
+Submitters wake the worker only when one of these becomes true, not on every request.
+
+Priorities: higher `priority` first, FIFO within a level. A request that has waited longer than
+`starvation_timeout` is taken before any higher level, so no request waits more than that plus
+the batches already ahead of it.
+
+Errors never kill the worker: anything the batch function raises (BaseException too) goes to every
+caller of that batch; an Exception instance in place of one result fails that caller alone; an
+output that cannot be split back fails its batch with BatchOutputError; invalid inputs are refused
+at submit time and fail their own request only.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+
+from rlbatch.codecs import ArgSpec, ArrayCodec, CallCodec, ListCodec
+from rlbatch.errors import DeadlineExceeded, InvalidRequest, QueueFull, ServiceClosed
+from rlbatch.stats import ServiceStats, StatsRecorder
+
+__all__ = ["BatchedService", "Caller"]
+
+_PENDING, _TAKEN, _DONE, _CANCELLED = 0, 1, 2, 3
+_clock = time.perf_counter
+
+
+class _Request:
+    """One queued request. Completed through a stdlib Future, or (blocking calls) a bare lock.
+
+    A blocking call does not need a Future's condition variable and callbacks: it waits on a lock
+    the worker releases, which is the cheapest way for one thread to wake another in CPython.
+    """
+
+    __slots__ = ("values", "rows", "priority", "t0", "deadline", "caller", "state",
+                 "future", "lock", "value", "error", "parent", "index", "baton")
+
+    def __init__(self, values, rows, priority, t0, deadline, caller, future):
+        self.values = values
+        self.rows = rows
+        self.priority = priority
+        self.t0 = t0
+        self.deadline = deadline
+        self.caller = caller
+        self.state = _PENDING
+        self.future = future
+        self.lock = None
+        self.value = None
+        self.error = None
+        self.parent = None
+        self.index = 0
+        self.baton = None
+
+    def claim(self) -> bool:
+        """Worker side, before running: False if the request was cancelled meanwhile."""
+        if self.parent is not None:
+            return self.parent.claim_part()
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        return self.state == _TAKEN
+
+    def finish(self, value) -> None:
+        if self.parent is not None:
+            self.parent.part_done(self.index, value, None)
+        elif self.future is not None:
+            self.future.set_result(value)
+        else:
+            self.value = value
+            self.state = _DONE
+            self.lock.release()
+
+    def fail(self, error: BaseException) -> None:
+        if self.parent is not None:
+            self.parent.part_done(self.index, None, error)
+        elif self.future is not None:
+            if not self.future.done():
+                if self.future.running() or self.future.set_running_or_notify_cancel():
+                    self.future.set_exception(error)
+        else:
+            self.error = error
+            self.state = _DONE
+            self.lock.release()
+
+
+class _Joined:
+    """A request larger than max_batch_size, split into parts and reassembled in order."""
+
+    def __init__(self, future, num_parts, join):
+        self.future = future
+        self._results = [None] * num_parts
+        self._left = num_parts
+        self._join = join
+        self._lock = threading.Lock()
+        self._claimed = False
+        self._failed = False
+
+    def claim_part(self) -> bool:
+        with self._lock:
+            if self._failed:
+                return False
+            if not self._claimed:
+                self._claimed = True
+                if not self.future.set_running_or_notify_cancel():
+                    self._failed = True
+                    return False
+            return True
+
+    def part_done(self, index, value, error) -> None:
+        with self._lock:
+            if self._failed:
+                return
+            if error is not None:
+                self._failed = True
+            else:
+                self._results[index] = value
+                self._left -= 1
+                if self._left:
+                    return
+        if error is not None:
+            if not self.future.done():
+                if self.future.running() or self.future.set_running_or_notify_cancel():
+                    self.future.set_exception(error)
+            return
+        try:
+            self.future.set_result(self._join(self._results))
+        except BaseException as e:  # noqa: BLE001 - a join error belongs to this caller
+            self.future.set_exception(e)
+
+
+class Caller:
+    """A registered caller (an actor thread, say). See `BatchedService.register`.
+
+    While every registered caller has a request outstanding, the service knows no more requests
+    are coming from them and sends the batch at once instead of waiting out `max_delay`.
+    """
+
+    def __init__(self, service: "BatchedService"):
+        self._service = service
+        self.outstanding = 0
+        self.closed = False
+
+    def submit(self, *args, priority: int = 0, timeout: float | None = None, **kwargs) -> concurrent.futures.Future:
+        return self._service._submit(args, kwargs, priority=priority, deadline=timeout, caller=self)
+
+    def submit_rows(self, *args, priority: int = 0, timeout: float | None = None, **kwargs) -> concurrent.futures.Future:
+        return self._service._submit(args, kwargs, priority=priority, deadline=timeout, caller=self, rows=True)
+
+    def __call__(self, *args, timeout: float | None = None, priority: int = 0, **kwargs):
+        return self._service._call(args, kwargs, timeout, priority, caller=self)
+
+    def call_rows(self, *args, timeout: float | None = None, priority: int = 0, **kwargs):
+        return self._service._call(args, kwargs, timeout, priority, caller=self, rows=True)
+
+    def close(self) -> None:
+        self._service._unregister(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class BatchedService:
+    """Turns a batch function into a service that many threads call one input at a time.
+
+    Args:
+      batch_fn: the batch function. Without buckets each parameter receives a list (one entry per
+        row) and it returns a sequence of results of the same length; with buckets, see `buckets`.
+      max_batch_size: most rows in one call (default: the largest bucket, or 32).
+      max_delay: seconds the oldest request of a batch may wait for more to arrive.
+      buckets: padded sizes; turns on array mode: rows (numpy arrays or pytrees of arrays) are
+        stacked into a preallocated buffer of the smallest bucket >= n and padded, and the function
+        is called as `fn(*padded_args, num_valid=n)`, returning arrays with the bucket as leading axis.
+      pad: "repeat" (the last valid row, default), "zeros", or a fill value.
+      example: a tuple with one example row per argument, fixing the accepted shapes and dtypes
+        (default: the first request fixes them).
+      max_queue: most requests waiting; then `on_full` = "block" (default) or "raise" (QueueFull).
+      setup: called once on the worker thread before the first batch; its result is passed to the
+        batch function as its first argument (as a `functools.partial` would bind a model).
+      max_in_flight: batches dispatched and not yet completed; > 1 splits result handling onto a
+        second thread so the next batch forms while this one computes.
+      starvation_timeout: seconds after which a waiting request is served before higher priorities.
+      name: a name for the worker threads and messages.
+    """
+
+    def __init__(
+        self,
+        batch_fn: Callable,
+        max_batch_size: int | None = None,
+        max_delay: float = 0.002,
+        *,
+        buckets: Sequence[int] | None = None,
+        pad: Any = "repeat",
+        example: tuple | None = None,
+        max_queue: int | None = None,
+        on_full: str = "block",
+        setup: Callable[[], Any] | None = None,
+        max_in_flight: int = 1,
+        starvation_timeout: float = 1.0,
+        name: str | None = None,
+        _codec=None,
+    ):
+        if not callable(batch_fn):
+            raise TypeError(f"batch_fn must be callable, got {type(batch_fn).__name__}")
+        if max_batch_size is None:
+            max_batch_size = max(buckets) if buckets else 32
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if not isinstance(max_delay, (int, float)) or max_delay < 0:
+            raise ValueError(f"max_delay must be a number of seconds >= 0, got {max_delay!r}")
+        if buckets is not None and max(buckets) < max_batch_size:
+            raise ValueError(f"the largest bucket must hold max_batch_size={max_batch_size} rows, got buckets {tuple(buckets)}")
+        if on_full not in ("block", "raise"):
+            raise ValueError(f'on_full must be "block" or "raise", got {on_full!r}')
+        if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 1):
+            raise ValueError(f"max_queue must be a positive int or None, got {max_queue!r}")
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
+
+        self.batch_fn = batch_fn
+        self.max_batch_size = max_batch_size
+        self.max_delay = float(max_delay)
+        self.max_queue = max_queue
+        self.on_full = on_full
+        self.max_in_flight = max_in_flight
+        self.starvation_timeout = float(starvation_timeout)
+        self.name = name or getattr(batch_fn, "__name__", "batch_fn")
+        self._setup = setup
+        if _codec is not None:
+            self._codec = _codec
+        else:
+            argspec = ArgSpec(batch_fn, skip=1 if setup is not None else 0,
+                              reserved=("num_valid",) if buckets is not None else ())
+            if buckets is not None:
+                self._codec = ArrayCodec(argspec, buckets, pad=pad, example=example)
+            else:
+                self._codec = ListCodec(argspec)
+        self._pass_num_valid = isinstance(self._codec, ArrayCodec)
+
+        # An RLock, because a garbage-collected instance may close its service from a finalizer
+        # that runs in whichever thread dropped the last reference, possibly while holding this lock.
+        self._cond = threading.Condition(threading.RLock())
+        self._not_full = threading.Condition(self._cond._lock)  # same lock: one consistent queue state
+        self._levels: dict[int, collections.deque] = {0: collections.deque()}
+        self._level_order = [0]  # priorities present, highest first
+        self._pending = 0  # requests queued, not yet taken
+        self._pending_rows = 0
+        self._worker_waiting = False
+        self._idle = False
+        self._registered = 0
+        self._outstanding_callers = 0
+        self._closing = False
+        self._closed_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._completer: threading.Thread | None = None
+        self._done_queue: queue.SimpleQueue | None = None
+        self._in_flight = threading.Semaphore(max_in_flight)
+        self._in_flight_count = 0
+        self._context = None
+        self._stats = StatsRecorder(max_batch_size)
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, *args, priority: int = 0, timeout: float | None = None, **kwargs) -> concurrent.futures.Future:
+        """Queues one input; returns a `concurrent.futures.Future` of its result.
+
+        `timeout` is a deadline in seconds: if the request has not run by then it fails with
+        DeadlineExceeded (a TimeoutError) without being run. Invalid input gives a Future that
+        already holds InvalidRequest.
+        """
+        return self._submit(args, kwargs, priority=priority, deadline=timeout)
+
+    def submit_rows(self, *args, priority: int = 0, timeout: float | None = None, **kwargs) -> concurrent.futures.Future:
+        """Queues one request of k rows (lists of k values, or arrays with leading axis k).
+
+        The rows stay together in one batch; more than max_batch_size rows are split over several
+        batches and reassembled. The Future's result holds the k results (a list, or arrays).
+        """
+        return self._submit(args, kwargs, priority=priority, deadline=timeout, rows=True)
+
+    def submit_many(self, items: Iterable, *, priority: int = 0, timeout: float | None = None) -> list[concurrent.futures.Future]:
+        """Queues many single-argument inputs at once (one lock acquisition); one Future each."""
+        items = list(items)
+        now = _clock()
+        deadline = None if timeout is None else now + timeout
+        futures, requests = [], []
+        for item in items:
+            f = concurrent.futures.Future()
+            futures.append(f)
+            try:
+                values = self._codec.prepare((item,), {}, None)
+            except InvalidRequest as e:
+                self._stats.invalid += 1
+                f.set_exception(e)
+                continue
+            requests.append(_Request(values, None, priority, now, deadline, None, f))
+        if self.max_queue is None:
+            self._enqueue(requests, now)
+        else:  # one at a time, so that a long list waits for room instead of being refused whole
+            for r in requests:
+                self._enqueue([r], now, deadline=timeout)
+        return futures
+
+    def map(self, items: Iterable, *, timeout: float | None = None) -> list:
+        """Results of many single-argument inputs, in order; raises the first error met."""
+        futures = self.submit_many(items)
+        end = None if timeout is None else _clock() + timeout
+        return [f.result(None if end is None else max(0.0, end - _clock())) for f in futures]
+
+    def __call__(self, *args, timeout: float | None = None, priority: int = 0, **kwargs):
+        """Runs one input through the service and returns its result, blocking the caller."""
+        return self._call(args, kwargs, timeout, priority, caller=None)
+
+    def call_rows(self, *args, timeout: float | None = None, priority: int = 0, **kwargs):
+        """Blocking form of `submit_rows`."""
+        return self._call(args, kwargs, timeout, priority, caller=None, rows=True)
+
+    async def acall(self, *args, priority: int = 0, timeout: float | None = None, **kwargs):
+        """`await svc.acall(x)`: the result without blocking the event loop."""
+        return await asyncio.wrap_future(self._submit(args, kwargs, priority=priority, deadline=timeout))
+
+    def register(self) -> Caller:
+        """Registers a caller whose requests count towards early flush; close it when done.
+
+        Use it for a known set of callers (actor threads): when every registered caller has a
+        request outstanding, the batch goes at once. Unregistered requests are batched as usual.
+        """
+        with self._cond:
+            self._check_open()
+            self._registered += 1
+        return Caller(self)
+
+    def _unregister(self, caller: Caller) -> None:
+        with self._cond:
+            if caller.closed:
+                return
+            caller.closed = True
+            self._registered -= 1
+            if caller.outstanding:
+                self._outstanding_callers -= 1
+            self._wake_if_ready()
+
+    def _check_open(self):
+        if self._closing:
+            self._stats.rejected += 1
+            raise ServiceClosed(f"service {self.name!r} is closed") from self._closed_error
+
+    def _submit(self, args, kwargs, *, priority=0, deadline=None, caller=None, rows=False):
+        future = concurrent.futures.Future()
+        now = _clock()
+        try:
+            num_rows = self._num_rows(args, kwargs) if rows else None
+            values = self._codec.prepare(args, kwargs, num_rows)
+        except InvalidRequest as e:
+            self._stats.invalid += 1
+            future.set_exception(e)
+            return future
+        dl = None if deadline is None else now + deadline
+        if num_rows is not None and num_rows > self.max_batch_size:
+            parts = self._split(values, num_rows, priority, now, dl, caller, future)
+            self._enqueue(parts, now, caller=caller, deadline=deadline)
+        else:
+            self._enqueue([_Request(values, num_rows, priority, now, dl, caller, future)], now,
+                          caller=caller, deadline=deadline)
+        return future
+
+    def _num_rows(self, args, kwargs):
+        first = next(itertools.chain(args, kwargs.values()), None)
+        if first is None:
+            raise InvalidRequest("a multi-row request needs at least one argument")
+        try:
+            leaf = jax.tree_util.tree_leaves(first)[0]
+            n = len(leaf)
+        except (TypeError, IndexError):
+            raise InvalidRequest(
+                f"a multi-row request needs sequences or arrays with a leading row axis, got {type(first).__name__}") from None
+        if n < 1:
+            raise InvalidRequest("a multi-row request needs at least one row, got 0")
+        return n
+
+    def _split(self, values, num_rows, priority, now, deadline, caller, future):
+        step = self.max_batch_size
+        starts = list(range(0, num_rows, step))
+        joined = _Joined(future, len(starts), self._codec.join)
+        parts = []
+        for i, s in enumerate(starts):
+            k = min(step, num_rows - s)
+            r = _Request(self._codec.slice_rows(values, s, s + k), k, priority, now, deadline, caller, None)
+            r.parent, r.index = joined, i
+            parts.append(r)
+        return parts
+
+    def _call(self, args, kwargs, timeout, priority, caller, rows=False):
+        if rows:
+            return self._submit(args, kwargs, priority=priority, deadline=timeout, caller=caller, rows=True).result()
+        now = _clock()
+        values = self._codec.prepare(args, kwargs, None)  # InvalidRequest goes straight to the caller
+        req = _Request(values, None, priority, now, None if timeout is None else now + timeout, caller, None)
+        req.lock = threading.Lock()
+        req.lock.acquire()
+        self._enqueue([req], now, caller=caller, deadline=timeout)
+        if timeout is None:
+            # Relay wake-up: the worker wakes only the first caller of a batch, and each caller
+            # wakes the next once it has the GIL. Waking all at once makes every woken thread
+            # contend for the GIL the worker holds; the relay wakes one runnable thread at a time,
+            # which is several times cheaper per request with hundreds of callers.
+            try:
+                req.lock.acquire()
+            except BaseException:
+                req.lock.acquire()  # interrupted (Ctrl-C): take the baton anyway, pass it on, re-raise
+                raise
+            finally:
+                if req.baton is not None:
+                    req.baton.lock.release()
+        elif not req.lock.acquire(timeout=timeout):
+            with self._cond:
+                if req.state == _PENDING:
+                    req.state = _CANCELLED
+            raise DeadlineExceeded(f"no result from service {self.name!r} within {timeout} s")
+        if req.error is not None:
+            raise req.error
+        return req.value
+
+    def _enqueue(self, requests, now, caller=None, deadline=None):
+        if not requests:
+            return
+        with self._cond:
+            self._check_open()
+            if self.max_queue is not None and self._pending + len(requests) > self.max_queue:
+                self._wait_for_room(len(requests), now, deadline, requests)
+            if self._thread is None:
+                self._start()
+            for r in requests:
+                level = self._levels.get(r.priority)
+                if level is None:
+                    level = self._levels[r.priority] = collections.deque()
+                    self._level_order = sorted(self._levels, reverse=True)
+                level.append(r)
+                self._pending_rows += 1 if r.rows is None else r.rows
+                if r.lock is not None:
+                    r.state = _PENDING
+            self._pending += len(requests)
+            self._stats.requests += len(requests)
+            self._stats.rows += sum(1 if r.rows is None else r.rows for r in requests)
+            if caller is not None:
+                if caller.outstanding == 0:
+                    self._outstanding_callers += 1
+                caller.outstanding += len(requests)
+            self._wake_if_ready()
+
+    def _wait_for_room(self, n, now, deadline, requests):
+        if self.on_full == "raise" or n > self.max_queue:
+            self._stats.rejected += 1
+            raise QueueFull(
+                f"service {self.name!r} has {self._pending} requests queued (max_queue={self.max_queue}); "
+                "try again later")
+        end = None if deadline is None else now + deadline
+        while self._pending + n > self.max_queue and not self._closing:
+            remaining = None if end is None else end - _clock()
+            if remaining is not None and remaining <= 0:
+                self._stats.rejected += 1
+                raise DeadlineExceeded(f"service {self.name!r} stayed full for {deadline} s")
+            self._not_full.wait(remaining)
+        if self._closing:
+            self._stats.rejected += 1
+            raise ServiceClosed(f"service {self.name!r} closed while waiting for room in its queue")
+
+    def _wake_if_ready(self):
+        # Called with the lock held. Wakes the worker only when a batch can go now.
+        if self._worker_waiting and (
+            self._pending_rows >= self.max_batch_size
+            or self._closing
+            or (self._registered and self._outstanding_callers >= self._registered and self._pending)
+            or self._idle
+        ):
+            self._cond.notify()
+
+    # ------------------------------------------------------------------ worker
+
+    def _start(self):
+        self._thread = threading.Thread(target=self._worker, name=f"rlbatch-{self.name}", daemon=True)
+        if self.max_in_flight > 1:
+            self._done_queue = queue.SimpleQueue()
+            self._completer = threading.Thread(target=self._complete_loop, name=f"rlbatch-{self.name}-done", daemon=True)
+            self._completer.start()
+        self._thread.start()
+
+    def _oldest_t0(self):
+        return min(level[0].t0 for level in self._levels.values() if level)
+
+    def _next_batch(self):
+        """Blocks until a batch may go; returns its requests (or None once closed and drained)."""
+        with self._cond:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return None
+                    self._idle = self._worker_waiting = True
+                    self._cond.wait()
+                    self._idle = self._worker_waiting = False
+                    continue
+                if (self._closing or self._pending_rows >= self.max_batch_size
+                        or (self._registered and self._outstanding_callers >= self._registered)):
+                    break
+                remaining = self._oldest_t0() + self.max_delay - _clock()
+                if remaining <= 0:
+                    break
+                self._worker_waiting = True
+                self._cond.wait(remaining)
+                self._worker_waiting = False
+            return self._take()
+
+    def _take(self):
+        now = _clock()
+        capacity = self.max_batch_size
+        taken = []
+        order = self._level_order
+        if len(order) > 1:
+            starving = [lv for lv in order[1:] if self._levels[lv] and now - self._levels[lv][0].t0 > self.starvation_timeout]
+            if starving:
+                order = sorted(starving, key=lambda lv: self._levels[lv][0].t0) + order
+        for lv in order:
+            level = self._levels[lv]
+            while level:
+                r = level[0]
+                k = 1 if r.rows is None else r.rows
+                if k > capacity:
+                    break
+                level.popleft()
+                capacity -= k
+                taken.append(r)
+                if r.lock is not None and r.state == _PENDING:
+                    r.state = _TAKEN
+            if capacity == 0:
+                break
+        self._pending -= len(taken)
+        self._pending_rows -= self.max_batch_size - capacity
+        if self.max_queue is not None:
+            self._not_full.notify(len(taken))
+        return taken
+
+    def _worker(self):
+        if self._setup is not None:
+            try:
+                self._context = self._setup()
+            except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
+                self._fail_setup(e)
+                return
+        while True:
+            requests = self._next_batch()
+            if requests is None:
+                break
+            self._in_flight.acquire()  # bounds the batches dispatched and not yet completed
+            job = None
+            try:
+                job = self._dispatch(requests)
+            except BaseException as e:  # noqa: BLE001 - the worker never dies
+                self._complete(requests, [e] * len(requests))
+            finally:
+                if job is None:
+                    self._in_flight.release()
+            if job is not None:
+                if self._done_queue is not None:
+                    self._in_flight_count += 1
+                    self._done_queue.put(job)
+                else:
+                    self._finish(job)
+        if self._done_queue is not None:
+            self._done_queue.put(None)
+
+    def _fail_setup(self, error):
+        with self._cond:
+            self._closing = True
+            self._closed_error = error
+            drained = self._drain_locked()
+            self._not_full.notify_all()
+        err = ServiceClosed(f"setup of service {self.name!r} failed: {error!r}")
+        err.__cause__ = error
+        self._complete(drained, [err] * len(drained))
+        if self._done_queue is not None:
+            self._done_queue.put(None)
+
+    def _drain_locked(self):
+        drained = []
+        for level in self._levels.values():
+            drained.extend(level)
+            level.clear()
+        self._pending = self._pending_rows = 0
+        return drained
+
+    def _dispatch(self, requests):
+        """Drops cancelled and expired requests, then calls the batch function on the rest.
+
+        Returns the job to finish, or None when nothing was left to run (or the call failed).
+        """
+        now = _clock()
+        live, dead, dead_errors = [], [], []
+        waits = self._stats.queue_waits
+        for r in requests:
+            if r.deadline is not None and now > r.deadline:
+                dead.append(r)
+                dead_errors.append(DeadlineExceeded(
+                    f"request waited {now - r.t0:.4f} s in service {self.name!r}, past its deadline; it was not run"))
+                self._stats.timed_out += 1
+            elif r.claim():
+                live.append(r)
+                waits.append(now - r.t0)
+            else:
+                dead.append(r)
+                dead_errors.append(None)
+                self._stats.cancelled += 1
+        if dead:
+            self._complete(dead, dead_errors)
+        if not live:
+            return None
+        num_rows = sum(1 if r.rows is None else r.rows for r in live)
+        ctx = None
+        try:
+            args, kwargs, ctx, padded = self._codec.gather(live, num_rows)
+            if self._pass_num_valid:
+                kwargs["num_valid"] = num_rows
+            if self._setup is not None:
+                output = self.batch_fn(self._context, *args, **kwargs)
+            else:
+                output = self.batch_fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - reaches every caller of this batch
+            self._stats.errors += len(live)
+            if ctx is not None:
+                self._codec.release(ctx)
+            self._stats.record_batch(num_rows, num_rows, _clock() - now)
+            self._complete(live, [e] * len(live))
+            return None
+        return (live, output, ctx, num_rows, padded, now)
+
+    def _complete_loop(self):
+        while True:
+            job = self._done_queue.get()
+            if job is None:
+                return
+            self._finish(job)
+            self._in_flight_count -= 1
+
+    def _finish(self, job):
+        live, output, ctx, num_rows, padded, t_start = job
+        try:
+            try:
+                results = self._codec.scatter(output, live, num_rows, ctx)
+            except BaseException as e:  # noqa: BLE001 - a bad output fails its batch only
+                self._stats.errors += len(live)
+                results = [e] * len(live)
+            finally:
+                if ctx is not None:
+                    self._codec.release(ctx)
+        finally:
+            self._in_flight.release()
+        self._stats.record_batch(num_rows, padded, _clock() - t_start)
+        self._complete(live, results)
+
+    def _complete(self, requests, results):
+        """Hands each request its result: a value, an exception, or None for 'was cancelled'."""
+        callers = [r.caller for r in requests if r.caller is not None]
+        if callers:
+            # Count before waking anyone, so a caller that submits again sees consistent counts.
+            with self._cond:
+                for c in callers:
+                    c.outstanding -= 1
+                    if c.outstanding == 0 and not c.closed:
+                        self._outstanding_callers -= 1
+        relay = []
+        for r, res in zip(requests, results):
+            if res is None:  # cancelled: its Future already says so
+                if r.lock is not None:
+                    r.fail(concurrent.futures.CancelledError())
+                continue
+            if r.lock is not None and r.deadline is None:
+                # Blocking callers are woken as a relay (see _call), not all at once.
+                if isinstance(res, BaseException):
+                    r.error = res
+                else:
+                    r.value = res
+                r.state = _DONE
+                relay.append(r)
+            elif isinstance(res, BaseException):
+                r.fail(res)
+            else:
+                r.finish(res)
+        if relay:
+            for a, b in zip(relay, relay[1:]):
+                a.baton = b
+            relay[0].lock.release()
+
+    # ------------------------------------------------------------------ lifecycle and stats
+
+    @property
+    def stats(self) -> ServiceStats:
+        return self._stats.snapshot(self._pending, self._in_flight_count)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def close(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Stops the service. Safe to call more than once.
+
+        Requests already queued run to completion (the queue is drained without waiting for
+        max_delay), or with `cancel_pending=True` fail at once with ServiceClosed. Later submits
+        raise ServiceClosed. With `wait=True` the worker threads are joined before this returns.
+        """
+        drained = []
+        with self._cond:
+            if not self._closing:
+                self._closing = True
+            if cancel_pending:
+                drained = self._drain_locked()
+            self._cond.notify_all()
+            self._not_full.notify_all()
+        if drained:
+            err = ServiceClosed(f"service {self.name!r} closed before this request ran")
+            self._stats.cancelled += len(drained)
+            self._complete(drained, [err] * len(drained))
+        me = threading.current_thread()
+        if wait and me is not self._thread and me is not self._completer:
+            # Called from inside the batch function, close cannot wait for its own thread.
+            for t in (self._thread, self._completer):
+                if t is not None:
+                    t.join()
+
+    stop = close  # as_a_service's name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self._closing else "open"
+        return (f"BatchedService({self.name!r}, max_batch_size={self.max_batch_size}, "
+                f"max_delay={self.max_delay}, {state}, pending={self._pending})")

@@ -1,0 +1,361 @@
+"""How queued requests become batch-function arguments, and outputs become per-request results.
+
+A codec has four steps, all called by the service:
+
+- `prepare(args, kwargs, rows)` runs in the caller's thread at submit time: it checks one request
+  and puts it in canonical form, raising InvalidRequest so that only that request fails;
+- `gather(requests, num_rows)` runs on the worker and builds the arguments of one call;
+- `scatter(output, requests, ctx)` splits the function's output into one result per request;
+- `release(ctx)` gives back what `gather` borrowed (preallocated buffers) once results are out.
+
+Three codecs:
+- ListCodec (no buckets): every parameter of the batch function receives a list with one entry per
+  row, in request order (uBatch's `f(a_list, mode_list)`); the function returns a sequence of results.
+- ArrayCodec (`buckets=`): items are numpy arrays or pytrees of arrays; rows are stacked into a
+  preallocated buffer of the smallest bucket >= rows and padded; the function is called as
+  `fn(*padded_args, num_valid=n)` and returns arrays (or a pytree) whose leading axis is the bucket.
+- CallCodec (`@service`): one request per call, the function called with the request's own arguments.
+"""
+from __future__ import annotations
+
+import bisect
+import inspect
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from rlbatch.errors import BatchOutputError, InvalidRequest
+
+__all__ = ["ArgSpec", "ListCodec", "ArrayCodec", "CallCodec", "PAD_MODES"]
+
+PAD_MODES = ("repeat", "zeros")
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class ArgSpec:
+    """Maps a request's (args, kwargs) onto the batch function's parameters, in parameter order.
+
+    Built once from the function's signature, so the common case (only positional arguments, as
+    many as the function has) costs one comparison per request.
+    """
+
+    def __init__(self, fn: Callable, *, skip: int = 0, reserved: Sequence[str] = ()):
+        try:
+            params = list(inspect.signature(fn).parameters.values())[skip:]
+        except (TypeError, ValueError):  # builtins and C functions without a signature
+            params = None
+        params = [p for p in params if p.name not in reserved] if params is not None else None
+        free = params is None or any(
+            p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in params
+        )
+        self.free = free
+        self._layout = None  # free mode: the (num positional, keyword names) of the first request
+        self._layout_lock = threading.Lock()
+        if not free:
+            self.positional = [p for p in params if p.kind in _POSITIONAL]
+            self.keyword_only = [p for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
+            self.names = [p.name for p in self.positional + self.keyword_only]
+            self._defaults = [p.default for p in self.positional + self.keyword_only]
+            self._index = {p.name: i for i, p in enumerate(self.positional + self.keyword_only)
+                           if p.kind != inspect.Parameter.POSITIONAL_ONLY}
+            self._num_positional = len(self.positional)
+            self._fast = not self.keyword_only
+
+    def canonical(self, args: tuple, kwargs: dict) -> tuple:
+        """The request's values, one per parameter, or InvalidRequest saying what is wrong."""
+        if self.free:
+            return self._canonical_free(args, kwargs)
+        if self._fast and not kwargs and len(args) == self._num_positional:
+            return args
+        if len(args) > self._num_positional:
+            raise InvalidRequest(
+                f"expected at most {self._num_positional} positional arguments "
+                f"({', '.join(self.names[:self._num_positional])}), got {len(args)}")
+        values = list(args) + [inspect.Parameter.empty] * (len(self.names) - len(args))
+        for name, value in kwargs.items():
+            i = self._index.get(name)
+            if i is None:
+                raise InvalidRequest(f"unexpected keyword argument {name!r}; expected one of {self.names}")
+            if i < len(args):
+                raise InvalidRequest(f"argument {name!r} given both by position and by keyword")
+            values[i] = value
+        for i, value in enumerate(values):
+            if value is inspect.Parameter.empty:
+                if self._defaults[i] is inspect.Parameter.empty:
+                    raise InvalidRequest(f"missing argument {self.names[i]!r}; expected arguments {self.names}")
+                values[i] = self._defaults[i]
+        return tuple(values)
+
+    def _canonical_free(self, args: tuple, kwargs: dict) -> tuple:
+        layout = (len(args), tuple(sorted(kwargs)))
+        if self._layout is None:
+            with self._layout_lock:
+                if self._layout is None:
+                    self._layout = layout
+        if layout != self._layout:
+            raise InvalidRequest(
+                f"expected {self._layout[0]} positional and keyword arguments {list(self._layout[1])} "
+                f"(as the first request), got {layout[0]} positional and {list(layout[1])}")
+        return args + tuple(kwargs[k] for k in layout[1])
+
+    def split(self, columns: list) -> tuple[list, dict]:
+        """Per-parameter columns -> (positional arguments, keyword arguments) of the call."""
+        if self.free:
+            num_positional, keys = self._layout
+            return columns[:num_positional], dict(zip(keys, columns[num_positional:]))
+        if self._fast:
+            return columns, {}
+        n = self._num_positional
+        return columns[:n], dict(zip(self.names[n:], columns[n:]))
+
+
+class ListCodec:
+    """Each parameter receives a list of values, one per row, in request order."""
+
+    def __init__(self, argspec: ArgSpec):
+        self.argspec = argspec
+
+    def prepare(self, args, kwargs, rows):
+        values = self.argspec.canonical(args, kwargs)
+        if rows is not None:
+            for v in values:
+                if not hasattr(v, "__len__") or len(v) != rows:
+                    got = len(v) if hasattr(v, "__len__") else type(v).__name__
+                    raise InvalidRequest(f"a request of {rows} rows needs {rows} values for every argument, got {got}")
+        return values
+
+    def gather(self, requests, num_rows):
+        if len(requests) == num_rows:  # one row each: the common case
+            columns = [list(col) for col in zip(*[r.values for r in requests])]
+        else:
+            columns = [[] for _ in requests[0].values]
+            for r in requests:
+                for col, v in zip(columns, r.values):
+                    if r.rows is None:
+                        col.append(v)
+                    else:
+                        col.extend(v)
+        args, kwargs = self.argspec.split(columns)
+        return args, kwargs, None, num_rows
+
+    def scatter(self, output, requests, num_rows, ctx):
+        try:
+            got = len(output)
+        except TypeError:
+            raise BatchOutputError(
+                f"the batch function must return a sequence of {num_rows} results (one per input), "
+                f"got {type(output).__name__}") from None
+        if got != num_rows:
+            raise BatchOutputError(
+                f"the batch function returned {got} results for a batch of {num_rows} inputs; "
+                "expected exactly one result per input")
+        if len(requests) == num_rows:
+            return list(output)
+        results, i = [], 0
+        for r in requests:
+            if r.rows is None:
+                results.append(output[i])
+                i += 1
+            else:
+                part = list(output[i:i + r.rows])
+                i += r.rows
+                failed = [x for x in part if isinstance(x, BaseException)]
+                results.append(failed[0] if failed else part)
+        return results
+
+    def release(self, ctx):
+        pass
+
+    @staticmethod
+    def slice_rows(values, start, stop):
+        return tuple(v[start:stop] for v in values)
+
+    @staticmethod
+    def join(parts):
+        return [x for part in parts for x in part]
+
+
+class CallCodec:
+    """No batching: one request per call, with its own arguments (for `@service`)."""
+
+    def prepare(self, args, kwargs, rows):
+        if rows is not None:
+            raise InvalidRequest("an unbatched service takes one input per request; submit_rows is not available")
+        return (args, kwargs)
+
+    def gather(self, requests, num_rows):
+        args, kwargs = requests[0].values
+        return args, kwargs, None, 1
+
+    def scatter(self, output, requests, num_rows, ctx):
+        return [output]
+
+    def release(self, ctx):
+        pass
+
+
+class _LeafSpec:
+    __slots__ = ("treedef", "shapes", "dtypes", "name")
+
+    def __init__(self, treedef, leaves, name):
+        self.treedef = treedef
+        self.shapes = [leaf.shape for leaf in leaves]
+        self.dtypes = [leaf.dtype for leaf in leaves]
+        self.name = name
+
+    def describe(self):
+        parts = [f"{dt}{list(s)}" for s, dt in zip(self.shapes, self.dtypes)]
+        return parts[0] if len(parts) == 1 else f"{self.treedef} with leaves {parts}"
+
+
+def _as_array(x):
+    return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+
+class ArrayCodec:
+    """Stacks array rows into preallocated per-bucket buffers, pads, and slices outputs back.
+
+    The expected structure, shapes and dtypes of each argument come from `example` (one row per
+    argument, as a tuple) or else from the first request; a request that differs fails alone.
+    Buffers are preallocated per bucket and reused, so that a batch costs no allocation; a buffer
+    goes back to its pool only once the batch's results are out (`release`), because a pipelined
+    device computation may still be reading it.
+    """
+
+    def __init__(self, argspec: ArgSpec, buckets: Sequence[int], pad: Any = "repeat", example: tuple | None = None):
+        if argspec.free:
+            raise ValueError("a bucketed service needs a batch function with named parameters (no *args/**kwargs)")
+        self.argspec = argspec
+        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be positive integers, got {tuple(buckets)}")
+        if isinstance(pad, str) and pad not in PAD_MODES:
+            raise ValueError(f"pad must be one of {PAD_MODES} or a fill value, got {pad!r}")
+        self.pad = pad
+        self._specs: list[_LeafSpec] | None = None
+        self._spec_lock = threading.Lock()
+        self._pools: dict[int, list] = {b: [] for b in self.buckets}
+        if example is not None:
+            self._set_specs(tuple(example))
+
+    def _set_specs(self, values):
+        specs = []
+        for name, v in zip(self.argspec.names, values):
+            leaves, treedef = jax.tree_util.tree_flatten(v)
+            specs.append(_LeafSpec(treedef, [_as_array(x) for x in leaves], name))
+        self._specs = specs
+
+    def bucket_for(self, num_rows: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, num_rows)]
+
+    def prepare(self, args, kwargs, rows):
+        values = self.argspec.canonical(args, kwargs)
+        if self._specs is None:
+            with self._spec_lock:
+                if self._specs is None:
+                    first = values
+                    if rows is not None:
+                        first = tuple(jax.tree_util.tree_map(lambda x: _as_array(x)[0], v) for v in values)
+                    self._set_specs(first)
+        prepared = []
+        for spec, v in zip(self._specs, values):
+            leaves, treedef = jax.tree_util.tree_flatten(v)
+            if treedef != spec.treedef:
+                raise InvalidRequest(f"argument {spec.name!r}: expected structure {spec.treedef}, got {treedef}")
+            out = []
+            for leaf, shape, dtype in zip(leaves, spec.shapes, spec.dtypes):
+                leaf = _as_array(leaf)
+                want = shape if rows is None else (rows,) + shape
+                if leaf.shape != want or leaf.dtype != dtype:
+                    expected = f"{dtype}{list(want)}"
+                    raise InvalidRequest(
+                        f"argument {spec.name!r}: expected an array of dtype and shape {expected}, "
+                        f"got {leaf.dtype}{list(leaf.shape)}")
+                out.append(leaf)
+            prepared.append(out)
+        return prepared
+
+    def _buffers(self, bucket):
+        pool = self._pools[bucket]
+        try:
+            return pool.pop()
+        except IndexError:
+            return [[np.empty((bucket,) + s, d) for s, d in zip(spec.shapes, spec.dtypes)] for spec in self._specs]
+
+    def gather(self, requests, num_rows):
+        bucket = self.bucket_for(num_rows)
+        buffers = self._buffers(bucket)
+        single = len(requests) == num_rows
+        columns = []
+        for j, (spec, bufs) in enumerate(zip(self._specs, buffers)):
+            for li, buf in enumerate(bufs):
+                if single:
+                    np.stack([r.values[j][li] for r in requests], out=buf[:num_rows])
+                else:
+                    i = 0
+                    for r in requests:
+                        k = 1 if r.rows is None else r.rows
+                        buf[i:i + k] = r.values[j][li]
+                        i += k
+                if num_rows < bucket:
+                    # Repeating a real row keeps padded rows inside the input distribution (no NaN
+                    # or overflow from zeros through a normaliser); they are never returned.
+                    if self.pad == "repeat":
+                        buf[num_rows:] = buf[num_rows - 1]
+                    elif self.pad == "zeros":
+                        buf[num_rows:] = 0
+                    else:
+                        buf[num_rows:] = self.pad
+            columns.append(jax.tree_util.tree_unflatten(spec.treedef, bufs))
+        args, kwargs = self.argspec.split(columns)
+        return args, kwargs, (bucket, buffers), bucket
+
+    def scatter(self, output, requests, num_rows, ctx):
+        bucket, buffers = ctx
+        leaves, treedef = jax.tree_util.tree_flatten(output)
+        arrays = []
+        for leaf in leaves:
+            a = np.asarray(leaf)  # one device-to-host transfer per output leaf per batch
+            if a.ndim == 0 or a.shape[0] != bucket:
+                raise BatchOutputError(
+                    f"the batch function must return arrays whose leading dimension is the bucket size "
+                    f"{bucket} (num_valid={num_rows}), got an output of shape {list(a.shape)}")
+            if any(np.may_share_memory(a, b) for bufs in buffers for b in bufs):
+                a = a.copy()  # the output aliases an input buffer that the next batch will overwrite
+            arrays.append(a)
+        single = len(requests) == num_rows
+        if len(arrays) == 1 and treedef.num_leaves == 1 and treedef.num_nodes == 1:
+            a = arrays[0]
+            if single:
+                return list(a[:num_rows])
+            return self._split_rows(a, requests)
+        if single:
+            return [treedef.unflatten(row) for row in zip(*[a[:num_rows] for a in arrays])]
+        columns = [self._split_rows(a, requests) for a in arrays]
+        return [treedef.unflatten(parts) for parts in zip(*columns)]
+
+    @staticmethod
+    def _split_rows(a, requests):
+        out, i = [], 0
+        for r in requests:
+            if r.rows is None:
+                out.append(a[i])
+                i += 1
+            else:
+                out.append(a[i:i + r.rows])
+                i += r.rows
+        return out
+
+    def release(self, ctx):
+        bucket, buffers = ctx
+        self._pools[bucket].append(buffers)
+
+    @staticmethod
+    def slice_rows(values, start, stop):
+        return [[leaf[start:stop] for leaf in leaves] for leaves in values]
+
+    @staticmethod
+    def join(parts):
+        return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)
