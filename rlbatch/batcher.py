@@ -264,11 +264,14 @@ class BatchedService:
             else:
                 self._codec = ListCodec(argspec)
         self._pass_num_valid = isinstance(self._codec, ArrayCodec)
+        argspec = getattr(self._codec, "argspec", None)
+        self._fast_arity = (argspec.fast_arity if isinstance(self._codec, ListCodec) else -1)
 
         # An RLock, because a garbage-collected instance may close its service from a finalizer
         # that runs in whichever thread dropped the last reference, possibly while holding this lock.
         self._cond = threading.Condition(threading.RLock())
-        self._not_full = threading.Condition(self._cond._lock)  # same lock: one consistent queue state
+        self._lock = self._cond._lock  # `with self._lock` skips Condition's Python-level __enter__
+        self._not_full = threading.Condition(self._lock)  # same lock: one consistent queue state
         self._levels: dict[int, collections.deque] = {0: collections.deque()}
         self._level_order = [0]  # priorities present, highest first
         self._pending = 0  # requests queued, not yet taken
@@ -318,7 +321,7 @@ class BatchedService:
             try:
                 values = self._codec.prepare((item,), {}, None)
             except InvalidRequest as e:
-                self._stats.invalid += 1
+                self._count_invalid()
                 f.set_exception(e)
                 continue
             requests.append(_Request(values, None, priority, now, deadline, None, f))
@@ -353,13 +356,13 @@ class BatchedService:
         Use it for a known set of callers (actor threads): when every registered caller has a
         request outstanding, the batch goes at once. Unregistered requests are batched as usual.
         """
-        with self._cond:
+        with self._lock:
             self._check_open()
             self._registered += 1
         return Caller(self)
 
     def _unregister(self, caller: Caller) -> None:
-        with self._cond:
+        with self._lock:
             if caller.closed:
                 return
             caller.closed = True
@@ -367,6 +370,10 @@ class BatchedService:
             if caller.outstanding:
                 self._outstanding_callers -= 1
             self._wake_if_ready()
+
+    def _count_invalid(self):
+        with self._lock:
+            self._stats.invalid += 1
 
     def _check_open(self):
         if self._closing:
@@ -380,7 +387,7 @@ class BatchedService:
             num_rows = self._num_rows(args, kwargs) if rows else None
             values = self._codec.prepare(args, kwargs, num_rows)
         except InvalidRequest as e:
-            self._stats.invalid += 1
+            self._count_invalid()
             future.set_exception(e)
             return future
         dl = None if deadline is None else now + deadline
@@ -397,8 +404,10 @@ class BatchedService:
         if first is None:
             raise InvalidRequest("a multi-row request needs at least one argument")
         try:
-            leaf = jax.tree_util.tree_leaves(first)[0]
-            n = len(leaf)
+            if isinstance(self._codec, ArrayCodec):  # rows are the leading axis of every leaf
+                n = len(jax.tree_util.tree_leaves(first)[0])
+            else:  # rows are the entries of a list
+                n = len(first)
         except (TypeError, IndexError):
             raise InvalidRequest(
                 f"a multi-row request needs sequences or arrays with a leading row axis, got {type(first).__name__}") from None
@@ -422,11 +431,18 @@ class BatchedService:
         if rows:
             return self._submit(args, kwargs, priority=priority, deadline=timeout, caller=caller, rows=True).result()
         now = _clock()
-        values = self._codec.prepare(args, kwargs, None)  # InvalidRequest goes straight to the caller
+        if not kwargs and len(args) == self._fast_arity:
+            values = args  # plain positional list-mode call: nothing to check or reorder
+        else:
+            try:
+                values = self._codec.prepare(args, kwargs, None)
+            except InvalidRequest:
+                self._count_invalid()
+                raise  # a blocking caller gets its InvalidRequest at once
         req = _Request(values, None, priority, now, None if timeout is None else now + timeout, caller, None)
-        req.lock = threading.Lock()
-        req.lock.acquire()
-        self._enqueue([req], now, caller=caller, deadline=timeout)
+        req.lock = lock = threading.Lock()
+        lock.acquire()
+        self._enqueue_one(req, now, caller, timeout)
         if timeout is None:
             # Relay wake-up: the worker wakes only the first caller of a batch, and each caller
             # wakes the next once it has the GIL. Waking all at once makes every woken thread
@@ -441,7 +457,7 @@ class BatchedService:
                 if req.baton is not None:
                     req.baton.lock.release()
         elif not req.lock.acquire(timeout=timeout):
-            with self._cond:
+            with self._lock:
                 if req.state == _PENDING:
                     req.state = _CANCELLED
             raise DeadlineExceeded(f"no result from service {self.name!r} within {timeout} s")
@@ -449,24 +465,49 @@ class BatchedService:
             raise req.error
         return req.value
 
+    def _enqueue_one(self, r, now, caller, deadline):
+        # The per-request hot path: one lock, no loops, the worker woken only when a batch can go.
+        with self._lock:
+            if self._closing:
+                self._check_open()
+            if self.max_queue is not None and self._pending >= self.max_queue:
+                self._wait_for_room(1, now, deadline)
+            if self._thread is None:
+                self._start()
+            level = self._levels.get(r.priority)
+            if level is None:
+                level = self._new_level(r.priority)
+            level.append(r)
+            rows = 1 if r.rows is None else r.rows
+            self._pending += 1
+            self._pending_rows += rows
+            stats = self._stats
+            stats.requests += 1
+            stats.rows += rows
+            if caller is not None:
+                if caller.outstanding == 0:
+                    self._outstanding_callers += 1
+                caller.outstanding += 1
+            if self._worker_waiting:
+                self._wake_if_ready()
+
     def _enqueue(self, requests, now, caller=None, deadline=None):
+        if len(requests) == 1:
+            return self._enqueue_one(requests[0], now, caller, deadline)
         if not requests:
             return
-        with self._cond:
+        with self._lock:
             self._check_open()
             if self.max_queue is not None and self._pending + len(requests) > self.max_queue:
-                self._wait_for_room(len(requests), now, deadline, requests)
+                self._wait_for_room(len(requests), now, deadline)
             if self._thread is None:
                 self._start()
             for r in requests:
                 level = self._levels.get(r.priority)
                 if level is None:
-                    level = self._levels[r.priority] = collections.deque()
-                    self._level_order = sorted(self._levels, reverse=True)
+                    level = self._new_level(r.priority)
                 level.append(r)
                 self._pending_rows += 1 if r.rows is None else r.rows
-                if r.lock is not None:
-                    r.state = _PENDING
             self._pending += len(requests)
             self._stats.requests += len(requests)
             self._stats.rows += sum(1 if r.rows is None else r.rows for r in requests)
@@ -474,9 +515,15 @@ class BatchedService:
                 if caller.outstanding == 0:
                     self._outstanding_callers += 1
                 caller.outstanding += len(requests)
-            self._wake_if_ready()
+            if self._worker_waiting:
+                self._wake_if_ready()
 
-    def _wait_for_room(self, n, now, deadline, requests):
+    def _new_level(self, priority):
+        level = self._levels[priority] = collections.deque()
+        self._level_order = sorted(self._levels, reverse=True)
+        return level
+
+    def _wait_for_room(self, n, now, deadline):
         if self.on_full == "raise" or n > self.max_queue:
             self._stats.rejected += 1
             raise QueueFull(
@@ -494,13 +541,13 @@ class BatchedService:
             raise ServiceClosed(f"service {self.name!r} closed while waiting for room in its queue")
 
     def _wake_if_ready(self):
-        # Called with the lock held. Wakes the worker only when a batch can go now.
-        if self._worker_waiting and (
-            self._pending_rows >= self.max_batch_size
-            or self._closing
-            or (self._registered and self._outstanding_callers >= self._registered and self._pending)
-            or self._idle
-        ):
+        # Called with the lock held while the worker waits. Wakes it only when a batch can go now,
+        # and clears the flag so the submitters that follow before it runs do not notify again.
+        if (self._idle
+                or self._pending_rows >= self.max_batch_size
+                or self._closing
+                or (self._registered and self._outstanding_callers >= self._registered and self._pending)):
+            self._worker_waiting = self._idle = False
             self._cond.notify()
 
     # ------------------------------------------------------------------ worker
@@ -518,7 +565,7 @@ class BatchedService:
 
     def _next_batch(self):
         """Blocks until a batch may go; returns its requests (or None once closed and drained)."""
-        with self._cond:
+        with self._lock:
             while True:
                 if not self._pending:
                     if self._closing:
@@ -597,7 +644,7 @@ class BatchedService:
             self._done_queue.put(None)
 
     def _fail_setup(self, error):
-        with self._cond:
+        with self._lock:
             self._closing = True
             self._closed_error = error
             drained = self._drain_locked()
@@ -630,7 +677,7 @@ class BatchedService:
                 dead_errors.append(DeadlineExceeded(
                     f"request waited {now - r.t0:.4f} s in service {self.name!r}, past its deadline; it was not run"))
                 self._stats.timed_out += 1
-            elif r.claim():
+            elif (r.state == _TAKEN) if r.lock is not None else r.claim():
                 live.append(r)
                 waits.append(now - r.t0)
             else:
@@ -689,7 +736,7 @@ class BatchedService:
         callers = [r.caller for r in requests if r.caller is not None]
         if callers:
             # Count before waking anyone, so a caller that submits again sees consistent counts.
-            with self._cond:
+            with self._lock:
                 for c in callers:
                     c.outstanding -= 1
                     if c.outstanding == 0 and not c.closed:
@@ -735,7 +782,7 @@ class BatchedService:
         raise ServiceClosed. With `wait=True` the worker threads are joined before this returns.
         """
         drained = []
-        with self._cond:
+        with self._lock:
             if not self._closing:
                 self._closing = True
             if cancel_pending:

@@ -51,6 +51,7 @@ class ArgSpec:
             p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in params
         )
         self.free = free
+        self.fast_arity = -1  # positional arguments that need no checking (-1: always check)
         self._layout = None  # free mode: the (num positional, keyword names) of the first request
         self._layout_lock = threading.Lock()
         if not free:
@@ -62,6 +63,8 @@ class ArgSpec:
                            if p.kind != inspect.Parameter.POSITIONAL_ONLY}
             self._num_positional = len(self.positional)
             self._fast = not self.keyword_only
+            if self._fast:
+                self.fast_arity = self._num_positional
 
     def canonical(self, args: tuple, kwargs: dict) -> tuple:
         """The request's values, one per parameter, or InvalidRequest saying what is wrong."""
@@ -127,7 +130,7 @@ class ListCodec:
         return values
 
     def gather(self, requests, num_rows):
-        if len(requests) == num_rows:  # one row each: the common case
+        if _all_single(requests):  # one row each: the common case
             columns = [list(col) for col in zip(*[r.values for r in requests])]
         else:
             columns = [[] for _ in requests[0].values]
@@ -151,7 +154,7 @@ class ListCodec:
             raise BatchOutputError(
                 f"the batch function returned {got} results for a batch of {num_rows} inputs; "
                 "expected exactly one result per input")
-        if len(requests) == num_rows:
+        if _all_single(requests):
             return list(output)
         results, i = [], 0
         for r in requests:
@@ -208,6 +211,11 @@ class _LeafSpec:
     def describe(self):
         parts = [f"{dt}{list(s)}" for s, dt in zip(self.shapes, self.dtypes)]
         return parts[0] if len(parts) == 1 else f"{self.treedef} with leaves {parts}"
+
+
+def _all_single(requests):
+    """True when every request carries one row (no submit_rows): the fast paths apply."""
+    return all(r.rows is None for r in requests)
 
 
 def _as_array(x):
@@ -287,7 +295,7 @@ class ArrayCodec:
     def gather(self, requests, num_rows):
         bucket = self.bucket_for(num_rows)
         buffers = self._buffers(bucket)
-        single = len(requests) == num_rows
+        single = _all_single(requests)
         columns = []
         for j, (spec, bufs) in enumerate(zip(self._specs, buffers)):
             for li, buf in enumerate(bufs):
@@ -325,7 +333,7 @@ class ArrayCodec:
             if any(np.may_share_memory(a, b) for bufs in buffers for b in bufs):
                 a = a.copy()  # the output aliases an input buffer that the next batch will overwrite
             arrays.append(a)
-        single = len(requests) == num_rows
+        single = _all_single(requests)
         if len(arrays) == 1 and treedef.num_leaves == 1 and treedef.num_nodes == 1:
             a = arrays[0]
             if single:

@@ -1,0 +1,669 @@
+"""BatchedService, @batched and @service: the seeds' examples, their known faults, and the contract."""
+import asyncio
+import concurrent.futures
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import rlbatch
+from tests.conftest import wait_until
+
+
+# --------------------------------------------------------------------------- the seeds' examples
+
+def test_as_a_service_square_example(capsys):
+    @rlbatch.batched(max_batch_size=3, max_delay=0.1)
+    def square(batch_xs):
+        print("processing...", batch_xs)
+        return [x_i ** 2 for x_i in batch_xs]
+
+    futures = square.submit_many(range(10))
+    print([f.result() for f in futures])
+    assert square(2.0) == 4.0
+    square.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[:5] == [
+        "processing... [0, 1, 2]",
+        "processing... [3, 4, 5]",
+        "processing... [6, 7, 8]",
+        "processing... [9]",
+        "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]",
+    ]
+
+
+def test_as_a_service_game_threads_example():
+    service = rlbatch.BatchedService(lambda xs: [x * 10 for x in xs], max_batch_size=32, max_delay=1.0)
+    results = {}
+
+    def game(i):
+        results[i] = [service(i + step) for step in range(5)]
+
+    threads = [threading.Thread(target=game, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    service.stop()
+    assert results == {i: [10 * (i + s) for s in range(5)] for i in range(100)}
+
+
+def test_ubatch_two_parameter_example(capsys):
+    @rlbatch.batched(max_batch_size=5, max_delay=1.0)
+    def squared_cube(a, mode):
+        print(a)
+        print(mode)
+        return [x ** 2 if y == "square" else x ** 3 for x, y in zip(a, mode)]
+
+    inputs = list(range(10))
+    modes = ["square" if i % 2 == 0 else "cube" for i in inputs]
+    got = {}
+
+    def thread_function(number, mode):
+        got[number] = squared_cube(number, mode)
+
+    threads = [threading.Thread(target=thread_function, args=(i, j)) for i, j in zip(inputs, modes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    squared_cube.close()
+    assert got == {i: i ** 2 if i % 2 == 0 else i ** 3 for i in inputs}
+    lines = capsys.readouterr().out.splitlines()
+    batches = [eval(line) for line in lines[0::2]]
+    batch_modes = [eval(line) for line in lines[1::2]]
+    assert [len(b) for b in batches] == [5, 5]  # max size 5, never waiting out the 1 s delay twice
+    assert sorted(x for b in batches for x in b) == inputs
+    for b, m in zip(batches, batch_modes):  # each row's mode travels with its value
+        assert m == ["square" if x % 2 == 0 else "cube" for x in b]
+
+
+def test_ubatch_partial_binds_a_model():
+    import functools
+
+    def squared_cube(model, a, mode):
+        return [(model, x ** 2 if y == "square" else x ** 3) for x, y in zip(a, mode)]
+
+    fn = rlbatch.batched(max_batch_size=5, max_delay=0.01)(functools.partial(squared_cube, "m"))
+    assert fn(3, "cube") == ("m", 27)
+    fn.close()
+
+
+def test_batched_single_item_and_list_calls_and_acall():
+    class Embedder:
+        def __init__(self, k):
+            self.k = k
+
+        @rlbatch.batched(max_batch_size=64, max_delay=0.001)
+        def embed(self, items):
+            return [f"{self.k}:{item * 2}" for item in items]
+
+    e = Embedder("a")
+    assert e.embed(2) == "a:4"
+    assert e.embed([2, 3, 4]) == ["a:4", "a:6", "a:8"]
+    assert asyncio.run(e.embed.acall(2)) == "a:4"
+    assert asyncio.run(e.embed.acall([2, 3])) == ["a:4", "a:6"]
+    assert e.embed.stats.requests >= 6
+    assert Embedder("b").embed(1) == "b:2"  # one service per instance
+    e.embed.close()
+
+
+def test_batched_fn_back_pressure_full_queue_raises_queue_full():
+    release = threading.Event()
+    svc = rlbatch.BatchedService(lambda xs: (release.wait(), xs)[1], max_batch_size=1, max_delay=0,
+                                 max_queue=2, on_full="raise")
+    first = svc.submit(0)
+    wait_until(lambda: svc.stats.pending == 0)  # the worker holds request 0 inside the function
+    queued = [svc.submit(1), svc.submit(2)]
+    with pytest.raises(rlbatch.QueueFull, match="max_queue=2"):
+        svc.submit(3)
+    release.set()
+    assert [f.result() for f in [first] + queued] == [0, 1, 2]
+    assert svc.stats.rejected == 1
+    svc.close()
+
+
+def test_back_pressure_block_waits_for_room_and_respects_timeout():
+    release = threading.Event()
+    svc = rlbatch.BatchedService(lambda xs: (release.wait(), xs)[1], max_batch_size=1, max_delay=0, max_queue=1)
+    first = svc.submit(0)
+    wait_until(lambda: svc.stats.pending == 0)
+    second = svc.submit(1)
+    with pytest.raises(TimeoutError):
+        svc.submit(2, timeout=0.05)  # blocks for room, then gives up at its deadline
+    threading.Timer(0.05, release.set).start()
+    third = svc.submit(3)  # blocks until the worker takes request 1
+    assert [f.result() for f in (first, second, third)] == [0, 1, 3]
+    svc.close()
+
+
+# --------------------------------------------------------------------------- the seeds' faults
+
+def test_delay_clock_starts_at_first_item_not_at_construction():
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=10, max_delay=0.3)
+    time.sleep(0.4)  # as_a_service started its timer here and sent the first item early
+    f = svc.submit(1)
+    assert f.result() == 1
+    assert svc.stats.queue_wait_p50 >= 0.3 * 0.99  # it waited its full max_delay for company
+    svc.close()
+
+
+def test_exception_reaches_every_caller_of_the_batch_and_service_keeps_serving():
+    calls = []
+
+    def fn(xs):
+        calls.append(list(xs))
+        if 13 in xs:
+            raise ValueError("unlucky batch")
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=3, max_delay=1.0)
+    bad = svc.submit_many([1, 13, 2])
+    for f in bad:
+        with pytest.raises(ValueError, match="unlucky batch"):
+            f.result()
+    assert svc.map([4, 5, 6]) == [4, 5, 6]
+    assert svc.stats.errors == 3
+    svc.close()
+
+
+def test_base_exception_in_batch_function_does_not_kill_worker():
+    class Abort(BaseException):
+        pass
+
+    def fn(xs):
+        if xs == [0]:
+            raise Abort("boom")
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0)
+    with pytest.raises(Abort):
+        svc(0)
+    assert svc(1) == 1
+    svc.close()
+
+
+def test_cancelled_future_is_skipped_and_cannot_crash_worker():
+    release = threading.Event()
+    ran = []
+
+    def fn(xs):
+        release.wait()
+        ran.extend(xs)
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0)
+    first = svc.submit("a")
+    wait_until(lambda: svc.stats.pending == 0)
+    doomed = svc.submit("b")
+    assert doomed.cancel()
+    last = svc.submit("c")
+    release.set()
+    assert first.result() == "a" and last.result() == "c"
+    assert doomed.cancelled() and "b" not in ran
+    assert svc.stats.cancelled == 1
+    assert svc("d") == "d"
+    svc.close()
+
+
+def test_close_completes_the_gathered_batch():
+    svc = rlbatch.BatchedService(lambda xs: [x + 1 for x in xs], max_batch_size=100, max_delay=60.0)
+    futures = svc.submit_many(range(5))  # waiting for company for a minute
+    svc.close()  # as_a_service's stop() dropped these
+    assert [f.result(timeout=5) for f in futures] == [1, 2, 3, 4, 5]
+
+
+def test_close_cancel_pending_fails_waiting_requests_with_service_closed():
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=100, max_delay=60.0)
+    futures = svc.submit_many(range(3))
+    svc.close(cancel_pending=True)
+    for f in futures:
+        with pytest.raises(rlbatch.ServiceClosed):
+            f.result(timeout=5)
+
+
+def test_blocked_caller_is_released_by_close():
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=100, max_delay=60.0)
+    out = {}
+
+    def caller():
+        try:
+            out["value"] = svc(7)
+        except rlbatch.ServiceClosed as e:
+            out["error"] = e
+
+    t = threading.Thread(target=caller)
+    t.start()
+    wait_until(lambda: svc.stats.pending == 1)
+    svc.close(cancel_pending=True)  # uBatch's callers blocked forever after stop()
+    t.join(5)
+    assert not t.is_alive() and isinstance(out.get("error"), rlbatch.ServiceClosed)
+
+
+def test_submit_after_close_raises_and_close_is_idempotent():
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=4, max_delay=0.01)
+    assert svc(1) == 1
+    svc.close()
+    svc.close()
+    with pytest.raises(rlbatch.ServiceClosed):
+        svc.submit(1)
+    with pytest.raises(rlbatch.ServiceClosed):
+        svc(1)  # batched's restart after shutdown hung here
+    assert svc.stats.rejected == 2
+
+
+def test_keyword_arguments_are_batched_per_request():
+    seen = []
+
+    def fn(a, mode):
+        seen.append((list(a), list(mode)))
+        return [x if m == "id" else -x for x, m in zip(a, mode)]
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=4, max_delay=1.0)
+    fs = [svc.submit(1, mode="id"), svc.submit(2, mode="neg"), svc.submit(mode="neg", a=3), svc.submit(4, "id")]
+    assert [f.result() for f in fs] == [1, -2, -3, 4]
+    assert seen == [([1, 2, 3, 4], ["id", "neg", "neg", "id"])]
+    svc.close()
+
+
+def test_missing_or_extra_argument_fails_alone():
+    svc = rlbatch.BatchedService(lambda a, mode: [x for x in a], max_batch_size=3, max_delay=0.2)
+    good = svc.submit(1, "x")
+    missing = svc.submit(2)
+    extra = svc.submit(3, "x", colour="red")
+    good2 = svc.submit(4, mode="y")
+    with pytest.raises(rlbatch.InvalidRequest, match="missing argument 'mode'"):
+        missing.result()
+    with pytest.raises(rlbatch.InvalidRequest, match="unexpected keyword argument 'colour'"):
+        extra.result()
+    assert good.result() == 1 and good2.result() == 4
+    with pytest.raises(rlbatch.InvalidRequest):
+        svc(1, 2, 3)  # too many: the blocking call raises at once
+    assert svc.stats.invalid == 3
+    svc.close()
+
+
+def test_padding_keeps_float_dtype_exactly():
+    got = []
+
+    def fn(x, num_valid):
+        got.append((x.dtype, x.shape, num_valid))
+        return x
+
+    svc = rlbatch.BatchedService(fn, max_delay=0.05, buckets=(4, 8))
+    rows = [np.array([0.25, 0.75, 1.5]), np.array([1.0, 2.0, 3.0])]
+    fs = [svc.submit(r) for r in rows]
+    out = [f.result() for f in fs]
+    svc.close()
+    np.testing.assert_array_equal(out[0], [0.25, 0.75, 1.5])  # batched made these 0, 0, 1
+    assert out[0].dtype == np.float64
+    assert got == [(np.float64, (4, 3), 2)]
+
+
+def test_decorated_methods_do_not_leak_threads(no_thread_leak):
+    class Model:
+        @rlbatch.batched(max_batch_size=8, max_delay=0.001)
+        def predict(self, xs):
+            return [x + 1 for x in xs]
+
+    for i in range(200):
+        m = Model()
+        assert m.predict(i) == i + 1
+        del m
+    gc.collect()
+
+
+def test_fifo_within_priority_and_higher_priority_first():
+    release = threading.Event()
+    order = []
+
+    def fn(xs):
+        release.wait()
+        order.extend(xs)
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0)
+    first = svc.submit("first")
+    wait_until(lambda: svc.stats.pending == 0)
+    items = [("low", 0), ("high1", 5), ("mid1", 2), ("high2", 5), ("mid2", 2), ("low2", 0), ("high3", 5)]
+    fs = [svc.submit(name, priority=p) for name, p in items]
+    release.set()
+    for f in fs:
+        f.result()
+    svc.close()
+    assert order == ["first", "high1", "high2", "high3", "mid1", "mid2", "low", "low2"]
+
+
+def test_starving_low_priority_request_is_served_after_starvation_timeout():
+    release = threading.Event()
+    order = []
+
+    def fn(xs):
+        release.wait()
+        order.extend(xs)
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0, starvation_timeout=0.05)
+    svc.submit("first")
+    wait_until(lambda: svc.stats.pending == 0)
+    low = svc.submit("low", priority=0)
+    time.sleep(0.1)  # `low` is now older than the starvation timeout
+    highs = [svc.submit(f"high{i}", priority=9) for i in range(3)]
+    release.set()
+    low.result()
+    for f in highs:
+        f.result()
+    svc.close()
+    assert order[1] == "low"
+
+
+def test_output_length_mismatch_fails_batch_with_clear_error_not_assert():
+    svc = rlbatch.BatchedService(lambda xs: xs[:-1], max_batch_size=3, max_delay=1.0)
+    fs = svc.submit_many([1, 2, 3])
+    for f in fs:  # batched-fn zipped outputs with callers and silently dropped the last one
+        with pytest.raises(rlbatch.BatchOutputError, match="returned 2 results for a batch of 3"):
+            f.result()
+    svc.close()
+
+
+def test_handler_panic_message_is_kept_and_later_calls_work():
+    def fn(xs):
+        if "panic" in xs:
+            raise RuntimeError("handler panicked: bad input")
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0)
+    with pytest.raises(RuntimeError, match="handler panicked: bad input"):
+        svc("panic")
+    assert [svc(i) for i in range(3)] == [0, 1, 2]  # batched-fn said "disconnected" from here on
+    svc.close()
+
+
+def test_exception_instance_in_place_of_a_result_fails_that_item_alone():
+    svc = rlbatch.BatchedService(lambda xs: [ValueError(f"no {x}") if x < 0 else x for x in xs],
+                                 max_batch_size=3, max_delay=1.0)
+    a, b, c = svc.submit_many([1, -2, 3])
+    assert a.result() == 1 and c.result() == 3
+    with pytest.raises(ValueError, match="no -2"):
+        b.result()
+    svc.close()
+
+
+# --------------------------------------------------------------------------- the contract
+
+def test_submit_returns_stdlib_future_and_context_manager_closes():
+    with rlbatch.BatchedService(lambda xs: xs, max_batch_size=2, max_delay=0.01) as svc:
+        f = svc.submit(1)
+        assert isinstance(f, concurrent.futures.Future)
+        assert f.result() == 1
+    assert svc.closed
+
+
+def test_deadline_fails_request_without_running_it():
+    release = threading.Event()
+    ran = []
+
+    def fn(xs):
+        release.wait()
+        ran.extend(xs)
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0)
+    svc.submit("blocker")
+    wait_until(lambda: svc.stats.pending == 0)
+    late = svc.submit("late", timeout=0.01)
+    time.sleep(0.05)
+    release.set()
+    with pytest.raises(rlbatch.DeadlineExceeded):
+        late.result()
+    with pytest.raises(TimeoutError):
+        late.result()
+    assert "late" not in ran and svc.stats.timed_out == 1
+    svc.close()
+
+
+def test_blocking_call_timeout_raises_timeout_error():
+    release = threading.Event()
+    svc = rlbatch.BatchedService(lambda xs: (release.wait(), xs)[1], max_batch_size=1, max_delay=0)
+    svc.submit(0)
+    wait_until(lambda: svc.stats.pending == 0)
+    with pytest.raises(TimeoutError):
+        svc(1, timeout=0.02)
+    release.set()
+    assert svc(2) == 2
+    svc.close()
+
+
+def test_setup_runs_once_on_worker_thread_and_reaches_the_function():
+    threads = []
+
+    def setup():
+        threads.append(threading.current_thread())
+        return {"scale": 3}
+
+    def fn(ctx, xs):
+        assert threading.current_thread() is threads[0]
+        return [ctx["scale"] * x for x in xs]
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=4, max_delay=0.01, setup=setup)
+    assert svc.map(range(10)) == [3 * x for x in range(10)]
+    assert len(threads) == 1 and threads[0] is not threading.current_thread()
+    svc.close()
+
+
+def test_setup_failure_fails_callers_with_service_closed_and_cause():
+    def setup():
+        raise OSError("no device")
+
+    svc = rlbatch.BatchedService(lambda ctx, xs: xs, max_batch_size=4, max_delay=0.01, setup=setup)
+    with pytest.raises(rlbatch.ServiceClosed, match="no device"):
+        svc(1)
+    with pytest.raises(rlbatch.ServiceClosed):
+        svc.submit(2)
+    svc.close()
+
+
+def test_multi_row_request_stays_together_and_large_one_is_split_and_reassembled():
+    batches = []
+
+    def fn(xs):
+        batches.append(list(xs))
+        return [x * 2 for x in xs]
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=4, max_delay=0.05)
+    small = svc.submit_rows([1, 2, 3])
+    other = svc.submit_rows([10, 20])
+    assert small.result() == [2, 4, 6] and other.result() == [20, 40]
+    assert [1, 2, 3] in batches and [10, 20] in batches  # three rows never split, 3 + 2 > 4
+    big = svc.submit_rows(list(range(10)))
+    assert big.result() == [2 * x for x in range(10)]
+    assert all(len(b) <= 4 for b in batches)
+    svc.close()
+
+
+def test_array_rows_split_and_reassembled():
+    svc = rlbatch.BatchedService(lambda x, num_valid: x + 1, max_batch_size=8, max_delay=0.01, buckets=(4, 8))
+    out = svc.call_rows(np.arange(40, dtype=np.int32).reshape(20, 2))
+    np.testing.assert_array_equal(out, np.arange(40).reshape(20, 2) + 1)
+    assert out.dtype == np.int32
+    svc.close()
+
+
+def test_early_flush_when_all_registered_callers_wait():
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=64, max_delay=30.0)
+    callers = [svc.register() for _ in range(4)]
+    results = [None] * 4
+
+    def run(i):
+        results[i] = callers[i](i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)  # without early flush each would wait out the 30 s delay
+    assert results == [0, 1, 2, 3]
+    for c in callers:
+        c.close()
+    svc.close()
+
+
+def test_unregistered_caller_does_not_block_early_flush_of_registered_ones():
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=64, max_delay=30.0)
+    with svc.register() as caller:
+        assert caller(5) == 5  # the only registered caller is waiting: go at once
+    svc.close()
+
+
+def test_asyncio_callers():
+    svc = rlbatch.BatchedService(lambda xs: [x * x for x in xs], max_batch_size=16, max_delay=0.01)
+
+    async def main():
+        return await asyncio.gather(*[svc.acall(i) for i in range(20)])
+
+    assert asyncio.run(main()) == [i * i for i in range(20)]
+    assert svc.stats.batches <= 4
+    svc.close()
+
+
+def test_service_decorator_runs_calls_one_at_a_time_on_its_own_thread():
+    active, peak, threads = [0], [0], set()
+    lock = threading.Lock()
+
+    @rlbatch.service
+    def work(x, scale=1):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        threads.add(threading.get_ident())
+        time.sleep(0.001)
+        with lock:
+            active[0] -= 1
+        return x * scale
+
+    out = [None] * 20
+
+    def run(i):
+        out[i] = work(i, scale=2)
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(20)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert out == [2 * i for i in range(20)]
+    assert peak[0] == 1 and len(threads) == 1 and threading.get_ident() not in threads
+    assert work([1, 2]) == [1, 2]  # no batching: a list is one input
+    work.close()
+
+
+def test_thousands_of_services_leak_no_thread(no_thread_leak):
+    for i in range(2000):
+        svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=2, max_delay=0.0)
+        if i % 10 == 0:
+            assert svc(i) == i
+        svc.close()
+
+
+def test_idle_service_uses_no_cpu():
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=8, max_delay=0.001)
+    assert svc(1) == 1  # the worker is started and now idle
+    c0 = time.process_time()
+    time.sleep(0.5)
+    used = time.process_time() - c0
+    svc.close()
+    assert used < 0.05, f"an idle service used {used:.3f} s of CPU in 0.5 s"  # uBatch polled every 2 ms
+
+
+def test_stats_snapshot_counts():
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=4, max_delay=1.0)
+    svc.map(range(10))
+    st = svc.stats
+    assert (st.requests, st.rows, st.batches) == (10, 10, 3)
+    assert st.batch_size_hist == {4: 2, 2: 1}
+    assert st.mean_batch_size == pytest.approx(10 / 3)
+    assert st.queue_wait_p99 >= st.queue_wait_p50 >= 0
+    with pytest.raises(Exception):
+        st.requests = 0  # frozen
+    assert set(st.as_dict()) >= {"requests", "batches", "padding_fraction", "rejected", "timed_out"}
+    svc.close()
+
+
+# --------------------------------------------------------------------------- array mode
+
+def test_buckets_pick_smallest_fitting_bucket_and_pad_by_repeating_last_row():
+    seen = []
+
+    def fn(x, num_valid):
+        seen.append((x.shape[0], num_valid, x[num_valid:].copy()))
+        return x * 10
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=8, max_delay=1.0, buckets=(2, 4, 8))
+    fs = [svc.submit(np.array([i], dtype=np.float32)) for i in range(3)]
+    assert [float(f.result()[0]) for f in fs] == [0.0, 10.0, 20.0]
+    bucket, n, pad = seen[0]
+    assert (bucket, n) == (4, 3)
+    np.testing.assert_array_equal(pad, [[2.0]])
+    assert svc.stats.padding_fraction == pytest.approx(0.25)
+    assert svc.stats.bucket_hist == {4: 1}
+    svc.close()
+
+
+@pytest.mark.parametrize("pad, expected", [("zeros", 0.0), (-1.5, -1.5)])
+def test_padding_modes(pad, expected):
+    seen = []
+
+    def fn(x, num_valid):
+        seen.append(x[num_valid:].copy())
+        return x
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=4, max_delay=0.01, buckets=(4,), pad=pad)
+    svc(np.array([7.0, 8.0]))
+    svc.close()
+    assert np.all(seen[0] == expected)
+
+
+def test_wrong_shape_or_dtype_fails_alone_in_array_mode():
+    svc = rlbatch.BatchedService(lambda x, num_valid: x, max_batch_size=4, max_delay=0.05, buckets=(4,),
+                                 example=(np.zeros(3, np.float32),))
+    good = svc.submit(np.ones(3, np.float32))
+    bad_shape = svc.submit(np.ones(4, np.float32))
+    bad_dtype = svc.submit(np.ones(3, np.float64))
+    with pytest.raises(rlbatch.InvalidRequest, match=r"expected .*float32\[3\], got float32\[4\]"):
+        bad_shape.result()
+    with pytest.raises(rlbatch.InvalidRequest, match=r"got float64\[3\]"):
+        bad_dtype.result()
+    np.testing.assert_array_equal(good.result(), np.ones(3))
+    svc.close()
+
+
+def test_pytree_inputs_and_outputs():
+    def fn(obs, num_valid):
+        return {"sum": obs["a"].sum(axis=1) + obs["b"], "a": obs["a"]}
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=4, max_delay=0.05, buckets=(4,))
+    fs = [svc.submit({"a": np.full(2, i, np.float32), "b": np.float32(i)}) for i in range(3)]
+    outs = [f.result() for f in fs]
+    assert [float(o["sum"]) for o in outs] == [0.0, 3.0, 6.0]
+    np.testing.assert_array_equal(outs[2]["a"], [2.0, 2.0])
+    bad = svc.submit({"a": np.zeros(2, np.float32)})
+    with pytest.raises(rlbatch.InvalidRequest, match="expected structure"):
+        bad.result()
+    svc.close()
+
+
+def test_output_aliasing_input_buffer_is_not_overwritten_by_next_batch():
+    svc = rlbatch.BatchedService(lambda x, num_valid: x, max_batch_size=2, max_delay=0.01, buckets=(2,))
+    first = svc(np.array([1.0]))
+    second = svc(np.array([2.0]))  # reuses the same preallocated buffer
+    assert first[0] == 1.0 and second[0] == 2.0
+    svc.close()
+
+
+def test_wrong_leading_dimension_of_output_fails_batch():
+    svc = rlbatch.BatchedService(lambda x, num_valid: x[:num_valid], max_batch_size=4, max_delay=0.01, buckets=(4,))
+    with pytest.raises(rlbatch.BatchOutputError, match="bucket size 4"):
+        svc(np.array([1.0]))
+    svc.close()
