@@ -11,6 +11,7 @@ from rlbatch.errors import (
     ServiceClosed,
 )
 from rlbatch.learner import Learner
+from rlbatch.policy import DEFAULT_BUCKETS, PolicyCaller, PolicyOutput, PolicyService, PolicyStats
 from rlbatch.policy_types import Policy
 from rlbatch.stats import ServiceStats
 from rlbatch.trajectory import Trajectory, stack_trajectories
@@ -27,7 +28,12 @@ __all__ = [
     "InvalidRequest",
     "Learner",
     "ParamsMismatch",
+    "DEFAULT_BUCKETS",
     "Policy",
+    "PolicyCaller",
+    "PolicyOutput",
+    "PolicyService",
+    "PolicyStats",
     "QueueFull",
     "RLBatchError",
     "ServiceClosed",

@@ -286,7 +286,8 @@ class BatchedService:
         self._completer: threading.Thread | None = None
         self._done_queue: queue.SimpleQueue | None = None
         self._in_flight = threading.Semaphore(max_in_flight)
-        self._in_flight_count = 0
+        self._dispatched = 0  # written by the worker only
+        self._completed = 0  # written by the completer only
         self._context = None
         self._stats = StatsRecorder(max_batch_size)
 
@@ -636,7 +637,7 @@ class BatchedService:
                     self._in_flight.release()
             if job is not None:
                 if self._done_queue is not None:
-                    self._in_flight_count += 1
+                    self._dispatched += 1
                     self._done_queue.put(job)
                 else:
                     self._finish(job)
@@ -702,7 +703,7 @@ class BatchedService:
             self._stats.errors += len(live)
             if ctx is not None:
                 self._codec.release(ctx)
-            self._stats.record_batch(num_rows, num_rows, _clock() - now)
+            self._stats.record_batch(num_rows, None, _clock() - now)
             self._complete(live, [e] * len(live))
             return None
         return (live, output, ctx, num_rows, padded, now)
@@ -713,7 +714,7 @@ class BatchedService:
             if job is None:
                 return
             self._finish(job)
-            self._in_flight_count -= 1
+            self._completed += 1
 
     def _finish(self, job):
         live, output, ctx, num_rows, padded, t_start = job
@@ -768,7 +769,7 @@ class BatchedService:
 
     @property
     def stats(self) -> ServiceStats:
-        return self._stats.snapshot(self._pending, self._in_flight_count)
+        return self._stats.snapshot(self._pending, self._dispatched - self._completed)
 
     @property
     def closed(self) -> bool:

@@ -141,7 +141,7 @@ class ListCodec:
                     else:
                         col.extend(v)
         args, kwargs = self.argspec.split(columns)
-        return args, kwargs, None, num_rows
+        return args, kwargs, None, None
 
     def scatter(self, output, requests, num_rows, ctx):
         try:
@@ -190,7 +190,7 @@ class CallCodec:
 
     def gather(self, requests, num_rows):
         args, kwargs = requests[0].values
-        return args, kwargs, None, 1
+        return args, kwargs, None, None
 
     def scatter(self, output, requests, num_rows, ctx):
         return [output]
@@ -245,6 +245,7 @@ class ArrayCodec:
         self._specs: list[_LeafSpec] | None = None
         self._spec_lock = threading.Lock()
         self._pools: dict[int, list] = {b: [] for b in self.buckets}
+        self._fast = None  # (shape, dtype) when the function takes one plain array: no tree work
         if example is not None:
             self._set_specs(tuple(example))
 
@@ -254,11 +255,18 @@ class ArrayCodec:
             leaves, treedef = jax.tree_util.tree_flatten(v)
             specs.append(_LeafSpec(treedef, [_as_array(x) for x in leaves], name))
         self._specs = specs
+        if len(specs) == 1 and len(specs[0].shapes) == 1 and specs[0].treedef.num_nodes == 1:
+            self._fast = (specs[0].shapes[0], specs[0].dtypes[0])
 
     def bucket_for(self, num_rows: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, num_rows)]
 
     def prepare(self, args, kwargs, rows):
+        fast = self._fast
+        if fast is not None and rows is None and len(args) == 1 and not kwargs:
+            x = args[0]
+            if type(x) is np.ndarray and x.shape == fast[0] and x.dtype == fast[1]:
+                return [[x]]
         values = self.argspec.canonical(args, kwargs)
         if self._specs is None:
             with self._spec_lock:
@@ -324,8 +332,8 @@ class ArrayCodec:
         bucket, buffers = ctx
         leaves, treedef = jax.tree_util.tree_flatten(output)
         arrays = []
-        for leaf in leaves:
-            a = np.asarray(leaf)  # one device-to-host transfer per output leaf per batch
+        for leaf in jax.device_get(leaves):  # one device-to-host transfer per batch
+            a = np.asarray(leaf)
             if a.ndim == 0 or a.shape[0] != bucket:
                 raise BatchOutputError(
                     f"the batch function must return arrays whose leading dimension is the bucket size "

@@ -71,12 +71,13 @@ class StatsRecorder:
         self.queue_waits: collections.deque = collections.deque(maxlen=_WINDOW)
         self.run_times: collections.deque = collections.deque(maxlen=_WINDOW)
 
-    def record_batch(self, valid: int, padded: int, run_time: float) -> None:
+    def record_batch(self, valid: int, padded: int | None, run_time: float) -> None:
+        """`padded` is the bucket the batch was padded to, None for a service without buckets."""
         self.batches += 1
         self.valid_rows += valid
-        self.padded_rows += padded
+        self.padded_rows += valid if padded is None else padded
         self.size_hist[valid] += 1
-        if padded != valid:
+        if padded is not None:
             # Replacing the dict (not mutating it) keeps a concurrent snapshot's iteration safe.
             hist = dict(self.bucket_hist)
             hist[padded] = hist.get(padded, 0) + 1

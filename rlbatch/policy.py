@@ -1,0 +1,412 @@
+"""PolicyService: a jit-compiled JAX policy behind a BatchedService, compiled once per bucket.
+
+Shapes: `example_obs` is ONE observation (no batch axis). A request carries one observation of
+that shape, or k observations stacked on a new leading axis (an actor with k environments).
+Every batch is padded to a bucket size B (the smallest bucket >= the rows it holds), so
+`apply_fn(params, obs, key)` only ever sees obs with leaves [B, ...] for B in `buckets`, and each
+bucket is compiled ahead of time, when the service starts, and never again.
+
+Randomness: batch i (counted from 0 over the service's life) runs with
+    key_i = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+so with one caller and a fixed seed a run is reproducible.
+
+Parameters: `update_params` validates the new tree against the current one, copies it to the
+device and waits until the copy is complete, and only then publishes (params, version) as one
+tuple; a batch reads that tuple once, so it never sees half-updated parameters and inference never
+waits for a transfer. Versions start at 0 and only grow; every result carries the version that
+produced it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from rlbatch.batcher import BatchedService
+from rlbatch.codecs import ArgSpec, ArrayCodec
+from rlbatch.errors import InvalidRequest, ParamsMismatch
+from rlbatch.policy_types import Policy
+from rlbatch.stats import ServiceStats
+
+__all__ = ["Policy", "PolicyService", "PolicyOutput", "PolicyStats", "DEFAULT_BUCKETS"]
+
+DEFAULT_BUCKETS = (8, 16, 32, 64, 128, 256)
+_clock = time.perf_counter
+
+
+class PolicyOutput(tuple):
+    """One request's result: unpacks as `action, extras` (or `action, extras, state` for a
+    recurrent policy); `.version` is the parameter version that produced it."""
+
+    def __new__(cls, items, version):
+        self = tuple.__new__(cls, items)
+        self.version = version
+        return self
+
+    action = property(lambda self: self[0])
+    extras = property(lambda self: self[1])
+    state = property(lambda self: self[2] if len(self) > 2 else None)
+
+    def __repr__(self):
+        return f"PolicyOutput({tuple.__repr__(self)}, version={self.version})"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyStats(ServiceStats):
+    """ServiceStats plus what is particular to a bucketed JAX policy. Times are in seconds."""
+
+    compile_count: int = 0
+    params_version: int = 0
+    num_updates: int = 0
+    bucket_padding: dict = dataclasses.field(default_factory=dict)  # bucket -> padded fraction
+    host_prep_time: float = 0.0  # total: rows into buffers, transfer and dispatch
+    device_time: float = 0.0  # total: waiting for the device's outputs
+    mean_host_prep_time: float = 0.0  # per batch
+    mean_device_time: float = 0.0  # per batch
+
+
+class _PolicyCodec(ArrayCodec):
+    """ArrayCodec whose outputs are (device outputs, version), split into PolicyOutputs."""
+
+    def __init__(self, argspec, buckets, example, check_finite):
+        super().__init__(argspec, buckets, pad="repeat", example=example)
+        self.check_finite = check_finite
+        self.prep_time = 0.0
+        self.device_time = 0.0
+        self.batches = 0
+        self.bucket_rows = {b: [0, 0] for b in self.buckets}  # bucket -> [valid rows, batches]
+
+    def prepare(self, args, kwargs, rows):
+        values = super().prepare(args, kwargs, rows)
+        if self.check_finite:
+            for leaves in values:
+                for leaf in leaves:
+                    if leaf.dtype.kind in "fc" and not np.isfinite(leaf).all():
+                        raise InvalidRequest("observation contains NaN or inf (check_finite=True refuses it)")
+        return values
+
+    def gather(self, requests, num_rows):
+        t0 = _clock()
+        out = super().gather(requests, num_rows)
+        self.prep_time += _clock() - t0
+        return out
+
+    def scatter(self, output, requests, num_rows, ctx):
+        device_out, version, stateful = output
+        bucket = ctx[0]
+        t0 = _clock()
+        host = jax.device_get(device_out)  # one transfer back per batch, never per row
+        self.device_time += _clock() - t0
+        self.batches += 1
+        counts = self.bucket_rows[bucket]
+        counts[0] += num_rows
+        counts[1] += 1
+        action, extras = host[0], host[1]
+        keys = list(extras)
+        columns = [np.asarray(extras[k]) for k in keys]
+        action = np.asarray(action)
+        state_leaves, state_def = jax.tree_util.tree_flatten(host[2]) if stateful else ((), None)
+        results, i = [], 0
+        for r in requests:
+            if r.rows is None:
+                sl = i
+                i += 1
+            else:
+                sl = slice(i, i + r.rows)
+                i += r.rows
+            items = [action[sl], dict(zip(keys, [c[sl] for c in columns]))]
+            if stateful:
+                items.append(state_def.unflatten([leaf[sl] for leaf in state_leaves]))
+            results.append(PolicyOutput(items, version))
+        return results
+
+
+    @staticmethod
+    def join(parts):
+        # A request larger than max_batch_size ran in several batches: concatenate its rows. If a
+        # parameter update fell between them, report the oldest version (the conservative lag).
+        items = [tuple(p) for p in parts]
+        joined = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *items)
+        return PolicyOutput(joined, min(p.version for p in parts))
+
+
+def _leaf_specs(tree):
+    return [(jax.tree_util.keystr(path), np.shape(x), np.result_type(x))
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+class PolicyService:
+    """Serves `apply_fn(params, obs, key) -> (action, extras)` to many callers, batched and bucketed.
+
+    Args:
+      apply_fn: a pure JAX function; obs leaves have the batch axis first; extras is a dict of
+        per-row arrays. Recurrent: `apply_fn(params, obs, state, key) -> (action, extras, state)`
+        when `example_state` is given.
+      params: the initial parameters (any pytree of arrays).
+      example_obs: one observation (no batch axis): fixes shapes, dtypes and tree structure.
+      buckets: the padded batch sizes, each compiled once at start.
+      max_delay: seconds the oldest request of a batch may wait for more (see BatchedService).
+      seed: seeds the per-batch key schedule.
+      device: a jax.Device (default: JAX's default device, the GPU where there is one).
+      example_state: one row of recurrent state; turns on the recurrent signature.
+      check_finite: refuse observations with NaN or inf (default: pass them through).
+      max_in_flight: batches dispatched to the device and not yet returned (pipelining).
+      **batching_options: max_batch_size, max_queue, on_full, starvation_timeout, ... as for
+        BatchedService.
+    """
+
+    def __init__(
+        self,
+        apply_fn: Callable,
+        params: Any,
+        *,
+        example_obs: Any,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        max_delay: float = 0.002,
+        seed: int = 0,
+        device: jax.Device | None = None,
+        example_state: Any = None,
+        check_finite: bool = False,
+        max_in_flight: int = 2,
+        name: str = "policy",
+        **batching_options: Any,
+    ):
+        self.apply_fn = apply_fn
+        self.device = device if device is not None else jax.devices()[0]
+        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        self.seed = seed
+        self._stateful = example_state is not None
+        self._example_obs = jax.tree_util.tree_map(np.asarray, example_obs)
+        self._obs_ndim = np.ndim(jax.tree_util.tree_leaves(self._example_obs)[0])
+        self._obs_desc = _leaf_specs(self._example_obs)
+        self._params_treedef = jax.tree_util.tree_structure(params)
+        self._params_specs = _leaf_specs(params)
+        self._publish_lock = threading.Lock()
+        self._version = 0
+        self._num_updates = 0
+        self._current = (self._to_device(params), 0)
+        self._key = jax.device_put(jax.random.PRNGKey(seed), self.device)
+        self._batch_index = 0
+
+        self.compile_count = 0
+        self._compiled = {b: self._compile(b, example_state) for b in self.buckets}
+
+        example = (self._example_obs,) if not self._stateful else (
+            self._example_obs, jax.tree_util.tree_map(np.asarray, example_state))
+        batch_fn = self._batch_recurrent if self._stateful else self._batch
+        self._codec = _PolicyCodec(ArgSpec(batch_fn, reserved=("num_valid",)), self.buckets, example, check_finite)
+        batching_options.setdefault("max_batch_size", max(self.buckets))
+        self._service = BatchedService(batch_fn, max_delay=max_delay, max_in_flight=max_in_flight, name=name,
+                                       _codec=self._codec, **batching_options)
+        self.max_batch_size = self._service.max_batch_size
+
+    # ------------------------------------------------------------------ compilation
+
+    def _compile(self, bucket: int, example_state):
+        sharding = jax.sharding.SingleDeviceSharding(self.device)
+
+        def spec(x, batch=None):
+            shape = np.shape(x) if batch is None else (batch,) + np.shape(x)
+            return jax.ShapeDtypeStruct(shape, np.result_type(x), sharding=sharding)
+
+        params = jax.tree_util.tree_map(spec, self._current[0])
+        obs = jax.tree_util.tree_map(lambda x: spec(x, bucket), self._example_obs)
+        key = spec(self._key)
+        index = jax.ShapeDtypeStruct((), np.uint32, sharding=sharding)
+        if self._stateful:
+            state = jax.tree_util.tree_map(lambda x: spec(np.asarray(x), bucket), example_state)
+
+            def step(params, obs, state, key, i):
+                return self.apply_fn(params, obs, state, jax.random.fold_in(key, i))
+
+            lowered = jax.jit(step).lower(params, obs, state, key, index)
+        else:
+            def step(params, obs, key, i):
+                return self.apply_fn(params, obs, jax.random.fold_in(key, i))
+
+            lowered = jax.jit(step).lower(params, obs, key, index)
+        self._check_outputs(lowered.out_info, bucket)
+        compiled = lowered.compile()
+        self.compile_count += 1
+        return compiled
+
+    def _check_outputs(self, out_info, bucket):
+        want = 3 if self._stateful else 2
+        what = "(action, extras, state)" if self._stateful else "(action, extras)"
+        if not isinstance(out_info, (tuple, list)) or len(out_info) != want or not isinstance(out_info[1], dict):
+            raise TypeError(f"apply_fn must return {what} with extras a dict, got {jax.tree_util.tree_structure(out_info)}")
+        for path, leaf in jax.tree_util.tree_flatten_with_path(out_info)[0]:
+            if not leaf.shape or leaf.shape[0] != bucket:
+                raise TypeError(f"apply_fn output {jax.tree_util.keystr(path)} must have the batch axis first "
+                                f"(leading dimension {bucket}), got shape {leaf.shape}")
+
+    # ------------------------------------------------------------------ batches
+
+    def _dispatch(self, args):
+        t0 = _clock()
+        params, version = self._current  # one read: params and version always belong together
+        bucket = jax.tree_util.tree_leaves(args[0])[0].shape[0]
+        i = self._batch_index
+        self._batch_index += 1
+        args = jax.device_put(args, self.device)  # one host-to-device transfer per batch
+        out = self._compiled[bucket](params, *args, self._key, np.uint32(i))
+        self._codec.prep_time += _clock() - t0
+        return out, version, self._stateful
+
+    def _batch(self, obs, num_valid):
+        return self._dispatch((obs,))
+
+    def _batch_recurrent(self, obs, state, num_valid):
+        return self._dispatch((obs, state))
+
+    def key_for_batch(self, i: int):
+        """The PRNG key batch i runs with (see the module docstring)."""
+        return jax.random.fold_in(jax.random.PRNGKey(self.seed), np.uint32(i))
+
+    # ------------------------------------------------------------------ calling
+
+    def _is_rows(self, obs) -> bool:
+        leaf = obs if type(obs) is np.ndarray else np.asarray(jax.tree_util.tree_leaves(obs)[0])
+        nd = leaf.ndim
+        if nd == self._obs_ndim:
+            return False
+        if nd == self._obs_ndim + 1:
+            return True
+        shape = self._obs_desc[0][1]
+        raise InvalidRequest(f"expected an observation of shape {list(shape)} or a stack of k of them "
+                             f"[k, {', '.join(map(str, shape))}], got shape {list(leaf.shape)}")
+
+    def _args(self, obs, state):
+        if self._stateful:
+            if state is None:
+                raise InvalidRequest("this policy is recurrent: pass the caller's state with its observation")
+            return (obs, state)
+        if state is not None:
+            raise InvalidRequest("this policy is not recurrent (no example_state): it takes no state")
+        return (obs,)
+
+    def __call__(self, obs, state=None, *, timeout: float | None = None) -> PolicyOutput:
+        """`action, extras = svc(obs)`: blocks until this observation's batch ran."""
+        return _call(self._service, self, obs, state, timeout)
+
+    def submit(self, obs, state=None, *, timeout: float | None = None, priority: int = 0):
+        """A concurrent.futures.Future of the PolicyOutput."""
+        return _submit(self._service, self, obs, state, timeout, priority)
+
+    async def acall(self, obs, state=None, *, timeout: float | None = None):
+        import asyncio
+
+        return await asyncio.wrap_future(self.submit(obs, state, timeout=timeout))
+
+    def register(self) -> "PolicyCaller":
+        """A registered caller (one per actor thread): see BatchedService.register (early flush)."""
+        return PolicyCaller(self, self._service.register())
+
+    # ------------------------------------------------------------------ parameters
+
+    def _to_device(self, params):
+        params = jax.device_put(params, self.device)
+        return jax.block_until_ready(params)
+
+    def update_params(self, params) -> int:
+        """Publishes new parameters atomically; returns their version."""
+        treedef = jax.tree_util.tree_structure(params)
+        if treedef != self._params_treedef:
+            raise ParamsMismatch(f"update_params: expected a parameter tree of structure {self._params_treedef}, "
+                                 f"got {treedef}; the old parameters stay in use")
+        for (path, shape, dtype), (_, got_shape, got_dtype) in zip(self._params_specs, _leaf_specs(params)):
+            if shape != got_shape or dtype != got_dtype:
+                raise ParamsMismatch(f"update_params: parameter {path} expected {dtype}{list(shape)}, "
+                                     f"got {got_dtype}{list(got_shape)}; the old parameters stay in use")
+        on_device = self._to_device(params)  # ready before anyone can see it
+        with self._publish_lock:
+            self._version += 1
+            self._num_updates += 1
+            self._current = (on_device, self._version)
+            return self._version
+
+    @property
+    def params(self):
+        return self._current[0]
+
+    @property
+    def version(self) -> int:
+        return self._current[1]
+
+    # ------------------------------------------------------------------ lifecycle and stats
+
+    @property
+    def stats(self) -> PolicyStats:
+        base = self._service.stats
+        codec = self._codec
+        batches = max(codec.batches, 1)
+        padding = {b: 1.0 - valid / (b * n) for b, (valid, n) in codec.bucket_rows.items() if n}
+        return PolicyStats(
+            **dataclasses.asdict(base),
+            compile_count=self.compile_count,
+            params_version=self.version,
+            num_updates=self._num_updates,
+            bucket_padding=padding,
+            host_prep_time=codec.prep_time,
+            device_time=codec.device_time,
+            mean_host_prep_time=codec.prep_time / batches,
+            mean_device_time=codec.device_time / batches,
+        )
+
+    @property
+    def service(self) -> BatchedService:
+        return self._service
+
+    def close(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        self._service.close(wait=wait, cancel_pending=cancel_pending)
+
+    @property
+    def closed(self) -> bool:
+        return self._service.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _call(target, policy, obs, state, timeout):
+    args = policy._args(obs, state)
+    if policy._is_rows(obs):
+        return target.call_rows(*args, timeout=timeout)
+    return target(*args, timeout=timeout)
+
+
+def _submit(target, policy, obs, state, timeout, priority):
+    args = policy._args(obs, state)
+    if policy._is_rows(obs):
+        return target.submit_rows(*args, timeout=timeout, priority=priority)
+    return target.submit(*args, timeout=timeout, priority=priority)
+
+
+class PolicyCaller:
+    """A registered caller of a PolicyService (see PolicyService.register); close it when done."""
+
+    def __init__(self, policy: PolicyService, caller):
+        self._policy = policy
+        self._caller = caller
+
+    def __call__(self, obs, state=None, *, timeout: float | None = None) -> PolicyOutput:
+        return _call(self._caller, self._policy, obs, state, timeout)
+
+    def submit(self, obs, state=None, *, timeout: float | None = None, priority: int = 0):
+        return _submit(self._caller, self._policy, obs, state, timeout, priority)
+
+    def close(self) -> None:
+        self._caller.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
