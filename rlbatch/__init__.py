@@ -1,4 +1,5 @@
 """rlbatch: an actor-inference harness for reinforcement learning in Python."""
+from rlbatch.actors import ActorError, ActorPool, ActorStats, PoolStopped
 from rlbatch.batcher import BatchedService, Caller
 from rlbatch.decorators import BatchedFunction, batched, service
 from rlbatch.errors import (
@@ -17,6 +18,10 @@ from rlbatch.stats import ServiceStats
 from rlbatch.trajectory import Trajectory, stack_trajectories
 
 __all__ = [
+    "ActorError",
+    "ActorPool",
+    "ActorStats",
+    "PoolStopped",
     "BatchedFunction",
     "BatchedService",
     "Caller",

@@ -15,8 +15,10 @@ Batch formation
 A batch goes as soon as one of these holds:
 1. it holds `max_batch_size` rows;
 2. its oldest request has waited `max_delay` seconds (the clock starts at that request's arrival);
-3. early flush: every registered caller (`register()`) has a request outstanding, so nothing more
-   can come from them until this batch runs;
+3. early flush: every registered caller (`register()`) has a request waiting in the queue, so
+   nothing more can come from them until a batch runs. Callers whose requests are already in a
+   batch in flight do not count as waiting: they will be back as soon as it completes, and
+   flushing the few that arrived meanwhile would only make small batches;
 4. the service is closing (the queue is drained without waiting).
 Submitters wake the worker only when one of these becomes true, not on every request.
 
@@ -157,13 +159,15 @@ class _Joined:
 class Caller:
     """A registered caller (an actor thread, say). See `BatchedService.register`.
 
-    While every registered caller has a request outstanding, the service knows no more requests
-    are coming from them and sends the batch at once instead of waiting out `max_delay`.
+    While every registered caller has a request waiting in the queue, the service knows no more
+    requests are coming from them and sends the batch at once instead of waiting out `max_delay`.
+    A registered caller should therefore call the service in a loop (an actor does); one that goes
+    quiet for a while holds batches back by up to max_delay, and should `close()` when done.
     """
 
     def __init__(self, service: "BatchedService"):
         self._service = service
-        self.outstanding = 0
+        self.outstanding = 0  # this caller's requests still in the queue
         self.closed = False
 
     def submit(self, *args, priority: int = 0, timeout: float | None = None, **kwargs) -> concurrent.futures.Future:
@@ -355,7 +359,7 @@ class BatchedService:
         """Registers a caller whose requests count towards early flush; close it when done.
 
         Use it for a known set of callers (actor threads): when every registered caller has a
-        request outstanding, the batch goes at once. Unregistered requests are batched as usual.
+        request waiting, the batch goes at once. Unregistered requests are batched as usual.
         """
         with self._lock:
             self._check_open()
@@ -607,6 +611,8 @@ class BatchedService:
                 taken.append(r)
                 if r.lock is not None and r.state == _PENDING:
                     r.state = _TAKEN
+                if r.caller is not None:
+                    self._caller_dequeued(r.caller)
             if capacity == 0:
                 break
         self._pending -= len(taken)
@@ -656,11 +662,19 @@ class BatchedService:
         if self._done_queue is not None:
             self._done_queue.put(None)
 
+    def _caller_dequeued(self, caller):
+        caller.outstanding -= 1
+        if caller.outstanding == 0 and not caller.closed:
+            self._outstanding_callers -= 1
+
     def _drain_locked(self):
         drained = []
         for level in self._levels.values():
             drained.extend(level)
             level.clear()
+        for r in drained:
+            if r.caller is not None:
+                self._caller_dequeued(r.caller)
         self._pending = self._pending_rows = 0
         return drained
 
@@ -734,14 +748,6 @@ class BatchedService:
 
     def _complete(self, requests, results):
         """Hands each request its result: a value, an exception, or None for 'was cancelled'."""
-        callers = [r.caller for r in requests if r.caller is not None]
-        if callers:
-            # Count before waking anyone, so a caller that submits again sees consistent counts.
-            with self._lock:
-                for c in callers:
-                    c.outstanding -= 1
-                    if c.outstanding == 0 and not c.closed:
-                        self._outstanding_callers -= 1
         relay = []
         for r, res in zip(requests, results):
             if res is None:  # cancelled: its Future already says so

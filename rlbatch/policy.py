@@ -180,6 +180,8 @@ class PolicyService:
         self.buckets = tuple(sorted(set(int(b) for b in buckets)))
         self.seed = seed
         self._stateful = example_state is not None
+        # One row of recurrent state, what an actor starts each episode with (None: feed-forward).
+        self.initial_state = None if example_state is None else jax.tree_util.tree_map(np.asarray, example_state)
         self._example_obs = jax.tree_util.tree_map(np.asarray, example_obs)
         self._obs_ndim = np.ndim(jax.tree_util.tree_leaves(self._example_obs)[0])
         self._obs_desc = _leaf_specs(self._example_obs)
