@@ -106,6 +106,7 @@ class _TrajectoryQueue:
         self._on_full = on_full
         self._cond = threading.Condition(threading.Lock())
         self._stopped = False
+        self._reason = "the actor pool was stopped and no trajectory is left"
         self.dropped = 0
 
     def put(self, item) -> bool:
@@ -128,13 +129,15 @@ class _TrajectoryQueue:
             if not self._cond.wait_for(lambda: self._items or self._stopped, timeout):
                 raise TimeoutError(f"no trajectory within {timeout} s")
             if not self._items:
-                raise PoolStopped("the actor pool was stopped and no trajectory is left")
+                raise PoolStopped(self._reason)
             item = self._items.popleft()
             self._cond.notify_all()
             return item
 
-    def stop(self):
+    def stop(self, reason: str | None = None):
         with self._cond:
+            if reason is not None and not self._stopped:
+                self._reason = reason
             self._stopped = True
             self._cond.notify_all()
 
@@ -207,6 +210,7 @@ class ActorPool:
         self._stop_time = None
         self._envs_open = 0
         self._envs_lock = threading.Lock()
+        self._alive = 0
         example = getattr(policy_service, "_example_obs", None)
         self._obs_dtype = [np.asarray(x).dtype for x in jax.tree_util.tree_leaves(example)] if example is not None else None
         self._initial_state = getattr(policy_service, "initial_state", None)
@@ -217,6 +221,7 @@ class ActorPool:
         if self._threads:
             raise RuntimeError("ActorPool.start: already started")
         self._start_time = _clock()
+        self._alive = self.num_actors
         self._threads = [threading.Thread(target=self._actor, args=(a,), name=f"{self.name}-{a}", daemon=True)
                          for a in range(self.num_actors)]
         for t in self._threads:
@@ -402,6 +407,13 @@ class ActorPool:
             for env in envs:
                 if env is not None:
                     self._close_env(env)
+            with self._envs_lock:
+                self._alive -= 1
+                last = self._alive == 0
+            if last and not self._stop.is_set():
+                # Nobody is left to fill the queue: a consumer must not wait forever.
+                errors = list(self._errors)
+                self._queue.stop(f"every actor has exited; last error: {errors[-1].error if errors else None}")
 
     def _build(self, actor_id, index, rebuilds, c):
         """Builds and resets environment `index`, retrying with back-off; (None, None) if stopped."""
