@@ -1,6 +1,7 @@
 """rlbatch: an actor-inference harness for reinforcement learning in Python."""
 from rlbatch.actors import ActorError, ActorPool, ActorStats, PoolStopped
 from rlbatch.batcher import BatchedService, Caller
+from rlbatch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rlbatch.decorators import BatchedFunction, batched, service
 from rlbatch.errors import (
     BatchOutputError,
@@ -12,12 +13,21 @@ from rlbatch.errors import (
     ServiceClosed,
 )
 from rlbatch.learner import Learner
+from rlbatch import cli, report
 from rlbatch.policy import DEFAULT_BUCKETS, PolicyCaller, PolicyOutput, PolicyService, PolicyStats
 from rlbatch.policy_types import Policy
 from rlbatch.stats import ServiceStats
+from rlbatch.trainer import Progress, TrainReport, Trainer, solved
 from rlbatch.trajectory import Trajectory, stack_trajectories
 
 __all__ = [
+    "CheckpointError",
+    "Progress",
+    "TrainReport",
+    "Trainer",
+    "load_checkpoint",
+    "save_checkpoint",
+    "solved",
     "ActorError",
     "ActorPool",
     "ActorStats",

@@ -109,15 +109,25 @@ class _TrajectoryQueue:
         self._reason = "the actor pool was stopped and no trajectory is left"
         self.dropped = 0
 
-    def put(self, item) -> bool:
-        """False if the pool stopped before there was room."""
+    def put(self, item, caller=None) -> bool:
+        """False if the pool stopped before there was room.
+
+        While an actor waits for room its policy caller is paused, so the policy service does
+        not hold batches back waiting for a request that cannot come.
+        """
         with self._cond:
+            paused = False
             while len(self._items) >= self._maxsize and not self._stopped:
                 if self._on_full == "drop_oldest":
                     self._items.popleft()
                     self.dropped += 1
                     break
+                if not paused and caller is not None and hasattr(caller, "pause"):
+                    caller.pause()  # takes the service's lock, never the other way round: no cycle
+                    paused = True
                 self._cond.wait()
+            if paused:
+                caller.resume()
             if self._stopped:
                 return False
             self._items.append(item)
@@ -395,7 +405,7 @@ class ActorPool:
                     trajectory = traj.finish(obs, actor_id, first_index, k == 1)
                     traj = None
                     q0 = _clock()
-                    if not self._queue.put(trajectory):
+                    if not self._queue.put(trajectory, caller):
                         return
                     c.queue_time += _clock() - q0
                     c.trajectories += 1

@@ -169,6 +169,7 @@ class Caller:
         self._service = service
         self.outstanding = 0  # this caller's requests still in the queue
         self.closed = False
+        self.active = True  # counted towards early flush: registered, not paused, not closed
 
     def submit(self, *args, priority: int = 0, timeout: float | None = None, **kwargs) -> concurrent.futures.Future:
         return self._service._submit(args, kwargs, priority=priority, deadline=timeout, caller=self)
@@ -181,6 +182,14 @@ class Caller:
 
     def call_rows(self, *args, timeout: float | None = None, priority: int = 0, **kwargs):
         return self._service._call(args, kwargs, timeout, priority, caller=self, rows=True)
+
+    def pause(self) -> None:
+        """Stops counting this caller towards early flush (it will be busy elsewhere for a while,
+        e.g. an actor blocked on a full trajectory queue), until `resume()`."""
+        self._service._set_active(self, False)
+
+    def resume(self) -> None:
+        self._service._set_active(self, True)
 
     def close(self) -> None:
         self._service._unregister(self)
@@ -289,7 +298,8 @@ class BatchedService:
         self._thread: threading.Thread | None = None
         self._completer: threading.Thread | None = None
         self._done_queue: queue.SimpleQueue | None = None
-        self._in_flight = threading.Semaphore(max_in_flight)
+        # Only a pipelined service needs the slot count (threading.Semaphore costs microseconds).
+        self._in_flight = threading.Semaphore(max_in_flight) if max_in_flight > 1 else None
         self._dispatched = 0  # written by the worker only
         self._completed = 0  # written by the completer only
         self._context = None
@@ -370,10 +380,23 @@ class BatchedService:
         with self._lock:
             if caller.closed:
                 return
+            self._set_active_locked(caller, False)
             caller.closed = True
-            self._registered -= 1
-            if caller.outstanding:
-                self._outstanding_callers -= 1
+
+    def _set_active(self, caller: Caller, active: bool) -> None:
+        with self._lock:
+            if not caller.closed:
+                self._set_active_locked(caller, active)
+
+    def _set_active_locked(self, caller, active):
+        if caller.active == active:
+            return
+        caller.active = active
+        step = 1 if active else -1
+        self._registered += step
+        if caller.outstanding:
+            self._outstanding_callers += step
+        if self._worker_waiting:
             self._wake_if_ready()
 
     def _count_invalid(self):
@@ -490,7 +513,7 @@ class BatchedService:
             stats.requests += 1
             stats.rows += rows
             if caller is not None:
-                if caller.outstanding == 0:
+                if caller.outstanding == 0 and caller.active:
                     self._outstanding_callers += 1
                 caller.outstanding += 1
             if self._worker_waiting:
@@ -517,7 +540,7 @@ class BatchedService:
             self._stats.requests += len(requests)
             self._stats.rows += sum(1 if r.rows is None else r.rows for r in requests)
             if caller is not None:
-                if caller.outstanding == 0:
+                if caller.outstanding == 0 and caller.active:
                     self._outstanding_callers += 1
                 caller.outstanding += len(requests)
             if self._worker_waiting:
@@ -566,6 +589,8 @@ class BatchedService:
         self._thread.start()
 
     def _oldest_t0(self):
+        if len(self._levels) == 1:
+            return self._levels[0][0].t0
         return min(level[0].t0 for level in self._levels.values() if level)
 
     def _next_batch(self):
@@ -632,17 +657,19 @@ class BatchedService:
             requests = self._next_batch()
             if requests is None:
                 break
-            self._in_flight.acquire()  # bounds the batches dispatched and not yet completed
+            slots = self._in_flight
+            if slots is not None:
+                slots.acquire()  # bounds the batches dispatched and not yet completed
             job = None
             try:
                 job = self._dispatch(requests)
             except BaseException as e:  # noqa: BLE001 - the worker never dies
                 self._complete(requests, [e] * len(requests))
             finally:
-                if job is None:
-                    self._in_flight.release()
+                if job is None and slots is not None:
+                    slots.release()
             if job is not None:
-                if self._done_queue is not None:
+                if slots is not None:
                     self._dispatched += 1
                     self._done_queue.put(job)
                 else:
@@ -664,7 +691,7 @@ class BatchedService:
 
     def _caller_dequeued(self, caller):
         caller.outstanding -= 1
-        if caller.outstanding == 0 and not caller.closed:
+        if caller.outstanding == 0 and caller.active:
             self._outstanding_callers -= 1
 
     def _drain_locked(self):
@@ -684,8 +711,10 @@ class BatchedService:
         Returns the job to finish, or None when nothing was left to run (or the call failed).
         """
         now = _clock()
+        if not any(r.deadline is not None or r.state != _TAKEN for r in requests):
+            # The common case: blocking calls, no deadline, none cancelled (Futures are never _TAKEN).
+            return self._call_batch_fn(requests, now)
         live, dead, dead_errors = [], [], []
-        waits = self._stats.queue_waits
         for r in requests:
             if r.deadline is not None and now > r.deadline:
                 dead.append(r)
@@ -694,7 +723,6 @@ class BatchedService:
                 self._stats.timed_out += 1
             elif (r.state == _TAKEN) if r.lock is not None else r.claim():
                 live.append(r)
-                waits.append(now - r.t0)
             else:
                 dead.append(r)
                 dead_errors.append(None)
@@ -703,7 +731,11 @@ class BatchedService:
             self._complete(dead, dead_errors)
         if not live:
             return None
-        num_rows = sum(1 if r.rows is None else r.rows for r in live)
+        return self._call_batch_fn(live, now)
+
+    def _call_batch_fn(self, live, now):
+        self._stats.queue_waits.extend([now - r.t0 for r in live])
+        num_rows = sum([1 if r.rows is None else r.rows for r in live])
         ctx = None
         try:
             args, kwargs, ctx, padded = self._codec.gather(live, num_rows)
@@ -742,8 +774,11 @@ class BatchedService:
                 if ctx is not None:
                     self._codec.release(ctx)
         finally:
-            self._in_flight.release()
-        self._stats.record_batch(num_rows, padded, _clock() - t_start)
+            if self._in_flight is not None:
+                self._in_flight.release()
+        now = _clock()
+        self._stats.record_batch(num_rows, padded, now - t_start)
+        self._stats.latencies.extend([now - r.t0 for r in live])
         self._complete(live, results)
 
     def _complete(self, requests, results):
@@ -776,6 +811,10 @@ class BatchedService:
     @property
     def stats(self) -> ServiceStats:
         return self._stats.snapshot(self._pending, self._dispatched - self._completed)
+
+    def latency_samples(self):
+        """Recent request latencies in seconds (submit to result), for plots and reports."""
+        return list(self._stats.latencies)
 
     @property
     def closed(self) -> bool:

@@ -404,6 +404,12 @@ class PolicyCaller:
     def submit(self, obs, state=None, *, timeout: float | None = None, priority: int = 0):
         return _submit(self._caller, self._policy, obs, state, timeout, priority)
 
+    def pause(self) -> None:
+        self._caller.pause()
+
+    def resume(self) -> None:
+        self._caller.resume()
+
     def close(self) -> None:
         self._caller.close()
 

@@ -31,6 +31,8 @@ class ServiceStats:
     queue_wait_p99: float
     run_time_p50: float  # batch function (and result split) time per batch
     run_time_p99: float
+    latency_p50: float  # request latency: submit to result ready
+    latency_p99: float
     errors: int  # requests that failed with an error from the batch function or its output
     invalid: int  # requests refused for their inputs (wrong arguments, shape, dtype)
     cancelled: int  # requests cancelled before they ran
@@ -70,6 +72,7 @@ class StatsRecorder:
         self.bucket_hist: dict[int, int] = {}
         self.queue_waits: collections.deque = collections.deque(maxlen=_WINDOW)
         self.run_times: collections.deque = collections.deque(maxlen=_WINDOW)
+        self.latencies: collections.deque = collections.deque(maxlen=_WINDOW)
 
     def record_batch(self, valid: int, padded: int | None, run_time: float) -> None:
         """`padded` is the bucket the batch was padded to, None for a service without buckets."""
@@ -101,6 +104,8 @@ class StatsRecorder:
             queue_wait_p99=_quantile(list(self.queue_waits), 0.99),
             run_time_p50=_quantile(list(self.run_times), 0.5),
             run_time_p99=_quantile(list(self.run_times), 0.99),
+            latency_p50=_quantile(list(self.latencies), 0.5),
+            latency_p99=_quantile(list(self.latencies), 0.99),
             errors=self.errors,
             invalid=self.invalid,
             cancelled=self.cancelled,

@@ -1,0 +1,238 @@
+"""Benchmark of the batching core: client threads calling a batch function one item at a time.
+
+Each of N client threads (1, 16, 64, 256) submits one item and waits for its result, again and
+again, as an actor does. The batch function is trivial or a small numpy MLP; max batch 64, max
+delay 2 ms. Beside rlbatch, in the same run:
+
+- seed-style: the design of the seed libraries (a queue.Queue, a worker that gathers up to
+  max_batch_size items or waits max_delay after the first, a concurrent.futures.Future per item);
+- unbatched: every thread calls the function itself on a batch of one;
+- full batches: one thread calls the function on full batches of 64 (the function's own limit).
+
+Prints items/s, mean batch size, p50/p99 latency and CPU seconds per 1000 items (median of
+--repeats runs), ratios to seed-style, and the CPU an idle service uses.
+
+    python -m experiments.bench_batching            # the full table (a few minutes)
+    python -m experiments.bench_batching --quick    # a smoke run
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import queue
+import statistics
+import threading
+import time
+
+import numpy as np
+
+import rlbatch
+from rlbatch import cli
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    threads: tuple[int, ...] = (1, 16, 64, 256)
+    """numbers of client threads to measure"""
+    max_batch_size: int = 64
+    """largest batch"""
+    max_delay: float = 0.002
+    """seconds the oldest item of a batch may wait"""
+    duration: float = 1.5
+    """seconds of measurement per configuration and repeat"""
+    repeats: int = 3
+    """runs per configuration; the table shows the median"""
+    quick: bool = False
+    """tiny settings for a smoke test (threads 1 and 16, 0.3 s, one repeat)"""
+    out: str = "runs/bench_batching"
+    """file stem for the JSON and markdown outputs"""
+
+
+def trivial(xs):
+    return xs
+
+
+_RNG = np.random.default_rng(0)
+_W1, _W2, _W3 = (_RNG.normal(size=s).astype(np.float32) for s in ((4, 64), (64, 64), (64, 2)))
+
+
+def mlp(xs):
+    h = np.tanh(np.stack(xs) @ _W1)
+    h = np.tanh(h @ _W2)
+    return list(h @ _W3)
+
+
+FUNCTIONS = {"trivial": (trivial, lambda i: i), "numpy-mlp": (mlp, lambda i: np.full(4, i % 7, np.float32))}
+
+
+class SeedStyleBatcher:
+    """The seed libraries' design, for comparison: Queue + worker + one Future per item."""
+
+    def __init__(self, fn, max_batch_size, max_delay):
+        self.fn, self.max_batch_size, self.max_delay = fn, max_batch_size, max_delay
+        self.q: queue.Queue = queue.Queue()
+        self.batches = self.items = 0
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def __call__(self, x):
+        f = concurrent.futures.Future()
+        self.q.put((x, f))
+        return f.result()
+
+    def _work(self):
+        while True:
+            first = self.q.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_delay
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self.q.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.q.put(None)
+                    break
+                batch.append(item)
+            out = self.fn([x for x, _ in batch])
+            self.batches += 1
+            self.items += len(batch)
+            for (_, f), y in zip(batch, out):
+                f.set_result(y)
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+
+
+def run_clients(n, make_call, make_item, duration):
+    """n threads calling in a loop for `duration` s: (items/s, p50, p99, CPU s per 1000 items)."""
+    barrier = threading.Barrier(n + 1)
+    latencies = [None] * n
+    stop_at = [0.0]
+
+    def client(i):
+        call = make_call(i)
+        item = make_item(i)
+        lat = []
+        barrier.wait()
+        end = stop_at[0]
+        clock = time.perf_counter
+        t = clock()
+        while t < end:
+            call(item)
+            t2 = clock()
+            lat.append(t2 - t)
+            t = t2
+        latencies[i] = lat
+        close = getattr(call, "close", None)
+        if close is not None:
+            close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + duration
+    c0, t0 = time.process_time(), time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    lat = np.concatenate([np.asarray(x) for x in latencies])
+    return dict(items_per_s=len(lat) / elapsed, p50_ms=1e3 * float(np.median(lat)),
+                p99_ms=1e3 * float(np.quantile(lat, 0.99)), cpu_per_1k=1e3 * cpu / len(lat))
+
+
+def measure(mode, fn, make_item, n, args):
+    if mode == "rlbatch":
+        svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
+        r = run_clients(n, lambda i: svc.register(), make_item, args.duration)
+        r["mean_batch"] = svc.stats.mean_batch_size
+        svc.close()
+    elif mode == "rlbatch-unregistered":
+        svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
+        r = run_clients(n, lambda i: svc, make_item, args.duration)
+        r["mean_batch"] = svc.stats.mean_batch_size
+        svc.close()
+    elif mode == "seed-style":
+        b = SeedStyleBatcher(fn, args.max_batch_size, args.max_delay)
+        r = run_clients(n, lambda i: b, make_item, args.duration)
+        r["mean_batch"] = b.items / max(b.batches, 1)
+        b.close()
+    elif mode == "unbatched":
+        r = run_clients(n, lambda i: (lambda x: fn([x])[0]), make_item, args.duration)
+        r["mean_batch"] = 1.0
+    else:
+        raise ValueError(mode)
+    return r
+
+
+def full_batch_limit(fn, make_item, args):
+    batch = [make_item(i) for i in range(args.max_batch_size)]
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < args.duration:
+        fn(batch)
+        n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
+def idle_cpu(seconds=1.0):
+    svc = rlbatch.BatchedService(trivial, 64, 0.002)
+    svc(1)
+    c0 = time.process_time()
+    time.sleep(seconds)
+    used = time.process_time() - c0
+    svc.close()
+    return used
+
+
+MODES = ("rlbatch", "rlbatch-unregistered", "seed-style", "unbatched")
+
+
+def main(args: Args):
+    if args.quick:
+        args = dataclasses.replace(args, threads=(1, 16), duration=0.3, repeats=1)
+    rows = []
+    for fname, (fn, make_item) in FUNCTIONS.items():
+        limit = full_batch_limit(fn, make_item, args)
+        for n in args.threads:
+            for mode in MODES:
+                runs = [measure(mode, fn, make_item, n, args) for _ in range(args.repeats)]
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                rows.append(dict(function=fname, threads=n, mode=mode, full_batch_items_per_s=limit, **med))
+                print(f"{fname:9s} threads={n:4d} {mode:21s} items/s={med['items_per_s']:9.0f} "
+                      f"batch={med['mean_batch']:5.1f} p50={med['p50_ms']:.3f}ms p99={med['p99_ms']:.3f}ms "
+                      f"cpu/1k={med['cpu_per_1k']:.4f}s", flush=True)
+    idle = idle_cpu()
+    lines = ["| function | threads | mode | items/s | x seed-style | mean batch | p50 ms | p99 ms | CPU s/1k items |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        seed = next(x for x in rows if x["function"] == r["function"] and x["threads"] == r["threads"]
+                    and x["mode"] == "seed-style")
+        r["ratio_to_seed_style"] = r["items_per_s"] / seed["items_per_s"]
+        lines.append(f"| {r['function']} | {r['threads']} | {r['mode']} | {r['items_per_s']:,.0f} | "
+                     f"{r['ratio_to_seed_style']:.2f} | {r['mean_batch']:.1f} | {r['p50_ms']:.3f} | "
+                     f"{r['p99_ms']:.3f} | {r['cpu_per_1k']:.4f} |")
+    limits = {f: next(r["full_batch_items_per_s"] for r in rows if r["function"] == f) for f in FUNCTIONS}
+    lines.append("")
+    lines.append("Full batches of %d on one thread (the function's own limit): %s. Idle service CPU: %.4f s in 1 s." % (
+        args.max_batch_size, ", ".join(f"{f} {v:,.0f} items/s" for f, v in limits.items()), idle))
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(args=dataclasses.asdict(args), rows=rows, idle_cpu_s=idle, full_batch=limits), f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,83 @@
+"""Experiment plumbing shared by the scripts in experiments/: `Args` dataclasses become CLIs.
+
+    @dataclasses.dataclass(frozen=True)
+    class Args:
+        num_actors: int = 256
+        \"\"\"actor threads\"\"\"
+
+    args = rlbatch.cli.parse(Args)   # --num-actors 64, --help shows the docstring of every field
+
+Field docstrings (a string literal right under the field, as CleanRL writes them) become the help
+text. Booleans take `--flag` / `--no-flag`; tuples take several values (`--buckets 8 16 32`).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from typing import Any, Sequence, TypeVar
+
+__all__ = ["parse", "field_docs"]
+
+T = TypeVar("T")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, by name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs = {}
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    """Builds an argparse CLI from a dataclass and returns the parsed instance."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip() or None,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = dict(default=default, help=docs.get(f.name, " "), dest=f.name)
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if origin is typing.Union and type(None) in args:  # Optional[X]
+            hint = next(a for a in args if a is not type(None))
+            origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if origin in (tuple, list):
+            kwargs.update(nargs="+", type=args[0] if args else str)
+            parser.add_argument(flag, **kwargs)
+            continue
+        kwargs["type"] = hint if hint in (int, float, str) else str
+        parser.add_argument(flag, **kwargs)
+    ns = parser.parse_args(argv)
+    values = vars(ns)
+    for f in dataclasses.fields(cls):
+        if typing.get_origin(hints[f.name]) is tuple and values[f.name] is not None:
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
