@@ -1,0 +1,23 @@
+"""Agents for rlbatch: actor-critic networks, return estimators, and PPO / IMPALA learners.
+
+They plug into rlbatch only through its public `Policy`, `Learner` and `Trajectory`.
+"""
+from agents.impala import ImpalaState, make_impala
+from agents.losses import VTraceOutput, bootstrap_values, gae, vtrace
+from agents.networks import ActorCritic, clip_action, make_actor_critic, make_actor_critic_fns
+from agents.ppo import PPOState, make_ppo
+
+__all__ = [
+    "ActorCritic",
+    "ImpalaState",
+    "PPOState",
+    "VTraceOutput",
+    "bootstrap_values",
+    "clip_action",
+    "gae",
+    "make_actor_critic",
+    "make_actor_critic_fns",
+    "make_impala",
+    "make_ppo",
+    "vtrace",
+]

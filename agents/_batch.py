@@ -1,0 +1,61 @@
+"""The part of a `rlbatch.Trajectory` that learners use, with fixed dtypes.
+
+Learners jit-compile on these arrays only, so extra fields (policy_version, episode_id, actor_id,
+other extras) and dtype drift (int vs bool flags) never cause a retrace.
+Shapes are time-major: obs [T+1, B, ...], final_obs [T, B, ...], every other field [T, B, ...].
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from rlbatch import Trajectory
+
+
+class LearnerBatch(NamedTuple):
+    obs: Any
+    action: Any
+    reward: Any
+    terminated: Any
+    truncated: Any
+    final_obs: Any
+    behaviour_log_prob: Any
+
+
+def _canonical(x) -> np.ndarray:
+    """int64 -> int32 and float64 -> float32 (what numpy and gymnasium hand out varies); uint8 stays."""
+    x = np.asarray(x)
+    if x.dtype == np.int64:
+        return x.astype(np.int32)
+    if x.dtype == np.float64:
+        return x.astype(np.float32)
+    return x
+
+
+def learner_batch(batch: Trajectory) -> LearnerBatch:
+    if "log_prob" not in batch.extras:
+        raise ValueError(
+            f"learner.update: expected batch.extras['log_prob'] (behaviour log-probs), got extras {sorted(batch.extras)}"
+        )
+    if np.ndim(batch.reward) != 2:
+        raise ValueError(
+            f"learner.update: expected a time-major batch with reward [T, B], got reward shape {np.shape(batch.reward)}"
+        )
+    return LearnerBatch(
+        obs=jax.tree_util.tree_map(_canonical, batch.obs),
+        action=_canonical(batch.action),
+        reward=np.asarray(batch.reward, np.float32),
+        terminated=np.asarray(batch.terminated, bool),
+        truncated=np.asarray(batch.truncated, bool),
+        final_obs=jax.tree_util.tree_map(_canonical, batch.final_obs),
+        behaviour_log_prob=np.asarray(batch.extras["log_prob"], np.float32),
+    )
+
+
+def check_action_space(network, action_space, who: str) -> None:
+    if network.action_space is not None and action_space is not None and network.action_space != action_space:
+        raise ValueError(
+            f"{who}.init: the network was built for action space {network.action_space!r}, got {action_space!r}"
+        )

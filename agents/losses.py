@@ -1,0 +1,104 @@
+"""Return and advantage estimators (rlax style): pure functions of time-major arrays.
+
+Every array is [T, B] (time first, batch second); step t is the transition
+(obs[t], action[t]) -> (reward[t], obs[t+1]) of a `rlbatch.Trajectory`. Names carry the time index:
+
+- `v_tm1[t]`: V(obs[t]), the value of the state the action was taken in;
+- `v_t[t]`: the value of the state that followed: V(obs[t+1]) inside an episode, V(final_obs[t])
+  when the episode ended at t (`bootstrap_values` builds both from a Trajectory's values);
+- `r_t[t]`: the reward; `discount_t[t] = gamma * (1 - terminated[t])`;
+- `cut_t[t]`: True where an episode ended at t (terminated or truncated).
+
+Episode ends inside an unroll. After a termination there is nothing to bootstrap: the discount is 0.
+After a truncation the episode is bootstrapped with V(final_obs[t]) (through `v_t`, discount
+unchanged), but obs[t+1] already belongs to the next episode, so the multi-step trace must stop
+there: `cut_t` zeroes the lambda-trace across the boundary without touching the one-step bootstrap.
+Without `cut_t` a truncated step would leak the next episode's returns into this one.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["VTraceOutput", "bootstrap_values", "gae", "vtrace"]
+
+
+class VTraceOutput(NamedTuple):
+    vs: jnp.ndarray  # [T, B] V-trace value targets for v_tm1
+    pg_advantage: jnp.ndarray  # [T, B] clipped-rho-weighted policy-gradient advantages
+
+
+def bootstrap_values(values, final_values, cut_t):
+    """Returns (v_tm1, v_t) from values of a Trajectory's observations.
+
+    values: [T+1, B] V(obs); final_values: [T, B] V(final_obs); cut_t: [T, B] episode ended at t.
+    v_tm1 = values[:-1]; v_t = final_values where an episode ended, values[1:] elsewhere.
+    """
+    return values[:-1], jnp.where(cut_t, final_values, values[1:])
+
+
+def _backward_trace(delta_t, trace_t):
+    """acc[t] = delta_t[t] + trace_t[t] * acc[t+1], acc[T] = 0; returns (acc[t], acc[t+1])."""
+
+    def step(acc_tp1, inputs):
+        delta, trace = inputs
+        acc = delta + trace * acc_tp1
+        return acc, (acc, acc_tp1)
+
+    _, (acc, acc_tp1) = jax.lax.scan(step, jnp.zeros_like(delta_t[0]), (delta_t, trace_t), reverse=True)
+    return acc, acc_tp1
+
+
+def _not_cut(cut_t, like):
+    return jnp.ones_like(like) if cut_t is None else 1.0 - jnp.asarray(cut_t, like.dtype)
+
+
+def gae(v_tm1, v_t, r_t, discount_t, lambda_, cut_t: Optional[jnp.ndarray] = None):
+    """Generalized advantage estimation (Schulman et al. 2016), [T, B] -> advantages [T, B].
+
+    A[t] = delta[t] + discount_t[t] * lambda_ * (1 - cut_t[t]) * A[t+1], A[T] = 0, where
+    delta[t] = r_t[t] + discount_t[t] * v_t[t] - v_tm1[t]. Value targets are A + v_tm1.
+    `lambda_` is a scalar or [T, B].
+    """
+    delta_t = r_t + discount_t * v_t - v_tm1
+    advantages, _ = _backward_trace(delta_t, discount_t * lambda_ * _not_cut(cut_t, delta_t))
+    return advantages
+
+
+def vtrace(
+    v_tm1,
+    v_t,
+    r_t,
+    discount_t,
+    log_rho_t,
+    lambda_=1.0,
+    clip_rho_threshold: float = 1.0,
+    clip_pg_rho_threshold: float = 1.0,
+    cut_t: Optional[jnp.ndarray] = None,
+    stop_target_gradients: bool = True,
+) -> VTraceOutput:
+    """V-trace targets and policy-gradient advantages (Espeholt et al. 2018), all [T, B].
+
+    log_rho_t = log pi(a_t|x_t) - log mu(a_t|x_t) (target minus behaviour policy).
+    rho = min(clip_rho_threshold, exp(log_rho)), c = lambda_ * min(1, exp(log_rho)):
+        vs[t] - v_tm1[t] = rho[t] * delta[t] + discount_t[t] * c[t] * (1 - cut_t[t]) * (vs[t+1] - v_tm1[t+1])
+    with delta[t] = r_t[t] + discount_t[t] * v_t[t] - v_tm1[t] and the correction 0 after step T-1.
+    As in rlax, the advantage bootstraps from a lambda-mix of the next target and value:
+        q[t] = r_t[t] + discount_t[t] * (v_t[t] + (1 - cut_t[t]) * lambda_ * (vs[t+1] - v_tm1[t+1]))
+        pg_advantage[t] = min(clip_pg_rho_threshold, exp(log_rho[t])) * (q[t] - v_tm1[t])
+    which is the paper's r + gamma * vs[t+1] when lambda_ = 1 (and V(final_obs) after an episode end).
+    """
+    rho_t = jnp.exp(log_rho_t)
+    clipped_rho_t = jnp.minimum(clip_rho_threshold, rho_t)
+    c_t = lambda_ * jnp.minimum(1.0, rho_t)
+    not_cut_t = _not_cut(cut_t, v_tm1)
+    delta_t = clipped_rho_t * (r_t + discount_t * v_t - v_tm1)
+    correction, correction_tp1 = _backward_trace(delta_t, discount_t * c_t * not_cut_t)
+    vs = v_tm1 + correction
+    q_t = r_t + discount_t * (v_t + not_cut_t * lambda_ * correction_tp1)
+    pg_advantage = jnp.minimum(clip_pg_rho_threshold, rho_t) * (q_t - v_tm1)
+    if stop_target_gradients:
+        vs, pg_advantage = jax.lax.stop_gradient(vs), jax.lax.stop_gradient(pg_advantage)
+    return VTraceOutput(vs=vs, pg_advantage=pg_advantage)

@@ -1,0 +1,147 @@
+"""PPO (Schulman et al. 2017) as an `rlbatch.Learner`: clipped objective, GAE, minibatch epochs.
+
+    network = make_actor_critic_fns(env.action_space, example_obs)
+    learner = make_ppo(network, learning_rate=2.5e-4)
+    state = learner.init(key, example_obs, env.action_space)
+    state, metrics = learner.update(state, batch)   # batch: Trajectory [T+1 / T, B, ...]
+
+One `update` is one jitted call: GAE with the current value net over the whole [T, B] batch
+(truncated episodes bootstrapped from `final_obs`), then `num_epochs` passes over `num_minibatches`
+shuffled minibatches of the T * B transitions. `batch.extras["log_prob"]` are the behaviour log-probs
+of the actions; they are the "old" policy of the ratio even when the actors' params are stale
+(so `approx_kl` and `clip_fraction` include that staleness).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from agents import losses
+from agents._batch import LearnerBatch, check_action_space, learner_batch
+from agents.networks import ActorCritic
+from rlbatch import Learner, Trajectory
+
+__all__ = ["PPOState", "make_ppo"]
+
+
+class PPOState(NamedTuple):
+    params: Any
+    opt_state: optax.OptState
+    key: jax.Array  # shuffles minibatches
+    step: jax.Array  # int32 scalar: updates done
+
+
+def make_ppo(
+    network: ActorCritic,
+    *,
+    learning_rate: Union[float, optax.Schedule] = 2.5e-4,
+    num_epochs: int = 4,
+    num_minibatches: int = 4,
+    clip_eps: float = 0.2,
+    gamma: float = 0.99,
+    gae_lambda: float = 0.95,
+    ent_coef: float = 0.01,
+    vf_coef: float = 0.5,
+    max_grad_norm: float = 0.5,
+    normalize_advantages: bool = True,
+    clip_value_loss: bool = False,
+    on_trace: Optional[Callable[[], None]] = None,
+) -> Learner:
+    """Builds a PPO learner around `network` (any `ActorCritic`: policy, evaluate, value).
+
+    learning_rate: a float or an optax schedule over minibatch steps
+        (num_epochs * num_minibatches per update).
+    clip_value_loss: CleanRL's clipped value loss around the values at the start of the update.
+    on_trace: called with no arguments each time `update` is traced; tests count compilations.
+    """
+    optimizer = optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate, eps=1e-5))
+
+    def init(key, example_obs, action_space=None) -> PPOState:
+        check_action_space(network, action_space, "make_ppo")
+        params_key, key = jax.random.split(key)
+        params = network.policy.init(params_key, example_obs)
+        return PPOState(params=params, opt_state=optimizer.init(params), key=key, step=jnp.zeros((), jnp.int32))
+
+    def loss_fn(params, mb):
+        log_prob, entropy, value = network.evaluate(params, mb["obs"], mb["action"])
+        log_ratio = log_prob - mb["behaviour_log_prob"]
+        ratio = jnp.exp(log_ratio)
+        advantages = mb["advantages"]
+        if normalize_advantages:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * advantages))
+        value_loss = (value - mb["returns"]) ** 2
+        if clip_value_loss:
+            clipped = mb["values"] + jnp.clip(value - mb["values"], -clip_eps, clip_eps)
+            value_loss = jnp.maximum(value_loss, (clipped - mb["returns"]) ** 2)
+        value_loss = 0.5 * jnp.mean(value_loss)
+        entropy = jnp.mean(entropy)
+        loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
+        metrics = {
+            "loss": loss,
+            "policy_loss": policy_loss,
+            "value_loss": value_loss,
+            "entropy": entropy,
+            "approx_kl": jnp.mean((ratio - 1) - log_ratio),
+            "clip_fraction": jnp.mean((jnp.abs(ratio - 1) > clip_eps).astype(jnp.float32)),
+        }
+        return loss, metrics
+
+    def update_step(state: PPOState, batch: LearnerBatch):
+        if on_trace is not None:
+            on_trace()
+        num_steps, num_envs = batch.reward.shape
+        batch_size = num_steps * num_envs
+        if batch_size % num_minibatches:
+            raise ValueError(
+                f"make_ppo: expected T * B divisible by num_minibatches={num_minibatches}, "
+                f"got T={num_steps}, B={num_envs}"
+            )
+        cut_t = batch.terminated | batch.truncated
+        values = network.value(state.params, batch.obs)
+        final_values = network.value(state.params, batch.final_obs)
+        v_tm1, v_t = losses.bootstrap_values(values, final_values, cut_t)
+        discount_t = gamma * (1.0 - batch.terminated.astype(jnp.float32))
+        advantages = losses.gae(v_tm1, v_t, batch.reward, discount_t, gae_lambda, cut_t)
+        returns = advantages + v_tm1
+        flat = jax.tree_util.tree_map(
+            lambda x: x.reshape((batch_size, *x.shape[2:])),
+            {
+                "obs": jax.tree_util.tree_map(lambda o: o[:-1], batch.obs),
+                "action": batch.action,
+                "behaviour_log_prob": batch.behaviour_log_prob,
+                "advantages": advantages,
+                "returns": returns,
+                "values": v_tm1,
+            },
+        )
+
+        def minibatch_step(carry, idx):
+            params, opt_state = carry
+            mb = jax.tree_util.tree_map(lambda x: x[idx], flat)
+            grads, metrics = jax.grad(loss_fn, has_aux=True)(params, mb)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), metrics
+
+        def epoch_step(carry, key):
+            order = jax.random.permutation(key, batch_size).reshape(num_minibatches, -1)
+            return jax.lax.scan(minibatch_step, carry, order)
+
+        key, epochs_key = jax.random.split(state.key)
+        (params, opt_state), metrics = jax.lax.scan(
+            epoch_step, (state.params, state.opt_state), jax.random.split(epochs_key, num_epochs)
+        )
+        metrics = jax.tree_util.tree_map(jnp.mean, metrics)  # over epochs and minibatches
+        metrics["explained_variance"] = 1.0 - jnp.var(returns - v_tm1) / (jnp.var(returns) + 1e-8)
+        return PPOState(params, opt_state, key, state.step + 1), metrics
+
+    update_jit = jax.jit(update_step)
+
+    def update(state: PPOState, batch: Trajectory):
+        return update_jit(state, learner_batch(batch))
+
+    return Learner(init=init, update=update, params=lambda state: state.params, policy=network.policy)
