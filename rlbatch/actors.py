@@ -320,6 +320,7 @@ class ActorPool:
             state = self._initial_rows(k)
             backoff = 0.01
             traj = None
+            discrete = None  # integer actions, known from the first policy output
             t = 0
             while not self._stop.is_set():
                 if traj is None:
@@ -349,19 +350,28 @@ class ActorPool:
                 c.policy_time += t1 - t0
                 backoff = 0.01
                 action, extras = out[0], out[1]
+                if discrete is None:
+                    discrete = isinstance(action, (np.integer, np.ndarray)) and np.asarray(action).dtype.kind in "iu"
                 if state is not None:
                     state = out[2]
                 traj.record_policy(t, request, action, extras, out.version)
+                # Plain Python scalars for discrete actions: gymnasium's Discrete.contains checks a
+                # numpy integer through np.issubdtype, several times slower than an int.
+                if discrete:
+                    actions = action.tolist() if k > 1 else [action.item()]
+                else:
+                    actions = action if k > 1 else [action]
+                rewards, terms, truncs = [0.0] * k, [False] * k, [False] * k
+                step_episode = list(episode)  # the episode each step belongs to, before any reset
                 try:
                     for j in range(k):
-                        a = action if k == 1 else action[j]
                         try:
-                            next_obs, reward, terminated, truncated, _ = envs[j].step(a)
+                            next_obs, reward, terminated, truncated, _ = envs[j].step(actions[j])
                         except Exception as e:  # noqa: BLE001
                             raise _EnvFailed(j, "env.step", e) from e
+                        rewards[j], terms[j], truncs[j] = reward, terminated, truncated
                         ep_return[j] += float(reward)
                         ep_length[j] += 1
-                        traj.record_step(t, j, reward, terminated, truncated, episode[j])
                         if terminated or truncated:
                             traj.final_obs_at(t, j, next_obs)
                             self._returns.append(ep_return[j])
@@ -377,6 +387,7 @@ class ActorPool:
                             if state is not None:
                                 state = _reset_row(state, self._initial_rows(1), j, k)
                         obs[j] = next_obs
+                    traj.record_steps(t, rewards, terms, truncs, step_episode)
                 except _EnvFailed as failure:
                     j = failure.slot
                     c.env_errors += 1
@@ -550,11 +561,12 @@ class _Buffer:
             self.extras[key][t] = v
         self.version[t] = version
 
-    def record_step(self, t, j, reward, terminated, truncated, episode):
-        self.reward[t, j] = reward
-        self.terminated[t, j] = terminated
-        self.truncated[t, j] = truncated
-        self.episode[t, j] = episode
+    def record_steps(self, t, rewards, terminated, truncated, episode):
+        # One assignment per field for all k environments (not k assignments).
+        self.reward[t] = rewards
+        self.terminated[t] = terminated
+        self.truncated[t] = truncated
+        self.episode[t] = episode
 
     def final_obs_at(self, t, j, obs):
         if self._single_obs:

@@ -1,0 +1,331 @@
+"""Benchmark of ActorPool: environment steps per second with actors sharing one PolicyService.
+
+For CartPole-v1 and rlbatch/Latency-v0 (CartPole that sleeps 1 ms per step, releasing the GIL, like
+a remote or C simulator) and N = 16, 64, 256 environments, with the same 4-64-64-2 MLP policy that
+samples its actions (jitted), in the same run:
+
+- pool-single: an ActorPool of N actors with one environment each (PolicyService with the default
+  buckets, max delay 2 ms);
+- pool-grouped: an ActorPool of sqrt(N) actors with sqrt(N) environments each (4x4, 8x8, 16x16),
+  each actor sending its environments' observations as one request;
+- sync-vector: gymnasium.vector.SyncVectorEnv of the N environments and one policy call per step
+  on the whole [N, 4] observation: obs -> jitted policy -> np.asarray(actions) -> envs.step, the
+  ideal synchronous loop (same-step autoreset, so every env step is a real step);
+- unbatched: N threads, each stepping its own environment and calling the jitted policy itself on
+  a batch of one.
+
+Steps/s are counted over `duration` seconds after a discarded warm-up (ActorPool.stats.env_steps
+for the pools). The main thread consumes the pools' trajectories with pool.get(), as a trainer
+would, so actors never block on a full queue and nothing is dropped. Every pool is stopped and its
+service closed after its configuration. Then 512 single-env CartPole actors run for a while and
+pool.stop() is timed. Prints the median of --repeats runs, ratios to the sync-vector loop of the
+same environment and N, and the targets: >= 0.5x sync-vector with 256 single-env CartPole actors,
+>= 1.0x with the same 256 environments grouped, >= 35x with 1 ms step latency and 256 actors,
+stop with 512 actors within about 2 s.
+
+    python -m experiments.bench_actors            # the full table (several minutes)
+    python -m experiments.bench_actors --quick    # a smoke run (under a minute on a CPU)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import statistics
+import threading
+import time
+
+import gymnasium
+import jax
+import numpy as np
+
+import envs  # noqa: F401 - registers the rlbatch/ environments
+import rlbatch
+from experiments.bench_policy import make_step, mlp_policy
+from rlbatch import cli
+
+_clock = time.perf_counter
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """ActorPool benchmark: environment steps/s against a SyncVectorEnv loop (see the module docstring)."""
+
+    envs: tuple[str, ...] = ("CartPole-v1", "rlbatch/Latency-v0")
+    """gymnasium ids of the environments (all with CartPole's [4] observation and 2 actions)"""
+    num_envs: tuple[int, ...] = (16, 64, 256)
+    """numbers of environments N; grouped pools use sqrt(N) actors of sqrt(N) environments"""
+    step_latency: float = 0.001
+    """seconds rlbatch/Latency-v0 sleeps in every step"""
+    unroll_length: int = 32
+    """T: steps per trajectory of the pools"""
+    max_queue: int = 64
+    """trajectories the pools' queues hold (the main thread consumes them)"""
+    buckets: tuple[int, ...] = rlbatch.DEFAULT_BUCKETS
+    """padded batch sizes of the policy service, each compiled once"""
+    max_delay: float = 0.002
+    """seconds the oldest request of a batch may wait"""
+    warmup: float = 1.0
+    """seconds run and discarded before each measurement"""
+    duration: float = 3.0
+    """seconds of measurement per configuration and repeat"""
+    repeats: int = 3
+    """runs per configuration; the table shows the median"""
+    stop_actors: int = 512
+    """single-env CartPole actors of the pool whose stop() is timed"""
+    stop_after: float = 2.0
+    """seconds that pool runs before stop() is called"""
+    seed: int = 0
+    """seeds the parameters, the policy's key schedule and the environments"""
+    quick: bool = False
+    """tiny settings for a smoke test (256 environments only, 0.5 s warm-up and measurement, one
+    repeat, stop timed after 1 s)"""
+    out: str = "runs/bench_actors"
+    """file stem for the JSON and markdown outputs"""
+
+
+MODES = ("pool-single", "pool-grouped", "sync-vector", "unbatched")
+
+
+def env_factory(env_id, args):
+    if env_id == "rlbatch/Latency-v0":
+        return functools.partial(gymnasium.make, env_id, step_latency=args.step_latency)
+    return functools.partial(gymnasium.make, env_id)
+
+
+def grouping(n):
+    """(actors, environments per actor) of a grouped pool of n environments."""
+    actors = math.isqrt(n)
+    while n % actors:
+        actors -= 1
+    return actors, n // actors
+
+
+# ---------------------------------------------------------------------- the four ways to step N envs
+
+
+def run_pool(make_env, policy, n, mode, args):
+    """Steps/s of an ActorPool; the main thread drains its trajectories with pool.get()."""
+    actors, per_actor = (n, 1) if mode == "pool-single" else grouping(n)
+    with rlbatch.PolicyService(policy["apply"], policy["params"], example_obs=np.zeros(4, np.float32),
+                               buckets=args.buckets, max_delay=args.max_delay, seed=args.seed) as svc:
+        pool = rlbatch.ActorPool(make_env, svc, num_actors=actors, unroll_length=args.unroll_length,
+                                 envs_per_actor=per_actor, seed=args.seed, max_queue=args.max_queue)
+        pool.start()
+        try:
+            t_warm = _clock() + args.warmup
+            drain_until(pool, t_warm)
+            s0, t0, b0 = pool.stats.env_steps, _clock(), svc.stats
+            drain_until(pool, t0 + args.duration)
+            s1, t1, b1 = pool.stats.env_steps, _clock(), svc.stats
+        finally:
+            pool.stop()
+        errors = pool.errors
+        if errors:
+            raise RuntimeError(f"{mode} with {n} envs: actor {errors[-1].actor_id} failed in "
+                               f"{errors[-1].where}: {errors[-1].error}")
+    return dict(steps_per_s=(s1 - s0) / (t1 - t0), num_actors=actors, envs_per_actor=per_actor,
+                mean_batch=mean_rows(b0, b1))
+
+
+def mean_rows(before, after):
+    """Mean valid rows (environments) per policy batch between two service stats snapshots."""
+    batches = after.batches - before.batches
+    rows = sum(k * c for k, c in after.batch_size_hist.items()) - sum(k * c for k, c in before.batch_size_hist.items())
+    return rows / batches if batches else 0.0
+
+
+def drain_until(pool, end):
+    """Consumes trajectories until `end` (perf_counter seconds), as a trainer would."""
+    while True:
+        left = end - _clock()
+        if left <= 0:
+            return
+        try:
+            pool.get(timeout=left)
+        except TimeoutError:
+            return
+
+
+def run_sync_vector(make_env, policy, n, args):
+    """The ideal synchronous loop: one jitted policy call on all N observations per step."""
+    vec = gymnasium.vector.SyncVectorEnv([make_env] * n, autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP)
+    try:
+        obs, _ = vec.reset(seed=args.seed)
+        step, params, key = policy["step"], policy["params"], policy["key"]
+        np.asarray(step(params, obs, key, np.uint32(0))[0])  # compiles the [N, 4] shape outside the clock
+        i, steps = 0, 0
+        t_warm = _clock() + args.warmup
+        t0 = s0 = None
+        while True:
+            now = _clock()
+            if t0 is None and now >= t_warm:
+                t0, s0 = now, steps
+            elif t0 is not None and now >= t0 + args.duration:
+                break
+            action = np.asarray(step(params, obs, key, np.uint32(i))[0])
+            obs, _, _, _, _ = vec.step(action)
+            i += 1
+            steps += n
+    finally:
+        vec.close()
+    return dict(steps_per_s=(steps - s0) / (now - t0), num_actors=1, envs_per_actor=n, mean_batch=float(n))
+
+
+def run_unbatched(make_env, policy, n, args):
+    """N threads, each stepping its own environment with its own jitted policy call on a batch of one."""
+    step, params, key = policy["step"], policy["params"], policy["key"]
+    np.asarray(step(params, np.zeros((1, 4), np.float32), key, np.uint32(0))[0])  # compile [1, 4] first
+    counts = [0] * n
+    stop = threading.Event()
+    ready = threading.Barrier(n + 1)
+    failures = []
+
+    def actor(a):
+        env = make_env()
+        try:
+            obs, _ = env.reset(seed=args.seed + a)
+            ready.wait()
+            i = 0
+            while not stop.is_set():
+                action = int(np.asarray(step(params, obs[None], key, np.uint32(i))[0])[0])
+                obs, _, terminated, truncated, _ = env.step(action)
+                if terminated or truncated:
+                    obs, _ = env.reset()
+                i += 1
+                counts[a] = i
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread, not lost
+            failures.append(e)
+            ready.abort()
+        finally:
+            env.close()
+
+    threads = [threading.Thread(target=actor, args=(a,), name=f"unbatched-{a}") for a in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        ready.wait()
+        stop.wait(args.warmup)
+        s0, t0 = sum(counts), _clock()
+        stop.wait(args.duration)
+        s1, t1 = sum(counts), _clock()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    if failures:
+        raise RuntimeError(f"unbatched with {n} envs: an actor thread failed: {failures[0]!r}") from failures[0]
+    return dict(steps_per_s=(s1 - s0) / (t1 - t0), num_actors=n, envs_per_actor=1, mean_batch=1.0)
+
+
+def measure(mode, make_env, policy, n, args):
+    if mode in ("pool-single", "pool-grouped"):
+        return run_pool(make_env, policy, n, mode, args)
+    if mode == "sync-vector":
+        return run_sync_vector(make_env, policy, n, args)
+    if mode == "unbatched":
+        return run_unbatched(make_env, policy, n, args)
+    raise ValueError(mode)
+
+
+def time_stop(policy, args):
+    """Seconds pool.stop() takes with `stop_actors` single-env CartPole actors, after `stop_after` s."""
+    with rlbatch.PolicyService(policy["apply"], policy["params"], example_obs=np.zeros(4, np.float32),
+                               buckets=args.buckets, max_delay=args.max_delay, seed=args.seed) as svc:
+        pool = rlbatch.ActorPool("CartPole-v1", svc, num_actors=args.stop_actors, unroll_length=args.unroll_length,
+                                 seed=args.seed, max_queue=args.max_queue)
+        pool.start()
+        drain_until(pool, _clock() + args.stop_after)
+        steps = pool.stats.env_steps
+        t0 = _clock()
+        joined = pool.stop()
+        stop_s = _clock() - t0
+        envs_open = pool.envs_open
+    return dict(num_actors=args.stop_actors, ran_s=args.stop_after, env_steps=steps, stop_s=stop_s,
+                all_threads_joined=joined, envs_open_after=envs_open)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main(args: Args):
+    if args.quick:
+        args = dataclasses.replace(args, num_envs=(256,), warmup=0.5, duration=0.5, repeats=1, stop_after=1.0)
+    devices = [str(d) for d in jax.devices()]
+    print(f"jax.devices(): {devices}", flush=True)
+    mlp = mlp_policy(4, (64, 64), 2)
+    key = jax.random.PRNGKey(args.seed)
+    policy = dict(apply=mlp.apply, params=mlp.init(key, np.zeros(4, np.float32)), key=key, step=make_step(mlp.apply))
+    rows = []
+    for env_id in args.envs:
+        make_env = env_factory(env_id, args)
+        for n in args.num_envs:
+            for mode in MODES:
+                runs = [measure(mode, make_env, policy, n, args) for _ in range(args.repeats)]
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                rows.append(dict(env=env_id, num_envs=n, mode=mode, **med))
+                print(f"{env_id:18s} envs={n:4d} {mode:12s} "
+                      f"actors={med['num_actors']:4g} x {med['envs_per_actor']:<4g} "
+                      f"steps/s={med['steps_per_s']:9.0f} batch={med['mean_batch']:6.1f}", flush=True)
+    stop = time_stop(policy, args)
+    print(f"stop(): {stop['stop_s']:.3f} s with {stop['num_actors']} actors (all joined: {stop['all_threads_joined']})",
+          flush=True)
+
+    for r in rows:
+        sync = next(x for x in rows if x["env"] == r["env"] and x["num_envs"] == r["num_envs"]
+                    and x["mode"] == "sync-vector")
+        r["ratio_to_sync_vector"] = r["steps_per_s"] / sync["steps_per_s"]
+    targets = evaluate_targets(rows, stop)
+    table = render(rows, stop, targets, devices, args)
+    print(table)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(args=dataclasses.asdict(args), devices=devices, rows=rows, stop=stop, targets=targets),
+                  f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
+def evaluate_targets(rows, stop):
+    """The targets, measured (shown, never asserted: timings depend on the machine)."""
+    def ratio(env, mode, n=256):
+        r = next((x for x in rows if x["env"] == env and x["mode"] == mode and x["num_envs"] == n), None)
+        return None if r is None else r["ratio_to_sync_vector"]
+
+    targets = []
+    for env, mode, want, what in (("CartPole-v1", "pool-single", 0.5, "256 single-env CartPole actors"),
+                                  ("CartPole-v1", "pool-grouped", 1.0, "the same 256 CartPole envs grouped"),
+                                  ("rlbatch/Latency-v0", "pool-single", 35.0, "256 actors, 1 ms step latency")):
+        got = ratio(env, mode)
+        if got is not None:
+            targets.append(dict(target=f"{what}: >= {want:g}x sync-vector", value=got, shown=f"{got:.2f}x",
+                                met=got >= want))
+    targets.append(dict(target=f"stop() with {stop['num_actors']} actors within about 2 s", value=stop["stop_s"],
+                        shown=f"{stop['stop_s']:.2f} s", met=stop["stop_s"] <= 2.0 and stop["all_threads_joined"]))
+    return targets
+
+
+def render(rows, stop, targets, devices, args):
+    lines = [f"Devices: {', '.join(devices)}. Policy 4-64-64-2 MLP, buckets {tuple(args.buckets)}, max delay "
+             f"{1e3 * args.max_delay:g} ms, T={args.unroll_length}; {args.duration:g} s after {args.warmup:g} s "
+             f"warm-up, median of {args.repeats}; the main thread consumes trajectories.",
+             "",
+             "| env | envs | mode | actors x envs | steps/s | x sync-vector | mean batch |",
+             "|---|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['env']} | {r['num_envs']} | {r['mode']} | {r['num_actors']:g} x {r['envs_per_actor']:g} | "
+                     f"{r['steps_per_s']:,.0f} | {r['ratio_to_sync_vector']:.2f} | {r['mean_batch']:.1f} |")
+    lines += ["", f"pool.stop() with {stop['num_actors']} single-env CartPole actors after {stop['ran_s']:g} s: "
+              f"{stop['stop_s']:.3f} s (all threads joined: {stop['all_threads_joined']}, environments left open: "
+              f"{stop['envs_open_after']}).",
+              "", "| target | measured | met |", "|---|---:|---|"]
+    for t in targets:
+        lines.append(f"| {t['target']} | {t['shown']} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(cli.parse(Args))

@@ -1,0 +1,91 @@
+"""Smoke tests of the benchmark scripts: each runs as a subprocess with --quick and writes its tables.
+
+They check what the scripts report, never how fast anything was: timings belong to the benchmarks.
+"""
+import itertools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_quick(module, out):
+    """Runs `python -m module --quick --out out` from the repository root on the CPU; the JSON it wrote."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (f"{module} exited with {proc.returncode}:\n"
+                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    assert "jax.devices()" in proc.stdout
+    assert pathlib.Path(f"{out}.md").read_text().count("| target |") == 1
+    return json.loads(pathlib.Path(f"{out}.json").read_text())
+
+
+@pytest.mark.timeout(300)
+def test_bench_policy_quick_writes_every_row(tmp_path):
+    from experiments.bench_policy import MODES
+
+    report = run_quick("experiments.bench_policy", tmp_path / "x")
+    args = report["args"]
+    assert args["quick"] is True and report["devices"]
+    num_buckets = len(set(args["buckets"]))
+    assert report["num_buckets"] == num_buckets
+    rows = report["rows"]
+    assert sorted((r["policy"], r["threads"], r["mode"]) for r in rows) == sorted(
+        itertools.product(args["policies"], args["threads"], MODES))
+    for r in rows:
+        assert r["requests_per_s"] > 0 and r["ratio_to_seed_style"] > 0, r
+        assert r["wall_us_per_request"] == pytest.approx(1e6 / r["requests_per_s"])
+        assert 1 <= r["mean_batch"] <= max(args["buckets"]), r
+        assert 0 < r["p50_ms"] <= r["p99_ms"], r
+        if r["mode"] == "rlbatch":
+            # compiled once per bucket when the service started, never while serving
+            assert r["compile_count"] == num_buckets and r["compiles_during_run"] == 0, r
+            assert r["mean_batch"] <= r["threads"], r
+        elif r["mode"] == "seed-style":
+            assert r["compile_count"] == 1 and r["compiles_during_run"] == 0, r
+            assert r["ratio_to_seed_style"] == 1.0
+        else:  # no-buckets: one compilation per batch size met
+            assert 1 <= r["compile_count"] <= max(args["buckets"]), r
+            assert r["compiles_during_run"] <= r["compile_count"], r
+    assert [o["policy"] for o in report["overhead"]] == list(args["policies"])
+    for o in report["overhead"]:
+        assert o["bare_call_us"] > 0 and o["rlbatch_us_per_request"] > 0
+        assert o["overhead_us"] == pytest.approx(o["rlbatch_us_per_request"] - o["bare_call_us"])
+    (padding,) = report["padding"]
+    assert padding["requests"] == args["padding_requests"]
+    assert padding["compile_count"] == num_buckets and padding["compiles_during_run"] == 0
+    assert 0 <= padding["padding_fraction"] < 1
+    # sizes 1..256 over buckets 8..256: 10816 padded rows in 43712
+    assert padding["expected_padding_fraction"] == pytest.approx(10816 / 43712)
+    assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
+
+
+@pytest.mark.timeout(300)
+def test_bench_actors_quick_writes_every_row(tmp_path):
+    from experiments.bench_actors import MODES
+
+    report = run_quick("experiments.bench_actors", tmp_path / "x")
+    args = report["args"]
+    assert args["quick"] is True and report["devices"]
+    rows = report["rows"]
+    assert sorted((r["env"], r["num_envs"], r["mode"]) for r in rows) == sorted(
+        itertools.product(args["envs"], args["num_envs"], MODES))
+    for r in rows:
+        assert r["steps_per_s"] > 0 and r["ratio_to_sync_vector"] > 0, r
+        assert r["num_actors"] * r["envs_per_actor"] == r["num_envs"], r
+        assert 0 < r["mean_batch"] <= r["num_envs"], r
+        if r["mode"] == "sync-vector":
+            assert r["ratio_to_sync_vector"] == 1.0
+        if r["mode"] == "pool-grouped":
+            assert 1 < r["envs_per_actor"] < r["num_envs"], r
+    stop = report["stop"]
+    assert stop["num_actors"] == args["stop_actors"] and stop["env_steps"] > 0
+    assert stop["all_threads_joined"] is True and stop["envs_open_after"] == 0
+    assert stop["stop_s"] > 0
+    assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
