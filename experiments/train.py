@@ -36,9 +36,9 @@ class Args:
     """actor threads"""
     envs_per_actor: int = 1
     """environments per actor thread, sent to the policy as one request"""
-    unroll_length: int = 32
+    unroll_length: int = 16
     """T: steps per trajectory"""
-    batch_size: int = 16
+    batch_size: int = 64
     """B: trajectories per learner update (times envs_per_actor columns)"""
     buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     """padded batch sizes of the policy service, each compiled once"""
@@ -52,11 +52,11 @@ class Args:
     """wall-clock budget in seconds"""
     solve_return: Optional[float] = None
     """stop once the mean return of the last 100 episodes reaches this (default: the env's threshold)"""
-    learning_rate: float = 2.5e-3
+    learning_rate: float = 2e-3
     """optimizer step size"""
-    num_epochs: int = 2
+    num_epochs: int = 4
     """PPO: passes over each batch"""
-    num_minibatches: int = 2
+    num_minibatches: int = 4
     """PPO: minibatches per pass"""
     ent_coef: float = 0.01
     """entropy bonus"""
@@ -84,6 +84,7 @@ def make_learner(args: Args, network):
 
 
 def main(args: Args) -> dict:
+    cli.prefer_sync_cpu_dispatch()
     probe = gymnasium.make(args.env)
     example_obs = np.asarray(probe.observation_space.sample())
     action_space = probe.action_space
