@@ -12,6 +12,32 @@ import rlbatch
 from tests.conftest import wait_until
 
 
+
+class Gate:
+    """A service of max batch 1 whose function waits for `release`, recording what it ran.
+
+    `hold(x)` submits x and waits until the worker is inside the function with it, so that the
+    requests submitted next queue up behind it.
+    """
+
+    def __init__(self, **options):
+        self.release = threading.Event()
+        self.ran = []
+        options.setdefault("max_batch_size", 1)
+        options.setdefault("max_delay", 0)
+        self.svc = rlbatch.BatchedService(self._fn, **options)
+
+    def _fn(self, xs):
+        self.release.wait()
+        self.ran.extend(xs)
+        return xs
+
+    def hold(self, x):
+        f = self.svc.submit(x)
+        wait_until(lambda: self.svc.stats.pending == 0)
+        return f
+
+
 # --------------------------------------------------------------------------- the seeds' examples
 
 def test_as_a_service_square_example(capsys):
@@ -111,11 +137,9 @@ def test_batched_single_item_and_list_calls_and_acall():
 
 
 def test_batched_fn_back_pressure_full_queue_raises_queue_full():
-    release = threading.Event()
-    svc = rlbatch.BatchedService(lambda xs: (release.wait(), xs)[1], max_batch_size=1, max_delay=0,
-                                 max_queue=2, on_full="raise")
-    first = svc.submit(0)
-    wait_until(lambda: svc.stats.pending == 0)  # the worker holds request 0 inside the function
+    gate = Gate(max_queue=2, on_full="raise")
+    svc, release = gate.svc, gate.release
+    first = gate.hold(0)  # the worker holds request 0 inside the function
     queued = [svc.submit(1), svc.submit(2)]
     with pytest.raises(rlbatch.QueueFull, match="max_queue=2"):
         svc.submit(3)
@@ -126,10 +150,9 @@ def test_batched_fn_back_pressure_full_queue_raises_queue_full():
 
 
 def test_back_pressure_block_waits_for_room_and_respects_timeout():
-    release = threading.Event()
-    svc = rlbatch.BatchedService(lambda xs: (release.wait(), xs)[1], max_batch_size=1, max_delay=0, max_queue=1)
-    first = svc.submit(0)
-    wait_until(lambda: svc.stats.pending == 0)
+    gate = Gate(max_queue=1)
+    svc, release = gate.svc, gate.release
+    first = gate.hold(0)
     second = svc.submit(1)
     with pytest.raises(TimeoutError):
         svc.submit(2, timeout=0.05)  # blocks for room, then gives up at its deadline
@@ -186,23 +209,15 @@ def test_base_exception_in_batch_function_does_not_kill_worker():
 
 
 def test_cancelled_future_is_skipped_and_cannot_crash_worker():
-    release = threading.Event()
-    ran = []
-
-    def fn(xs):
-        release.wait()
-        ran.extend(xs)
-        return xs
-
-    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0)
-    first = svc.submit("a")
-    wait_until(lambda: svc.stats.pending == 0)
+    gate = Gate()
+    svc = gate.svc
+    first = gate.hold("a")
     doomed = svc.submit("b")
     assert doomed.cancel()
     last = svc.submit("c")
-    release.set()
+    gate.release.set()
     assert first.result() == "a" and last.result() == "c"
-    assert doomed.cancelled() and "b" not in ran
+    assert doomed.cancelled() and "b" not in gate.ran
     assert svc.stats.cancelled == 1
     assert svc("d") == "d"
     svc.close()
@@ -316,17 +331,9 @@ def test_decorated_methods_do_not_leak_threads(no_thread_leak):
 
 
 def test_fifo_within_priority_and_higher_priority_first():
-    release = threading.Event()
-    order = []
-
-    def fn(xs):
-        release.wait()
-        order.extend(xs)
-        return xs
-
-    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0)
-    first = svc.submit("first")
-    wait_until(lambda: svc.stats.pending == 0)
+    gate = Gate()
+    svc, release, order = gate.svc, gate.release, gate.ran
+    gate.hold("first")
     items = [("low", 0), ("high1", 5), ("mid1", 2), ("high2", 5), ("mid2", 2), ("low2", 0), ("high3", 5)]
     fs = [svc.submit(name, priority=p) for name, p in items]
     release.set()
@@ -337,17 +344,9 @@ def test_fifo_within_priority_and_higher_priority_first():
 
 
 def test_starving_low_priority_request_is_served_after_starvation_timeout():
-    release = threading.Event()
-    order = []
-
-    def fn(xs):
-        release.wait()
-        order.extend(xs)
-        return xs
-
-    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0, starvation_timeout=0.05)
-    svc.submit("first")
-    wait_until(lambda: svc.stats.pending == 0)
+    gate = Gate(starvation_timeout=0.05)
+    svc, release, order = gate.svc, gate.release, gate.ran
+    gate.hold("first")
     low = svc.submit("low", priority=0)
     time.sleep(0.1)  # `low` is now older than the starvation timeout
     highs = [svc.submit(f"high{i}", priority=9) for i in range(3)]
@@ -402,17 +401,9 @@ def test_submit_returns_stdlib_future_and_context_manager_closes():
 
 
 def test_deadline_fails_request_without_running_it():
-    release = threading.Event()
-    ran = []
-
-    def fn(xs):
-        release.wait()
-        ran.extend(xs)
-        return xs
-
-    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0)
-    svc.submit("blocker")
-    wait_until(lambda: svc.stats.pending == 0)
+    gate = Gate()
+    svc, release, ran = gate.svc, gate.release, gate.ran
+    gate.hold("blocker")
     late = svc.submit("late", timeout=0.01)
     time.sleep(0.05)
     release.set()
@@ -425,13 +416,12 @@ def test_deadline_fails_request_without_running_it():
 
 
 def test_blocking_call_timeout_raises_timeout_error():
-    release = threading.Event()
-    svc = rlbatch.BatchedService(lambda xs: (release.wait(), xs)[1], max_batch_size=1, max_delay=0)
-    svc.submit(0)
-    wait_until(lambda: svc.stats.pending == 0)
+    gate = Gate()
+    svc = gate.svc
+    gate.hold(0)
     with pytest.raises(TimeoutError):
         svc(1, timeout=0.02)
-    release.set()
+    gate.release.set()
     assert svc(2) == 2
     svc.close()
 
