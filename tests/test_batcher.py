@@ -2,6 +2,7 @@
 import asyncio
 import concurrent.futures
 import gc
+import sys
 import threading
 import time
 
@@ -557,14 +558,40 @@ def test_thousands_of_services_leak_no_thread(no_thread_leak):
         svc.close()
 
 
-def test_idle_service_uses_no_cpu():
+def _wakeups(thread):
+    """Voluntary context switches of one thread (Linux /proc): each time it blocked and woke."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads per-thread counters from /proc")
+def test_idle_service_never_wakes():
     svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=8, max_delay=0.001)
     assert svc(1) == 1  # the worker is started and now idle
-    c0 = time.process_time()
+    time.sleep(0.05)
+    before = _wakeups(svc._thread)
     time.sleep(0.5)
-    used = time.process_time() - c0
+    woke = _wakeups(svc._thread) - before
     svc.close()
-    assert used < 0.05, f"an idle service used {used:.3f} s of CPU in 0.5 s"  # uBatch polled every 2 ms
+    assert woke == 0, f"an idle worker woke {woke} times in 0.5 s"  # uBatch polled every 2 ms: ~250
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads per-thread counters from /proc")
+def test_a_polling_thread_would_be_caught():
+    # The measure above is sensitive: a thread that polls every 2 ms wakes about 250 times.
+    stop = threading.Event()
+    poller = threading.Thread(target=lambda: [None for _ in iter(lambda: stop.wait(0.002), True)])
+    poller.start()
+    time.sleep(0.05)
+    before = _wakeups(poller)
+    time.sleep(0.5)
+    woke = _wakeups(poller) - before
+    stop.set()
+    poller.join()
+    assert woke > 50
 
 
 def test_stats_snapshot_counts():
