@@ -102,7 +102,9 @@ def main(args: Args) -> dict:
                              envs_per_actor=args.envs_per_actor, seed=args.seed, max_queue=4 * args.batch_size)
     trainer = rlbatch.Trainer(learner, pool, policy, state=state, batch_size=args.batch_size,
                               max_policy_lag=args.max_policy_lag)
-    recorder = report.Recorder(pool, policy, trainer)
+    from tqdm.auto import tqdm
+
+    recorder = report.Recorder(pool, policy, trainer, echo=tqdm.write)  # a periodic line above the bar
     result = trainer.run(total_steps=args.total_steps, until=rlbatch.solved(threshold), progress=args.progress,
                          max_seconds=args.max_seconds, on_update=recorder.on_update)
     summary = recorder.finish(result, config=dataclasses.asdict(args))

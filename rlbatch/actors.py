@@ -23,6 +23,7 @@ retried after a bounded exponential back-off. Other actors are not disturbed.
 """
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import threading
@@ -214,7 +215,9 @@ class ActorPool:
         self._counters = [_Counters() for _ in range(num_actors)]
         self._returns: collections.deque = collections.deque(maxlen=_RECENT)
         self._lengths: collections.deque = collections.deque(maxlen=_RECENT)
-        self._episodes_done: list = []  # (return, length) of every finished episode, appended atomically
+        # Return and length of every finished episode, 16 bytes each (appends are atomic under the GIL).
+        self._episode_returns = array.array("d")
+        self._episode_lengths = array.array("q")
         self._errors: collections.deque = collections.deque(maxlen=32)
         self._start_time = None
         self._stop_time = None
@@ -314,6 +317,8 @@ class ActorPool:
                 envs[j], obs[j] = self._build(actor_id, first_index + j, rebuilds[j], c)
                 if envs[j] is None:
                     return
+            space = envs[0].action_space
+            bounds = (space.low, space.high) if isinstance(space, gymnasium.spaces.Box) else None
             episode = [0] * k
             ep_return = [0.0] * k
             ep_length = [0] * k
@@ -361,6 +366,10 @@ class ActorPool:
                     actions = action.tolist() if k > 1 else [action.item()]
                 else:
                     actions = action if k > 1 else [action]
+                    if bounds is not None:
+                        # The env gets the action clipped to its Box; the trajectory keeps the
+                        # policy's own sample, whose log-prob the learner needs.
+                        actions = np.clip(actions, bounds[0], bounds[1])
                 rewards, terms, truncs = [0.0] * k, [False] * k, [False] * k
                 step_episode = list(episode)  # the episode each step belongs to, before any reset
                 try:
@@ -376,7 +385,8 @@ class ActorPool:
                             traj.final_obs_at(t, j, next_obs)
                             self._returns.append(ep_return[j])
                             self._lengths.append(ep_length[j])
-                            self._episodes_done.append((ep_return[j], ep_length[j]))
+                            self._episode_returns.append(ep_return[j])
+                            self._episode_lengths.append(ep_length[j])
                             c.episodes += 1
                             ep_return[j], ep_length[j] = 0.0, 0
                             episode[j] += 1
@@ -474,7 +484,8 @@ class ActorPool:
     @property
     def episodes(self) -> list:
         """(return, length) of every episode finished so far, in the order they finished."""
-        return list(self._episodes_done)
+        n = min(len(self._episode_returns), len(self._episode_lengths))
+        return list(zip(self._episode_returns[:n], self._episode_lengths[:n]))
 
     @property
     def errors(self) -> list:

@@ -239,3 +239,27 @@ def test_stop_under_load_joins_everything_and_leaves_no_thread(no_thread_leak):
     assert svc.stats.pending == 0
     svc.close()
     assert not any(t.is_alive() for t in pool._threads)
+
+
+def test_box_actions_are_clipped_for_the_env_but_recorded_as_sampled():
+    import gymnasium
+
+    def wide_apply(params, obs, key):  # samples far outside Pendulum's [-2, 2]
+        n = obs.shape[0]
+        return 5.0 * jax.random.normal(key, (n, 1)), {"log_prob": jnp.zeros(n)}
+
+    seen = []
+
+    class Spy(gymnasium.Wrapper):
+        def step(self, action):
+            seen.append(np.asarray(action).copy())
+            return self.env.step(action)
+
+    with rlbatch.PolicyService(wide_apply, {}, example_obs=np.zeros(3, np.float32), buckets=(4,),
+                               max_delay=0.001) as svc:
+        with rlbatch.ActorPool(lambda: Spy(gymnasium.make("Pendulum-v1")), svc, num_actors=1,
+                               unroll_length=20) as pool:
+            traj = pool.get(timeout=30)
+    assert np.abs(traj.action).max() > 2.0  # the policy's own samples, for their log-probs
+    assert np.abs(np.stack(seen)).max() <= 2.0  # what the environment got
+    assert not pool.errors
