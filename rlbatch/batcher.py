@@ -456,18 +456,22 @@ class BatchedService:
         return parts
 
     def _call(self, args, kwargs, timeout, priority, caller, rows=False):
-        if rows:
-            return self._submit(args, kwargs, priority=priority, deadline=timeout, caller=caller, rows=True).result()
         now = _clock()
-        if not kwargs and len(args) == self._fast_arity:
-            values = args  # plain positional list-mode call: nothing to check or reorder
-        else:
-            try:
-                values = self._codec.prepare(args, kwargs, None)
-            except InvalidRequest:
-                self._count_invalid()
-                raise  # a blocking caller gets its InvalidRequest at once
-        req = _Request(values, None, priority, now, None if timeout is None else now + timeout, caller, None)
+        num_rows = None
+        try:
+            if rows:
+                num_rows = self._num_rows(args, kwargs)
+                if num_rows > self.max_batch_size:  # split over several batches: the Future path
+                    return self._submit(args, kwargs, priority=priority, deadline=timeout, caller=caller,
+                                        rows=True).result()
+            if num_rows is None and not kwargs and len(args) == self._fast_arity:
+                values = args  # plain positional list-mode call: nothing to check or reorder
+            else:
+                values = self._codec.prepare(args, kwargs, num_rows)
+        except InvalidRequest:
+            self._count_invalid()
+            raise  # a blocking caller gets its InvalidRequest at once
+        req = _Request(values, num_rows, priority, now, None if timeout is None else now + timeout, caller, None)
         req.lock = lock = threading.Lock()
         lock.acquire()
         self._enqueue_one(req, now, caller, timeout)
