@@ -14,6 +14,7 @@ samples its actions (jitted), in the same run:
 - unbatched: N threads, each stepping its own environment and calling the jitted policy itself on
   a batch of one.
 
+The sync-vector and unbatched loops, the pool measurement and the grouping are rlbatch.baselines'.
 Steps/s are counted over `duration` seconds after a discarded warm-up (ActorPool.stats.env_steps
 for the pools). The main thread consumes the pools' trajectories with pool.get(), as a trainer
 would, so actors never block on a full queue and nothing is dropped. Every pool is stopped and its
@@ -31,10 +32,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import statistics
-import threading
 import time
 
 import gymnasium
@@ -43,8 +42,8 @@ import numpy as np
 
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
-from experiments.bench_policy import make_step, mlp_policy
-from rlbatch import cli
+from experiments.bench_policy import mlp_policy
+from rlbatch import baselines, cli
 
 _clock = time.perf_counter
 
@@ -95,138 +94,33 @@ def env_factory(env_id, args):
     return functools.partial(gymnasium.make, env_id)
 
 
-def grouping(n):
-    """(actors, environments per actor) of a grouped pool of n environments."""
-    actors = math.isqrt(n)
-    while n % actors:
-        actors -= 1
-    return actors, n // actors
-
-
 # ---------------------------------------------------------------------- the four ways to step N envs
+
+
+def row(rate):
+    """The table's columns of a baselines.StepRate."""
+    return dict(steps_per_s=rate.steps_per_s, num_actors=rate.num_actors, envs_per_actor=rate.envs_per_actor,
+                mean_batch=rate.mean_batch)
 
 
 def run_pool(make_env, policy, n, mode, args):
     """Steps/s of an ActorPool; the main thread drains its trajectories with pool.get()."""
-    actors, per_actor = (n, 1) if mode == "pool-single" else grouping(n)
+    actors, per_actor = (n, 1) if mode == "pool-single" else baselines.grouping(n)
     with rlbatch.PolicyService(policy["apply"], policy["params"], example_obs=np.zeros(4, np.float32),
                                buckets=args.buckets, max_delay=args.max_delay, seed=args.seed) as svc:
-        pool = rlbatch.ActorPool(make_env, svc, num_actors=actors, unroll_length=args.unroll_length,
-                                 envs_per_actor=per_actor, seed=args.seed, max_queue=args.max_queue)
-        pool.start()
-        try:
-            t_warm = _clock() + args.warmup
-            drain_until(pool, t_warm)
-            s0, t0, b0 = pool.stats.env_steps, _clock(), svc.stats
-            drain_until(pool, t0 + args.duration)
-            s1, t1, b1 = pool.stats.env_steps, _clock(), svc.stats
-        finally:
-            pool.stop()
-        errors = pool.errors
-        if errors:
-            raise RuntimeError(f"{mode} with {n} envs: actor {errors[-1].actor_id} failed in "
-                               f"{errors[-1].where}: {errors[-1].error}")
-    return dict(steps_per_s=(s1 - s0) / (t1 - t0), num_actors=actors, envs_per_actor=per_actor,
-                mean_batch=mean_rows(b0, b1))
-
-
-def mean_rows(before, after):
-    """Mean valid rows (environments) per policy batch between two service stats snapshots."""
-    batches = after.batches - before.batches
-    rows = sum(k * c for k, c in after.batch_size_hist.items()) - sum(k * c for k, c in before.batch_size_hist.items())
-    return rows / batches if batches else 0.0
-
-
-def drain_until(pool, end):
-    """Consumes trajectories until `end` (perf_counter seconds), as a trainer would."""
-    while True:
-        left = end - _clock()
-        if left <= 0:
-            return
-        try:
-            pool.get(timeout=left)
-        except TimeoutError:
-            return
-
-
-def run_sync_vector(make_env, policy, n, args):
-    """The ideal synchronous loop: one jitted policy call on all N observations per step."""
-    vec = gymnasium.vector.SyncVectorEnv([make_env] * n, autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP)
-    try:
-        obs, _ = vec.reset(seed=args.seed)
-        step, params, key = policy["step"], policy["params"], policy["key"]
-        np.asarray(step(params, obs, key, np.uint32(0))[0])  # compiles the [N, 4] shape outside the clock
-        i, steps = 0, 0
-        t_warm = _clock() + args.warmup
-        t0 = s0 = None
-        while True:
-            now = _clock()
-            if t0 is None and now >= t_warm:
-                t0, s0 = now, steps
-            elif t0 is not None and now >= t0 + args.duration:
-                break
-            action = np.asarray(step(params, obs, key, np.uint32(i))[0])
-            obs, _, _, _, _ = vec.step(action)
-            i += 1
-            steps += n
-    finally:
-        vec.close()
-    return dict(steps_per_s=(steps - s0) / (now - t0), num_actors=1, envs_per_actor=n, mean_batch=float(n))
-
-
-def run_unbatched(make_env, policy, n, args):
-    """N threads, each stepping its own environment with its own jitted policy call on a batch of one."""
-    step, params, key = policy["step"], policy["params"], policy["key"]
-    np.asarray(step(params, np.zeros((1, 4), np.float32), key, np.uint32(0))[0])  # compile [1, 4] first
-    counts = [0] * n
-    stop = threading.Event()
-    ready = threading.Barrier(n + 1)
-    failures = []
-
-    def actor(a):
-        env = make_env()
-        try:
-            obs, _ = env.reset(seed=args.seed + a)
-            ready.wait()
-            i = 0
-            while not stop.is_set():
-                action = int(np.asarray(step(params, obs[None], key, np.uint32(i))[0])[0])
-                obs, _, terminated, truncated, _ = env.step(action)
-                if terminated or truncated:
-                    obs, _ = env.reset()
-                i += 1
-                counts[a] = i
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread, not lost
-            failures.append(e)
-            ready.abort()
-        finally:
-            env.close()
-
-    threads = [threading.Thread(target=actor, args=(a,), name=f"unbatched-{a}") for a in range(n)]
-    for t in threads:
-        t.start()
-    try:
-        ready.wait()
-        stop.wait(args.warmup)
-        s0, t0 = sum(counts), _clock()
-        stop.wait(args.duration)
-        s1, t1 = sum(counts), _clock()
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    if failures:
-        raise RuntimeError(f"unbatched with {n} envs: an actor thread failed: {failures[0]!r}") from failures[0]
-    return dict(steps_per_s=(s1 - s0) / (t1 - t0), num_actors=n, envs_per_actor=1, mean_batch=1.0)
+        with rlbatch.ActorPool(make_env, svc, num_actors=actors, unroll_length=args.unroll_length,
+                               envs_per_actor=per_actor, seed=args.seed, max_queue=args.max_queue) as pool:
+            return row(baselines.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration))
 
 
 def measure(mode, make_env, policy, n, args):
     if mode in ("pool-single", "pool-grouped"):
         return run_pool(make_env, policy, n, mode, args)
+    timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
     if mode == "sync-vector":
-        return run_sync_vector(make_env, policy, n, args)
+        return row(baselines.run_sync_vector(make_env, policy["act"], n, **timing))
     if mode == "unbatched":
-        return run_unbatched(make_env, policy, n, args)
+        return row(baselines.run_unbatched(make_env, policy["act"], n, **timing))
     raise ValueError(mode)
 
 
@@ -237,7 +131,7 @@ def time_stop(policy, args):
         pool = rlbatch.ActorPool("CartPole-v1", svc, num_actors=args.stop_actors, unroll_length=args.unroll_length,
                                  seed=args.seed, max_queue=args.max_queue)
         pool.start()
-        drain_until(pool, _clock() + args.stop_after)
+        baselines.drain_until(pool, _clock() + args.stop_after)
         steps = pool.stats.env_steps
         t0 = _clock()
         joined = pool.stop()
@@ -257,7 +151,9 @@ def main(args: Args):
     print(f"jax.devices(): {devices}", flush=True)
     mlp = mlp_policy(4, (64, 64), 2)
     key = jax.random.PRNGKey(args.seed)
-    policy = dict(apply=mlp.apply, params=mlp.init(key, np.zeros(4, np.float32)), key=key, step=make_step(mlp.apply))
+    params = mlp.init(key, np.zeros(4, np.float32))
+    policy = dict(apply=mlp.apply, params=params,
+                  act=baselines.policy_act_fn(baselines.jit_policy_step(mlp.apply), params, key))
     rows = []
     for env_id in args.envs:
         make_env = env_factory(env_id, args)

@@ -5,7 +5,8 @@ again, as an actor does. The batch function is trivial or a small numpy MLP; max
 delay 2 ms. Beside rlbatch, in the same run:
 
 - seed-style: the design of the seed libraries (a queue.Queue, a worker that gathers up to
-  max_batch_size items or waits max_delay after the first, a concurrent.futures.Future per item);
+  max_batch_size items or waits max_delay after the first, a concurrent.futures.Future per item:
+  rlbatch.baselines.SeedStyleBatcher);
 - unbatched: every thread calls the function itself on a batch of one;
 - full batches: one thread calls the function on full batches of 64 (the function's own limit).
 
@@ -17,19 +18,16 @@ Prints items/s, mean batch size, p50/p99 latency and CPU seconds per 1000 items 
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
-import queue
 import statistics
-import threading
 import time
 
 import numpy as np
 
 import rlbatch
-from rlbatch import cli
+from rlbatch import baselines, cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,87 +65,10 @@ def mlp(xs):
 FUNCTIONS = {"trivial": (trivial, lambda i: i), "numpy-mlp": (mlp, lambda i: np.full(4, i % 7, np.float32))}
 
 
-class SeedStyleBatcher:
-    """The seed libraries' design, for comparison: Queue + worker + one Future per item."""
-
-    def __init__(self, fn, max_batch_size, max_delay):
-        self.fn, self.max_batch_size, self.max_delay = fn, max_batch_size, max_delay
-        self.q: queue.Queue = queue.Queue()
-        self.batches = self.items = 0
-        self.thread = threading.Thread(target=self._work, daemon=True)
-        self.thread.start()
-
-    def __call__(self, x):
-        f = concurrent.futures.Future()
-        self.q.put((x, f))
-        return f.result()
-
-    def _work(self):
-        while True:
-            first = self.q.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.max_delay
-            while len(batch) < self.max_batch_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    item = self.q.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.q.put(None)
-                    break
-                batch.append(item)
-            out = self.fn([x for x, _ in batch])
-            self.batches += 1
-            self.items += len(batch)
-            for (_, f), y in zip(batch, out):
-                f.set_result(y)
-
-    def close(self):
-        self.q.put(None)
-        self.thread.join()
-
-
 def run_clients(n, make_call, make_item, duration):
-    """n threads calling in a loop for `duration` s: (items/s, p50, p99, CPU s per 1000 items)."""
-    barrier = threading.Barrier(n + 1)
-    latencies = [None] * n
-    stop_at = [0.0]
-
-    def client(i):
-        call = make_call(i)
-        item = make_item(i)
-        lat = []
-        barrier.wait()
-        end = stop_at[0]
-        clock = time.perf_counter
-        t = clock()
-        while t < end:
-            call(item)
-            t2 = clock()
-            lat.append(t2 - t)
-            t = t2
-        latencies[i] = lat
-        close = getattr(call, "close", None)
-        if close is not None:
-            close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    stop_at[0] = time.perf_counter() + duration
-    c0, t0 = time.process_time(), time.perf_counter()
-    barrier.wait()
-    for t in threads:
-        t.join()
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
-    lat = np.concatenate([np.asarray(x) for x in latencies])
-    return dict(items_per_s=len(lat) / elapsed, p50_ms=1e3 * float(np.median(lat)),
-                p99_ms=1e3 * float(np.quantile(lat, 0.99)), cpu_per_1k=1e3 * cpu / len(lat))
+    """n threads calling in a loop for `duration` s: items/s, p50/p99 ms and CPU s per 1000 items."""
+    r = baselines.run_clients(n, make_call, make_item, duration)
+    return dict(items_per_s=r.items_per_s, p50_ms=r.p50_ms, p99_ms=r.p99_ms, cpu_per_1k=r.cpu_s_per_1k)
 
 
 def measure(mode, fn, make_item, n, args):
@@ -158,14 +79,13 @@ def measure(mode, fn, make_item, n, args):
         svc.close()
     elif mode == "rlbatch-unregistered":
         svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
-        r = run_clients(n, lambda i: svc, make_item, args.duration)
+        r = run_clients(n, lambda i: svc.__call__, make_item, args.duration)
         r["mean_batch"] = svc.stats.mean_batch_size
         svc.close()
     elif mode == "seed-style":
-        b = SeedStyleBatcher(fn, args.max_batch_size, args.max_delay)
-        r = run_clients(n, lambda i: b, make_item, args.duration)
-        r["mean_batch"] = b.items / max(b.batches, 1)
-        b.close()
+        with baselines.SeedStyleBatcher(fn, args.max_batch_size, args.max_delay) as b:
+            r = run_clients(n, lambda i: b.__call__, make_item, args.duration)
+        r["mean_batch"] = b.mean_batch_size
     elif mode == "unbatched":
         r = run_clients(n, lambda i: (lambda x: fn([x])[0]), make_item, args.duration)
         r["mean_batch"] = 1.0

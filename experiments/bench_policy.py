@@ -7,7 +7,8 @@ a larger 64-256-256-18 one. In the same run, beside rlbatch (default buckets 8..
 
 - seed-style: the seed libraries' design (a queue.Queue, a worker that gathers up to 64
   observations or waits 2 ms after the first, np.stack, pads to 64 with the last row, calls the
-  jitted policy, one concurrent.futures.Future per item) around the same jitted policy;
+  jitted policy, one concurrent.futures.Future per item) around the same jitted policy
+  (rlbatch.baselines.SeedStyleBatcher with a StackedPolicyBatch);
 - no-buckets: the same batcher without padding, up to 256 rows like rlbatch, calling a plain
   jax.jit of the policy on exactly-sized batches, so every batch size not met before compiles
   during the run (the jit's cache is kept across the runs of one policy, as a long-running service
@@ -25,13 +26,10 @@ compilations (median of --repeats runs), and the targets:
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
-import queue
 import statistics
-import threading
 import time
 
 import jax
@@ -39,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rlbatch
-from rlbatch import cli
+from rlbatch import baselines, cli
 
 _clock = time.perf_counter
 
@@ -110,18 +108,6 @@ POLICIES = {
 }
 
 
-def make_step(apply_fn):
-    """A fresh jax.jit of one policy step with PolicyService's key schedule (batch i: fold_in(key, i)).
-
-    Fresh each call (a new function object), so its compilation cache starts empty.
-    """
-
-    def step(params, obs, key, i):
-        return apply_fn(params, obs, jax.random.fold_in(key, i))
-
-    return jax.jit(step)
-
-
 class CompileCounter:
     """Counts XLA backend compilations in this process (jax.monitoring), to check 'none after start'."""
 
@@ -136,83 +122,6 @@ class CompileCounter:
             self.count += 1
 
 
-# ---------------------------------------------------------------------- the baseline batcher
-
-
-class SeedStyleBatcher:
-    """The seed libraries' design around a jitted policy, for comparison.
-
-    A queue.Queue of (observation, Future); one worker gathers up to max_batch_size of them, or
-    what came within max_delay of the first, stacks them with np.stack, calls the jitted step, and
-    sets one concurrent.futures.Future per item. With pad=True every batch is padded to
-    max_batch_size (one compiled shape); with pad=False the step sees the exact batch size, and
-    every new size is a new compilation. `batch_sizes` holds the sizes the step was called with.
-    """
-
-    def __init__(self, step_fn, params, key, max_batch_size: int, max_delay: float, pad: bool):
-        self.step_fn, self.params, self.key = step_fn, params, key
-        self.max_batch_size, self.max_delay, self.pad = max_batch_size, max_delay, pad
-        self.batch_sizes: set[int] = set()
-        self.batches = self.items = 0
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="seed-style", daemon=True)
-        self._thread.start()
-
-    def __call__(self, obs):
-        f = concurrent.futures.Future()
-        self._queue.put((obs, f))
-        return f.result()
-
-    def _gather(self):
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        deadline = time.monotonic() + self.max_delay
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # seen again once this batch is done: the worker exits then
-                break
-            batch.append(item)
-        return batch
-
-    def _work(self):
-        while True:
-            batch = self._gather()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            except BaseException as e:  # noqa: BLE001 - every waiting caller hears of it
-                for _, f in batch:
-                    if not f.done():
-                        f.set_exception(e)
-
-    def _run(self, batch):
-        n = len(batch)
-        obs = np.stack([x for x, _ in batch])
-        if self.pad and n < self.max_batch_size:
-            # Repeating a real row keeps the padding a valid input (zeros may not be one).
-            obs = np.concatenate([obs, np.repeat(obs[-1:], self.max_batch_size - n, axis=0)])
-        self.batch_sizes.add(len(obs))
-        action, extras = jax.device_get(self.step_fn(self.params, obs, self.key, np.uint32(self.batches)))
-        self.batches += 1
-        self.items += n
-        for j, (_, f) in enumerate(batch):
-            f.set_result((action[j], {k: v[j] for k, v in extras.items()}))
-
-    def close(self):
-        self._queue.put(None)
-        self._thread.join()
-
-
 # ---------------------------------------------------------------------- measurements
 
 
@@ -222,39 +131,8 @@ def run_callers(n, open_caller, observations, duration):
     A caller with a `close` (a registered PolicyCaller) is closed when its thread is done, so the
     service stops counting it for early flush. Returns requests/s and p50/p99 latency in ms.
     """
-    barrier = threading.Barrier(n + 1)
-    latencies = [None] * n
-    stop_at = [0.0]
-
-    def client(i):
-        call = open_caller(i)
-        obs = observations[i]
-        lat = []
-        barrier.wait()
-        end = stop_at[0]
-        t = _clock()
-        while t < end:
-            call(obs)
-            t2 = _clock()
-            lat.append(t2 - t)
-            t = t2
-        latencies[i] = lat
-        close = getattr(call, "close", None)
-        if close is not None:
-            close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    stop_at[0] = _clock() + duration
-    t0 = _clock()
-    barrier.wait()
-    for t in threads:
-        t.join()
-    elapsed = _clock() - t0
-    lat = np.concatenate([np.asarray(x) for x in latencies])
-    return dict(requests_per_s=len(lat) / elapsed, p50_ms=1e3 * float(np.median(lat)),
-                p99_ms=1e3 * float(np.quantile(lat, 0.99)))
+    r = baselines.run_clients(n, open_caller, lambda i: observations[i], duration)
+    return dict(requests_per_s=r.items_per_s, p50_ms=r.p50_ms, p99_ms=r.p99_ms)
 
 
 def measure(mode, ctx, n, args, compiles):
@@ -273,14 +151,14 @@ def measure(mode, ctx, n, args, compiles):
             step, size, pad = ctx["seed_step"], args.seed_max_batch_size, True
         else:
             step, size, pad = ctx["exact_step"], max(args.buckets), False
-        b = SeedStyleBatcher(step, ctx["params"], ctx["key"], size, args.max_delay, pad=pad)
-        r = run_callers(n, lambda i: b.__call__, observations, args.duration)
-        b.close()
-        r["mean_batch"] = b.items / max(b.batches, 1)
+        batch_fn = baselines.StackedPolicyBatch(step, ctx["params"], ctx["key"], pad_to=size if pad else None)
+        with baselines.SeedStyleBatcher(batch_fn, size, args.max_delay, name=mode) as b:
+            r = run_callers(n, lambda i: b.__call__, observations, args.duration)
+        r["mean_batch"] = b.mean_batch_size
         # Shapes compiled so far: seed-style its one padded shape (before the runs); no-buckets every
         # batch size it met, in this run or an earlier one with this policy (its jit cache is kept,
         # as a long-running service would keep it).
-        ctx["shapes"][mode] |= b.batch_sizes
+        ctx["shapes"][mode] |= batch_fn.batch_sizes
         r["compile_count"] = len(ctx["shapes"][mode])
     else:
         raise ValueError(mode)
@@ -342,10 +220,10 @@ def main(args: Args):
         example_obs = np.zeros(obs_size, np.float32)
         key = jax.random.PRNGKey(args.seed)
         params = policy.init(key, example_obs)
-        seed_step = make_step(policy.apply)
+        seed_step = baselines.jit_policy_step(policy.apply)
         warm = np.zeros((args.seed_max_batch_size, obs_size), np.float32)
         jax.device_get(seed_step(params, warm, key, np.uint32(0)))  # its one shape, compiled before the runs
-        ctx = dict(params=params, key=key, seed_step=seed_step, exact_step=make_step(policy.apply),
+        ctx = dict(params=params, key=key, seed_step=seed_step, exact_step=baselines.jit_policy_step(policy.apply),
                    shapes={"seed-style": set(), "no-buckets": set()},
                    observations=rng.normal(size=(max(args.threads), obs_size)).astype(np.float32))
         with rlbatch.PolicyService(policy.apply, params, example_obs=example_obs, buckets=args.buckets,
@@ -374,7 +252,7 @@ def main(args: Args):
                                          compiles_during_run=compiles.count - c0, compile_count=svc.compile_count))
                     print(f"{name:18s} padding waste {st.padding_fraction:.1%} over {st.requests} requests",
                           flush=True)
-                bare_step, obs = make_step(policy.apply), ctx["observations"][0]
+                bare_step, obs = baselines.jit_policy_step(policy.apply), ctx["observations"][0]
                 med = median_of([overhead(caller, bare_step, params, key, obs, args.duration)
                                  for _ in range(args.repeats)])
             overheads.append(dict(policy=name, **med))

@@ -19,6 +19,7 @@ from rlbatch.policy_types import Policy
 from rlbatch.stats import ServiceStats
 from rlbatch.trainer import Progress, TrainReport, Trainer, solved
 from rlbatch.trajectory import Trajectory, stack_trajectories
+from rlbatch.tuning import Suggestion, suggest_settings
 
 __all__ = [
     "CheckpointError",
@@ -52,6 +53,8 @@ __all__ = [
     "QueueFull",
     "RLBatchError",
     "ServiceClosed",
+    "Suggestion",
     "Trajectory",
     "stack_trajectories",
+    "suggest_settings",
 ]

@@ -136,7 +136,7 @@ class _PolicyCodec(ArrayCodec):
 
 
 def _leaf_specs(tree):
-    return [(jax.tree_util.keystr(path), np.shape(x), np.result_type(x))
+    return [(jax.tree_util.keystr(path), np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x))
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
@@ -214,7 +214,8 @@ class PolicyService:
 
         def spec(x, batch=None):
             shape = np.shape(x) if batch is None else (batch,) + np.shape(x)
-            return jax.ShapeDtypeStruct(shape, np.result_type(x), sharding=sharding)
+            dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
         params = jax.tree_util.tree_map(spec, self._current[0])
         obs = jax.tree_util.tree_map(lambda x: spec(x, bucket), self._example_obs)

@@ -89,3 +89,71 @@ def test_bench_actors_quick_writes_every_row(tmp_path):
     assert stop["all_threads_joined"] is True and stop["envs_open_after"] == 0
     assert stop["stop_s"] > 0
     assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
+
+
+@pytest.mark.timeout(300)
+def test_throughput_quick_writes_table_json_and_plots(tmp_path):
+    from experiments.throughput import BASELINES, parse_buckets
+
+    out = tmp_path / "tp"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "experiments.throughput", "--quick", "--no-progress",
+                           "--latency-budget-ms", "1000", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (f"experiments.throughput exited with {proc.returncode}:\n"
+                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    assert "jax.devices()" in proc.stdout and "suggested max_batch_size=" in proc.stdout
+    report = json.loads(pathlib.Path(f"{out}.json").read_text())
+    args = report["args"]
+    assert args["quick"] is True and report["devices"]
+    bucket_sets = [list(parse_buckets(b)) for b in args["buckets"]]
+    rows = report["rows"]
+    assert sorted((r["env"], r["num_actors"], r["envs_per_actor"], r["buckets"], r["max_delay"]) for r in rows) == sorted(
+        itertools.product(args["envs"], args["num_actors"], args["envs_per_actor"], bucket_sets, args["max_delay"]))
+    base = {(b["env"], b["num_envs"], b["mode"]): b for b in report["baselines"]}
+    assert set(base) == {(r["env"], r["num_envs"], mode) for r in rows for mode in BASELINES}
+    assert all(b["steps_per_s"] > 0 for b in base.values())
+    for r in rows:
+        assert r["num_envs"] == r["num_actors"] * r["envs_per_actor"]
+        assert r["steps_per_s"] > 0, r
+        for mode in BASELINES:
+            ratio = r["ratio_to_" + mode.replace("-", "_")]
+            assert ratio == pytest.approx(r["steps_per_s"] / base[(r["env"], r["num_envs"], mode)]["steps_per_s"])
+        assert 1 <= r["mean_batch"] <= max(r["buckets"]) and 0 <= r["padding_fraction"] < 1, r
+        assert 0 < r["latency_p50_ms"] <= r["latency_p99_ms"], r
+        assert sum(r["batch_size_hist"].values()) > 0
+        s = r["summary"]  # the library's throughput report of this run
+        assert s["config"]["env"] == r["env"] and s["config"]["buckets"] == r["buckets"]
+        assert s["throughput"]["env_steps"] > 0 and len(s["throughput"]["series"]) >= 2
+        assert s["batching"]["compile_count"] == len(r["buckets"]) and s["actors"]["env_errors"] == 0
+        assert "latency_samples_ms" not in s["batching"]
+    for env_id, best in report["best"].items():
+        assert rows[best["row_index"]]["steps_per_s"] == max(r["steps_per_s"] for r in rows if r["env"] == env_id)
+    assert set(report["suggestions"]) == set(args["envs"])
+    for env_id, s in report["suggestions"].items():  # a 1 s budget: every row fits
+        assert s["max_delay"] in args["max_delay"] and s["buckets"][-1] == s["max_batch_size"]
+        assert s["expected_padding"] <= 0.25 and s["row"]["env"] == env_id
+    md = pathlib.Path(f"{out}.md").read_text()
+    assert md.count("| env | actors x envs |") == 1 and "Suggested settings" in md
+    assert len(report["plots"]) >= 2 and all(pathlib.Path(p).exists() for p in report["plots"])
+    assert pathlib.Path(f"{out}_steps_per_sec.png").exists()
+
+
+@pytest.mark.timeout(300)
+def test_bench_batching_quick_writes_every_row(tmp_path):
+    from experiments.bench_batching import FUNCTIONS, MODES
+
+    out = tmp_path / "x"
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench_batching", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    report = json.loads(pathlib.Path(f"{out}.json").read_text())
+    rows = report["rows"]
+    assert sorted((r["function"], r["threads"], r["mode"]) for r in rows) == sorted(
+        itertools.product(FUNCTIONS, report["args"]["threads"], MODES))
+    for r in rows:
+        assert r["items_per_s"] > 0 and r["cpu_per_1k"] >= 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
+        assert 1 <= r["mean_batch"] <= min(r["threads"], report["args"]["max_batch_size"]), r
+        if r["mode"] == "seed-style":
+            assert r["ratio_to_seed_style"] == 1.0
+    assert pathlib.Path(f"{out}.md").read_text().count("| function | threads | mode |") == 1
