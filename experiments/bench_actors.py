@@ -145,6 +145,8 @@ def time_stop(policy, args):
 
 
 def main(args: Args):
+    cli.prefer_sync_cpu_dispatch()
+    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, num_envs=(256,), warmup=0.5, duration=0.5, repeats=1, stop_after=1.0)
     devices = [str(d) for d in jax.devices()]

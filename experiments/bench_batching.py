@@ -117,6 +117,7 @@ MODES = ("rlbatch", "rlbatch-unregistered", "seed-style", "unbatched")
 
 
 def main(args: Args):
+    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(1, 16), duration=0.3, repeats=1)
     rows = []

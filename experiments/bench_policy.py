@@ -207,6 +207,8 @@ def median_of(runs):
 
 
 def main(args: Args):
+    cli.prefer_sync_cpu_dispatch()
+    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(16, 256), duration=0.5, repeats=1, padding_requests=300)
     devices = [str(d) for d in jax.devices()]

@@ -184,6 +184,8 @@ def run_baseline(mode: str, env_id: str, num_envs: int, policy: EnvPolicy, args:
 
 
 def main(args: Args) -> dict:
+    cli.prefer_sync_cpu_dispatch()
+    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, **QUICK)
     bucket_sets = [parse_buckets(b) for b in args.buckets]
