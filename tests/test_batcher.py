@@ -684,3 +684,25 @@ def test_wrong_leading_dimension_of_output_fails_batch():
     with pytest.raises(rlbatch.BatchOutputError, match="bucket size 4"):
         svc(np.array([1.0]))
     svc.close()
+
+
+@pytest.mark.parametrize("wake_width", [1, 2, 5])
+def test_every_blocked_caller_of_a_batch_is_woken_whatever_the_wake_width(wake_width):
+    svc = rlbatch.BatchedService(lambda xs: [x + 1 for x in xs], max_batch_size=16, max_delay=0.05,
+                                 wake_width=wake_width)
+    out = [None] * 13
+    barrier = threading.Barrier(13)
+
+    def call(i):
+        barrier.wait()
+        out[i] = svc(i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(13)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    svc.close()
+    assert out == [i + 1 for i in range(13)]
+    with pytest.raises(ValueError, match="wake_width"):
+        rlbatch.BatchedService(lambda xs: xs, wake_width=0)
