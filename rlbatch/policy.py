@@ -155,7 +155,10 @@ class PolicyService:
       device: a jax.Device (default: JAX's default device, the GPU where there is one).
       example_state: one row of recurrent state; turns on the recurrent signature.
       check_finite: refuse observations with NaN or inf (default: pass them through).
-      max_in_flight: batches dispatched to the device and not yet returned (pipelining).
+      max_in_flight: batches dispatched to the device and not yet returned (pipelining). Default:
+        2 where dispatch is asynchronous (an accelerator, or a CPU with JAX's async CPU dispatch
+        on), 1 where the computation finishes inside the call (a second thread would only add a
+        hand-off per batch).
       **batching_options: max_batch_size, max_queue, on_full, starvation_timeout, ... as for
         BatchedService.
     """
@@ -172,7 +175,7 @@ class PolicyService:
         device: jax.Device | None = None,
         example_state: Any = None,
         check_finite: bool = False,
-        max_in_flight: int = 2,
+        max_in_flight: int | None = None,
         name: str = "policy",
         **batching_options: Any,
     ):
@@ -203,6 +206,9 @@ class PolicyService:
         batch_fn = self._batch_recurrent if self._stateful else self._batch
         self._codec = _PolicyCodec(ArgSpec(batch_fn, reserved=("num_valid",)), self.buckets, example, check_finite)
         batching_options.setdefault("max_batch_size", max(self.buckets))
+        if max_in_flight is None:
+            asynchronous = self.device.platform != "cpu" or jax.config.read("jax_cpu_enable_async_dispatch")
+            max_in_flight = 2 if asynchronous else 1
         self._service = BatchedService(batch_fn, max_delay=max_delay, max_in_flight=max_in_flight, name=name,
                                        _codec=self._codec, **batching_options)
         self.max_batch_size = self._service.max_batch_size

@@ -276,3 +276,22 @@ def test_stats_report_policy_fields():
         st = svc.stats
     assert st.compile_count == 3 and st.bucket_padding == {4: 0.25}
     assert st.host_prep_time > 0 and st.device_time >= 0 and st.batches == 1
+
+
+def test_pipelining_only_where_dispatch_is_asynchronous():
+    def make():
+        return rlbatch.PolicyService(linear_apply, make_params(), example_obs=np.zeros(4, np.float32), buckets=(4,))
+
+    before = jax.config.read("jax_cpu_enable_async_dispatch")
+    try:
+        jax.config.update("jax_cpu_enable_async_dispatch", True)
+        with make() as svc:
+            assert svc.service.max_in_flight == 2  # the device returns before it has computed
+            action, _ = svc(np.ones(4, np.float32))
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+        with make() as svc:
+            assert svc.service.max_in_flight == 1  # the computation ends inside the call
+            action2, _ = svc(np.ones(4, np.float32))
+        assert action == action2
+    finally:
+        jax.config.update("jax_cpu_enable_async_dispatch", before)
