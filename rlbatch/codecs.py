@@ -156,16 +156,13 @@ class ListCodec:
                 "expected exactly one result per input")
         if _all_single(requests):
             return list(output)
-        results, i = [], 0
-        for r in requests:
-            if r.rows is None:
-                results.append(output[i])
-                i += 1
-            else:
-                part = list(output[i:i + r.rows])
-                i += r.rows
+        results = []
+        for r, part in zip(requests, split_rows(output, requests)):
+            if r.rows is not None:
+                part = list(part)
                 failed = [x for x in part if isinstance(x, BaseException)]
-                results.append(failed[0] if failed else part)
+                part = failed[0] if failed else part  # one failed row fails its whole request
+            results.append(part)
         return results
 
     def release(self, ctx):
@@ -220,6 +217,24 @@ def to_host(leaves):
         if start is not None:
             start()
     return [np.asarray(leaf) for leaf in leaves]
+
+
+def row_selectors(requests):
+    """Where each request's rows sit in its batch: an index for one row, a slice for k rows."""
+    out, i = [], 0
+    for r in requests:
+        if r.rows is None:
+            out.append(i)
+            i += 1
+        else:
+            out.append(slice(i, i + r.rows))
+            i += r.rows
+    return out
+
+
+def split_rows(seq, requests):
+    """Each request's share of a batch output: one row (`seq[i]`), or a slice for k rows."""
+    return [seq[sel] for sel in row_selectors(requests)]
 
 
 def _all_single(requests):
@@ -361,23 +376,11 @@ class ArrayCodec:
             a = arrays[0]
             if single:
                 return list(a[:num_rows])
-            return self._split_rows(a, requests)
+            return split_rows(a, requests)
         if single:
             return [treedef.unflatten(row) for row in zip(*[a[:num_rows] for a in arrays])]
-        columns = [self._split_rows(a, requests) for a in arrays]
+        columns = [split_rows(a, requests) for a in arrays]
         return [treedef.unflatten(parts) for parts in zip(*columns)]
-
-    @staticmethod
-    def _split_rows(a, requests):
-        out, i = [], 0
-        for r in requests:
-            if r.rows is None:
-                out.append(a[i])
-                i += 1
-            else:
-                out.append(a[i:i + r.rows])
-                i += r.rows
-        return out
 
     def release(self, ctx):
         bucket, buffers = ctx

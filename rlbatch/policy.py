@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from rlbatch.batcher import BatchedService
-from rlbatch.codecs import ArgSpec, ArrayCodec, to_host
+from rlbatch.codecs import ArgSpec, ArrayCodec, row_selectors, to_host
 from rlbatch.errors import InvalidRequest, ParamsMismatch
 from rlbatch.policy_types import Policy
 from rlbatch.stats import ServiceStats
@@ -111,14 +111,8 @@ class _PolicyCodec(ArrayCodec):
         columns = [np.asarray(extras[k]) for k in keys]
         action = np.asarray(action)
         state_leaves, state_def = jax.tree_util.tree_flatten(host[2]) if stateful else ((), None)
-        results, i = [], 0
-        for r in requests:
-            if r.rows is None:
-                sl = i
-                i += 1
-            else:
-                sl = slice(i, i + r.rows)
-                i += r.rows
+        results = []
+        for sl in row_selectors(requests):
             items = [action[sl], dict(zip(keys, [c[sl] for c in columns]))]
             if stateful:
                 items.append(state_def.unflatten([leaf[sl] for leaf in state_leaves]))
