@@ -86,7 +86,7 @@ class _Request:
             return self.parent.claim_part()
         if self.future is not None:
             return self.future.set_running_or_notify_cancel()
-        return self.state == _TAKEN
+        return self.state == _TAKEN  # a blocking call: False if its caller timed out and left
 
     def finish(self, value) -> None:
         if self.parent is not None:
@@ -732,7 +732,7 @@ class BatchedService:
                 dead_errors.append(DeadlineExceeded(
                     f"request waited {now - r.t0:.4f} s in service {self.name!r}, past its deadline; it was not run"))
                 self._stats.timed_out += 1
-            elif (r.state == _TAKEN) if r.lock is not None else r.claim():
+            elif r.claim():
                 live.append(r)
             else:
                 dead.append(r)

@@ -60,8 +60,6 @@ class StatsRecorder:
     def __init__(self, max_batch_size: int):
         self.requests = 0
         self.rows = 0
-        self.batches = 0
-        self.valid_rows = 0
         self.padded_rows = 0
         self.errors = 0
         self.invalid = 0
@@ -76,8 +74,6 @@ class StatsRecorder:
 
     def record_batch(self, valid: int, padded: int | None, run_time: float) -> None:
         """`padded` is the bucket the batch was padded to, None for a service without buckets."""
-        self.batches += 1
-        self.valid_rows += valid
         self.padded_rows += valid if padded is None else padded
         self.size_hist[valid] += 1
         if padded is not None:
