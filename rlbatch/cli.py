@@ -25,6 +25,10 @@ __all__ = ["parse", "field_docs", "prefer_sync_cpu_dispatch"]
 T = TypeVar("T")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's own line breaks and shows every option's default."""
+
+
 def field_docs(cls) -> dict[str, str]:
     """The docstring written under each field of a dataclass, by name."""
     try:
@@ -54,8 +58,14 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | No
     """Builds an argparse CLI from a dataclass and returns the parsed instance."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip() or None,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if description is None:
+        doc = (cls.__doc__ or "").strip()
+        if doc.startswith(cls.__name__ + "("):  # dataclasses' generated signature, not a docstring
+            import sys
+
+            doc = (getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").strip()
+        description = doc or None
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
