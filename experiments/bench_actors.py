@@ -43,7 +43,7 @@ import numpy as np
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_policy import mlp_policy
-from rlbatch import baselines, cli
+from rlbatch import baselines, cli, report
 
 _clock = time.perf_counter
 
@@ -110,7 +110,12 @@ def run_pool(make_env, policy, n, mode, args):
                                buckets=args.buckets, max_delay=args.max_delay, seed=args.seed) as svc:
         with rlbatch.ActorPool(make_env, svc, num_actors=actors, unroll_length=args.unroll_length,
                                envs_per_actor=per_actor, seed=args.seed, max_queue=args.max_queue) as pool:
-            return row(baselines.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration))
+            recorder = report.Recorder(pool, svc, every=None)
+            rate = baselines.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
+                                          sample=recorder.sample)
+            policy["reports"].append(recorder.finish(config=dict(envs=n, mode=mode, actors=actors,
+                                                                 envs_per_actor=per_actor)))
+            return row(rate)
 
 
 def measure(mode, make_env, policy, n, args):
@@ -154,7 +159,7 @@ def main(args: Args):
     mlp = mlp_policy(4, (64, 64), 2)
     key = jax.random.PRNGKey(args.seed)
     params = mlp.init(key, np.zeros(4, np.float32))
-    policy = dict(apply=mlp.apply, params=params,
+    policy = dict(apply=mlp.apply, params=params, reports=[],
                   act=baselines.policy_act_fn(baselines.jit_policy_step(mlp.apply), params, key))
     rows = []
     for env_id in args.envs:
@@ -182,6 +187,7 @@ def main(args: Args):
     with open(args.out + ".json", "w") as f:
         json.dump(dict(args=dataclasses.asdict(args), devices=devices, rows=rows, stop=stop, targets=targets),
                   f, indent=1)
+    report.write_runs(policy["reports"], args.out)  # the library's report of every pool run, and plots
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
     return rows

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 import rlbatch
-from rlbatch import baselines, cli
+from rlbatch import baselines, cli, report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +71,14 @@ def run_clients(n, make_call, make_item, duration):
     return dict(items_per_s=r.items_per_s, p50_ms=r.p50_ms, p99_ms=r.p99_ms, cpu_per_1k=r.cpu_s_per_1k)
 
 
-def measure(mode, fn, make_item, n, args):
+def measure(mode, fn, make_item, n, args, reports=None):
     if mode == "rlbatch":
         svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
         r = run_clients(n, lambda i: svc.register(), make_item, args.duration)
         r["mean_batch"] = svc.stats.mean_batch_size
         svc.close()
+        if reports is not None:
+            reports.append(report.summarize(policy=svc, config=dict(threads=n, mode=mode, function=fn.__name__)))
     elif mode == "rlbatch-unregistered":
         svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
         r = run_clients(n, lambda i: svc.__call__, make_item, args.duration)
@@ -120,12 +122,12 @@ def main(args: Args):
     print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(1, 16), duration=0.3, repeats=1)
-    rows = []
+    rows, reports = [], []
     for fname, (fn, make_item) in FUNCTIONS.items():
         limit = full_batch_limit(fn, make_item, args)
         for n in args.threads:
             for mode in MODES:
-                runs = [measure(mode, fn, make_item, n, args) for _ in range(args.repeats)]
+                runs = [measure(mode, fn, make_item, n, args, reports) for _ in range(args.repeats)]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 rows.append(dict(function=fname, threads=n, mode=mode, full_batch_items_per_s=limit, **med))
                 print(f"{fname:9s} threads={n:4d} {mode:21s} items/s={med['items_per_s']:9.0f} "
@@ -150,6 +152,7 @@ def main(args: Args):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(args=dataclasses.asdict(args), rows=rows, idle_cpu_s=idle, full_batch=limits), f, indent=1)
+    report.write_runs(reports, args.out)  # the library's report of every rlbatch run, and plots
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
     return rows

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rlbatch
-from rlbatch import baselines, cli
+from rlbatch import baselines, cli, report
 
 _clock = time.perf_counter
 
@@ -146,6 +146,7 @@ def measure(mode, ctx, n, args, compiles):
         after = svc.stats
         r["mean_batch"] = (after.rows - before.rows) / max(after.batches - before.batches, 1)
         r["compile_count"] = svc.compile_count
+        ctx["reports"].append(report.summarize(policy=svc, config=dict(threads=n, mode=mode)))
     elif mode in ("seed-style", "no-buckets"):
         if mode == "seed-style":
             step, size, pad = ctx["seed_step"], args.seed_max_batch_size, True
@@ -215,7 +216,7 @@ def main(args: Args):
     print(f"jax.devices(): {devices}", flush=True)
     compiles = CompileCounter()
     rng = np.random.default_rng(args.seed)
-    rows, overheads, paddings = [], [], []
+    rows, overheads, paddings, reports = [], [], [], []
     for name in args.policies:
         obs_size, hidden, num_actions = POLICIES[name]
         policy = mlp_policy(obs_size, hidden, num_actions)
@@ -226,7 +227,7 @@ def main(args: Args):
         warm = np.zeros((args.seed_max_batch_size, obs_size), np.float32)
         jax.device_get(seed_step(params, warm, key, np.uint32(0)))  # its one shape, compiled before the runs
         ctx = dict(params=params, key=key, seed_step=seed_step, exact_step=baselines.jit_policy_step(policy.apply),
-                   shapes={"seed-style": set(), "no-buckets": set()},
+                   shapes={"seed-style": set(), "no-buckets": set()}, reports=reports,
                    observations=rng.normal(size=(max(args.threads), obs_size)).astype(np.float32))
         with rlbatch.PolicyService(policy.apply, params, example_obs=example_obs, buckets=args.buckets,
                                    max_delay=args.max_delay, seed=args.seed, name=name) as svc:
@@ -272,6 +273,7 @@ def main(args: Args):
     with open(args.out + ".json", "w") as f:
         json.dump(dict(args=dataclasses.asdict(args), devices=devices, num_buckets=len(set(args.buckets)),
                        rows=rows, overhead=overheads, padding=paddings, targets=targets), f, indent=1)
+    report.write_runs(reports, args.out)  # the library's report of every rlbatch run, and plots
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
     return rows

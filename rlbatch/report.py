@@ -24,7 +24,7 @@ import os
 import time
 from typing import Any
 
-__all__ = ["Recorder", "format_table", "write", "summarize"]
+__all__ = ["Recorder", "format_table", "write", "write_runs", "summarize", "plot"]
 
 _clock = time.perf_counter
 
@@ -239,4 +239,25 @@ def _save(fig, out_dir, filename):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def write_runs(summaries: list, out_stem: str, plots: bool = True) -> str:
+    """Writes several runs' summaries to `<out_stem>_reports.jsonl` (one line each, replacing the
+    file) and draws the plots of the last one as `<out_stem>_report_*.png`; returns the path.
+
+    The benchmark scripts use it so that each of their rlbatch runs also leaves the library's report.
+    """
+    directory, base = os.path.split(out_stem)
+    directory = directory or "."
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{base}_reports.jsonl")
+    with open(path, "w") as f:
+        for summary in summaries:
+            f.write(json.dumps(summary, default=float) + "\n")
+    if plots and summaries:
+        try:
+            plot(summaries[-1], directory, f"{base}_report")
+        except ImportError:
+            print("plots skipped: matplotlib is not installed (pip install -e .[plots])")
     return path

@@ -23,7 +23,15 @@ def run_quick(module, out):
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     assert "jax.devices()" in proc.stdout
     assert pathlib.Path(f"{out}.md").read_text().count("| target |") == 1
+    assert_library_reports(out)
     return json.loads(pathlib.Path(f"{out}.json").read_text())
+
+
+def assert_library_reports(out):
+    """Every script also leaves rlbatch's own report of its rlbatch runs, with plots."""
+    lines = pathlib.Path(f"{out}_reports.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line)["batching"]["batches"] > 0 for line in lines)
+    assert pathlib.Path(f"{out}_report_batch_sizes.png").stat().st_size > 0
 
 
 @pytest.mark.timeout(300)
@@ -157,3 +165,4 @@ def test_bench_batching_quick_writes_every_row(tmp_path):
         if r["mode"] == "seed-style":
             assert r["ratio_to_seed_style"] == 1.0
     assert pathlib.Path(f"{out}.md").read_text().count("| function | threads | mode |") == 1
+    assert_library_reports(out)
