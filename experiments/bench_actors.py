@@ -78,6 +78,9 @@ class Args:
     """seconds that pool runs before stop() is called"""
     seed: int = 0
     """seeds the parameters, the policy's key schedule and the environments"""
+    pin_python: bool = True
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
+    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
     quick: bool = False
     """tiny settings for a smoke test (256 environments only, 0.5 s warm-up and measurement, one
     repeat, stop timed after 1 s)"""
@@ -151,6 +154,7 @@ def time_stop(policy, args):
 
 def main(args: Args):
     cli.prefer_sync_cpu_dispatch()
+    print(cli.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, num_envs=(256,), warmup=0.5, duration=0.5, repeats=1, stop_after=1.0)

@@ -42,6 +42,9 @@ class Args:
     """seconds of measurement per configuration and repeat"""
     repeats: int = 3
     """runs per configuration; the table shows the median"""
+    pin_python: bool = True
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
+    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
     quick: bool = False
     """tiny settings for a smoke test (threads 1 and 16, 0.3 s, one repeat)"""
     out: str = "runs/bench_batching"
@@ -119,6 +122,7 @@ MODES = ("rlbatch", "rlbatch-unregistered", "seed-style", "unbatched")
 
 
 def main(args: Args):
+    print(cli.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(1, 16), duration=0.3, repeats=1)

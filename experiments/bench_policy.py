@@ -65,6 +65,9 @@ class Args:
     thread to the first policy"""
     seed: int = 0
     """seeds the parameters, the observations and the policies' key schedule"""
+    pin_python: bool = True
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
+    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
     quick: bool = False
     """tiny settings for a smoke test (16 and 256 callers, 0.5 s, one repeat, 300 padding requests)"""
     out: str = "runs/bench_policy"
@@ -209,6 +212,7 @@ def median_of(runs):
 
 def main(args: Args):
     cli.prefer_sync_cpu_dispatch()
+    print(cli.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(16, 256), duration=0.5, repeats=1, padding_requests=300)

@@ -80,6 +80,9 @@ class Args:
     latency_budget_ms: Optional[float] = None
     """with a p99 request latency budget in ms, print and store rlbatch.suggest_settings' suggestion for each
     environment"""
+    pin_python: bool = True
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
+    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
     quick: bool = False
     """a smoke run: 16 single-env actors, buckets 8,16, max delay 0.5 and 2 ms, 0.2 s warm-up and 0.6 s per run"""
     progress: bool = True
@@ -185,6 +188,7 @@ def run_baseline(mode: str, env_id: str, num_envs: int, policy: EnvPolicy, args:
 
 def main(args: Args) -> dict:
     cli.prefer_sync_cpu_dispatch()
+    print(cli.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, **QUICK)

@@ -1,4 +1,5 @@
 """rlbatch: an actor-inference harness for reinforcement learning in Python."""
+from rlbatch.affinity import pin_threads
 from rlbatch.actors import ActorError, ActorPool, ActorStats, PoolStopped
 from rlbatch.batcher import BatchedService, Caller
 from rlbatch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -22,6 +23,7 @@ from rlbatch.trajectory import Trajectory, stack_trajectories
 from rlbatch.tuning import Suggestion, suggest_settings
 
 __all__ = [
+    "pin_threads",
     "CheckpointError",
     "Progress",
     "TrainReport",

@@ -20,7 +20,7 @@ import textwrap
 import typing
 from typing import Any, Sequence, TypeVar
 
-__all__ = ["parse", "field_docs", "prefer_sync_cpu_dispatch"]
+__all__ = ["parse", "field_docs", "pin_python_threads", "prefer_sync_cpu_dispatch"]
 
 T = TypeVar("T")
 
@@ -109,3 +109,21 @@ def prefer_sync_cpu_dispatch() -> bool:
         return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
+
+
+def pin_python_threads(pin: bool) -> str:
+    """Starts JAX, then (when `pin`) confines this thread and the threads it starts afterwards to
+    one CPU (`rlbatch.pin_threads`); returns a line saying what was done, for the script's report.
+
+    JAX starts first so that XLA's thread pools keep every CPU.
+    """
+    import jax
+
+    from rlbatch.affinity import pin_threads, thread_cpus
+
+    jax.devices()
+    if not pin:
+        return f"Python threads on CPUs {sorted(thread_cpus())} (not pinned)"
+    before = pin_threads()
+    return (f"Python threads pinned to CPU {sorted(thread_cpus())} of {sorted(before)} "
+            f"(rlbatch.pin_threads; --no-pin-python to compare)")

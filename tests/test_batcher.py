@@ -687,23 +687,25 @@ def test_wrong_leading_dimension_of_output_fails_batch():
     svc.close()
 
 
-@pytest.mark.parametrize("wake_width", [1, 2, 5])
-def test_every_blocked_caller_of_a_batch_is_woken_whatever_the_wake_width(wake_width):
-    svc = rlbatch.BatchedService(lambda xs: [x + 1 for x in xs], max_batch_size=16, max_delay=0.05,
+@pytest.mark.parametrize("wake_width, n", [(1, 13), (2, 13), (5, 13), (None, 13), (None, 200)])
+def test_every_blocked_caller_of_a_batch_is_woken_whatever_the_wake_width(wake_width, n):
+    # Registered callers and a long max_delay: the n requests go as one batch when the last
+    # arrives, so its n callers are woken through the relays (200 callers: 4 automatic relays).
+    svc = rlbatch.BatchedService(lambda xs: [x + 1 for x in xs], max_batch_size=256, max_delay=30,
                                  wake_width=wake_width)
-    out = [None] * 13
-    barrier = threading.Barrier(13)
+    out = [None] * n
+    callers = [svc.register() for _ in range(n)]
 
     def call(i):
-        barrier.wait()
-        out[i] = svc(i)
+        out[i] = callers[i](i)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(13)]
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
+    assert svc.stats.batches == 1
     svc.close()
-    assert out == [i + 1 for i in range(13)]
+    assert out == [i + 1 for i in range(n)]
     with pytest.raises(ValueError, match="wake_width"):
         rlbatch.BatchedService(lambda xs: xs, wake_width=0)
