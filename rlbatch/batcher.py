@@ -481,6 +481,10 @@ class BatchedService:
         except InvalidRequest:
             self._count_invalid()
             raise  # a blocking caller gets its InvalidRequest at once
+        return self._call_prepared(values, num_rows, now, timeout, priority, caller)
+
+    def _call_prepared(self, values, num_rows, now, timeout, priority, caller):
+        """The blocking call of values already checked by the codec (`prepare`'s output)."""
         req = _Request(values, num_rows, priority, now, None if timeout is None else now + timeout, caller, None)
         req.lock = lock = threading.Lock()
         lock.acquire()

@@ -111,6 +111,17 @@ class _PolicyCodec(ArrayCodec):
         columns = [np.asarray(extras[k]) for k in keys]
         action = np.asarray(action)
         state_leaves, state_def = jax.tree_util.tree_flatten(host[2]) if stateful else ((), None)
+        if not stateful and all(r.rows is None for r in requests):
+            # One row per request (actors with one environment): split each column once with
+            # numpy's own iteration instead of indexing it per row.
+            rows = zip(action[:num_rows], *[c[:num_rows] for c in columns])
+            make = tuple.__new__
+            results = []
+            for a, *values in rows:
+                out = make(PolicyOutput, (a, dict(zip(keys, values))))
+                out.version = version
+                results.append(out)
+            return results
         results = []
         for sl in row_selectors(requests):
             items = [action[sl], dict(zip(keys, [c[sl] for c in columns]))]
@@ -183,6 +194,9 @@ class PolicyService:
         self._example_obs = jax.tree_util.tree_map(np.asarray, example_obs)
         self._obs_ndim = np.ndim(jax.tree_util.tree_leaves(self._example_obs)[0])
         self._obs_desc = _leaf_specs(self._example_obs)
+        # (shape, dtype) of a single-array observation of a feed-forward policy: the call fast path.
+        single = type(self._example_obs) is np.ndarray and example_state is None and not check_finite
+        self._fast_obs = (self._example_obs.shape, self._example_obs.dtype) if single else None
         self._params_treedef = jax.tree_util.tree_structure(params)
         self._params_specs = _leaf_specs(params)
         self._publish_lock = threading.Lock()
@@ -297,7 +311,7 @@ class PolicyService:
 
     def __call__(self, obs, state=None, *, timeout: float | None = None) -> PolicyOutput:
         """`action, extras = svc(obs)`: blocks until this observation's batch ran."""
-        return _call(self._service, self, obs, state, timeout)
+        return _call(self._service, self, obs, state, timeout, None)
 
     def submit(self, obs, state=None, *, timeout: float | None = None, priority: int = 0):
         """A concurrent.futures.Future of the PolicyOutput."""
@@ -381,7 +395,12 @@ class PolicyService:
         self.close()
 
 
-def _call(target, policy, obs, state, timeout):
+def _call(target, policy, obs, state, timeout, caller):
+    fast = policy._fast_obs
+    if fast is not None and state is None and type(obs) is np.ndarray and obs.shape == fast[0] and obs.dtype == fast[1]:
+        # The hot path of an actor: one plain array observation of exactly the expected shape and
+        # dtype, nothing else to check (the codec's own fast path, without the layers above it).
+        return policy._service._call_prepared([[obs]], None, _clock(), timeout, 0, caller)
     args = policy._args(obs, state)
     if policy._is_rows(obs):
         return target.call_rows(*args, timeout=timeout)
@@ -403,7 +422,7 @@ class PolicyCaller:
         self._caller = caller
 
     def __call__(self, obs, state=None, *, timeout: float | None = None) -> PolicyOutput:
-        return _call(self._caller, self._policy, obs, state, timeout)
+        return _call(self._caller, self._policy, obs, state, timeout, self._caller)
 
     def submit(self, obs, state=None, *, timeout: float | None = None, priority: int = 0):
         return _submit(self._caller, self._policy, obs, state, timeout, priority)
