@@ -299,8 +299,19 @@ class StepRate:
     series: tuple = ()
 
 
-def grouping(num_envs: int) -> tuple[int, int]:
-    """(actors, environments per actor) for num_envs environments grouped about sqrt(num_envs) x sqrt."""
+def grouping(num_envs: int, envs_per_actor: int | None = None) -> tuple[int, int]:
+    """(actors, environments per actor) for num_envs environments.
+
+    With `envs_per_actor`, groups of that many (fewer when num_envs is smaller, and the largest
+    divisor of num_envs below it otherwise); without, about sqrt(num_envs) x sqrt(num_envs).
+    """
+    if envs_per_actor is not None:
+        if envs_per_actor < 1:
+            raise ValueError(f"grouping: envs_per_actor must be >= 1, got {envs_per_actor!r}")
+        per = min(envs_per_actor, num_envs)
+        while num_envs % per:
+            per -= 1
+        return num_envs // per, per
     actors = math.isqrt(num_envs)
     while num_envs % actors:
         actors -= 1

@@ -657,8 +657,11 @@ class BatchedService:
                 taken.append(r)
                 if r.lock is not None and r.state == _PENDING:
                     r.state = _TAKEN
-                if r.caller is not None:
-                    self._caller_dequeued(r.caller)
+                c = r.caller
+                if c is not None:  # _caller_dequeued, inlined: this loop runs once per request
+                    c.outstanding -= 1
+                    if c.outstanding == 0 and c.active:
+                        self._outstanding_callers -= 1
             if capacity == 0:
                 break
         self._pending -= len(taken)

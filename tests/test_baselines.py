@@ -93,6 +93,11 @@ def test_grouping():
     assert baselines.grouping(256) == (16, 16)
     assert baselines.grouping(12) == (3, 4)
     assert baselines.grouping(7) == (1, 7)
+    assert baselines.grouping(256, 32) == (8, 32)
+    assert baselines.grouping(16, 32) == (1, 16)
+    assert baselines.grouping(48, 32) == (2, 24)
+    with pytest.raises(ValueError, match="envs_per_actor"):
+        baselines.grouping(16, 0)
 
 
 def zeros_act(obs, i):
