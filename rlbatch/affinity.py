@@ -20,8 +20,8 @@ same as `--set_workers_cpu_affinity`):
 It helps when the threads mostly run Python (pure-Python environments such as CartPole, the
 batcher, small policies) or wait (environments whose step sleeps in a remote call). It hurts when
 environment steps release the GIL to compute (a physics engine in C): those steps could run on
-several CPUs at once, and pinning puts them on one. Measure both ways (the experiment scripts take
-`--pin-cpus`).
+several CPUs at once, and pinning puts them on one. Measure both ways (the experiment scripts pin
+by default and take `--no-pin-python`).
 
 Linux only (`os.sched_setaffinity` sets the calling thread's mask there, and new threads inherit
 their creator's); elsewhere `pin_threads` raises NotImplementedError.

@@ -194,9 +194,6 @@ class PolicyService:
         self._example_obs = jax.tree_util.tree_map(np.asarray, example_obs)
         self._obs_ndim = np.ndim(jax.tree_util.tree_leaves(self._example_obs)[0])
         self._obs_desc = _leaf_specs(self._example_obs)
-        # (shape, dtype) of a single-array observation of a feed-forward policy: the call fast path.
-        single = type(self._example_obs) is np.ndarray and example_state is None and not check_finite
-        self._fast_obs = (self._example_obs.shape, self._example_obs.dtype) if single else None
         self._params_treedef = jax.tree_util.tree_structure(params)
         self._params_specs = _leaf_specs(params)
         self._publish_lock = threading.Lock()
@@ -213,6 +210,9 @@ class PolicyService:
             self._example_obs, jax.tree_util.tree_map(np.asarray, example_state))
         batch_fn = self._batch_recurrent if self._stateful else self._batch
         self._codec = _PolicyCodec(ArgSpec(batch_fn, reserved=("num_valid",)), self.buckets, example, check_finite)
+        # The call fast path takes what the codec's own fast path takes (one plain array of the
+        # example's shape and dtype: feed-forward policies only), unless every row must be checked.
+        self._fast_obs = None if check_finite else self._codec._fast
         batching_options.setdefault("max_batch_size", max(self.buckets))
         if max_in_flight is None:
             asynchronous = self.device.platform != "cpu" or jax.config.read("jax_cpu_enable_async_dispatch")
