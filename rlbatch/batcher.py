@@ -126,16 +126,29 @@ class _Joined:
         self._lock = threading.Lock()
         self._claimed = False
         self._failed = False
+        self._abandoned = False
 
     def claim_part(self) -> bool:
         with self._lock:
-            if self._failed:
+            if self._failed or self._abandoned:
                 return False
             if not self._claimed:
                 self._claimed = True
                 if not self.future.set_running_or_notify_cancel():
                     self._failed = True
                     return False
+            return True
+
+    def abandon(self) -> bool:
+        """On close(cancel_pending=True): True, and no part may start, if none has started yet.
+
+        False once a part has run: the rest of the request then runs too, so that no caller is told
+        "not run" about a request whose function was partly applied.
+        """
+        with self._lock:
+            if self._claimed and not self._failed:
+                return False
+            self._abandoned = True
             return True
 
     def part_done(self, index, value, error) -> None:
@@ -718,15 +731,25 @@ class BatchedService:
         if caller.outstanding == 0 and caller.active:
             self._outstanding_callers -= 1
 
-    def _drain_locked(self):
+    def _drain_locked(self, keep_started=False):
+        """Empties the queue and returns what it held; `keep_started` keeps the remaining parts of
+        split requests that already started running."""
         drained = []
         for level in self._levels.values():
-            drained.extend(level)
-            level.clear()
+            if keep_started and any(r.parent is not None for r in level):
+                kept = []
+                for r in level:
+                    (kept if r.parent is not None and not r.parent.abandon() else drained).append(r)
+                level.clear()
+                level.extend(kept)
+            else:
+                drained.extend(level)
+                level.clear()
         for r in drained:
             if r.caller is not None:
                 self._caller_dequeued(r.caller)
-        self._pending = self._pending_rows = 0
+        self._pending -= len(drained)
+        self._pending_rows -= sum(1 if r.rows is None else r.rows for r in drained)
         return drained
 
     def _dispatch(self, requests):
@@ -850,7 +873,8 @@ class BatchedService:
         """Stops the service. Safe to call more than once.
 
         Requests already queued run to completion (the queue is drained without waiting for
-        max_delay), or with `cancel_pending=True` fail at once with ServiceClosed. Later submits
+        max_delay), or with `cancel_pending=True` fail at once with ServiceClosed (except the rest
+        of a request split over several batches whose first part already ran). Later submits
         raise ServiceClosed. With `wait=True` the worker threads are joined before this returns.
         """
         drained = []
@@ -858,7 +882,7 @@ class BatchedService:
             if not self._closing:
                 self._closing = True
             if cancel_pending:
-                drained = self._drain_locked()
+                drained = self._drain_locked(keep_started=True)
             self._cond.notify_all()
             self._not_full.notify_all()
         if drained:

@@ -240,6 +240,29 @@ def test_close_cancel_pending_fails_waiting_requests_with_service_closed():
             f.result(timeout=5)
 
 
+def test_close_cancel_pending_finishes_a_split_request_that_already_started():
+    # A request split over batches must not be told "not run" after its first part ran.
+    entered, release, ran = threading.Event(), threading.Event(), []
+
+    def fn(xs):
+        entered.set()
+        release.wait()
+        ran.extend(xs)
+        return [x * 10 for x in xs]
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=2, max_delay=0)
+    started = svc.submit_rows([1, 2, 3])  # parts [1, 2] and [3]
+    entered.wait(5)
+    waiting = svc.submit_rows([4, 5, 6])  # nothing of it has run
+    svc.close(cancel_pending=True, wait=False)
+    release.set()
+    assert started.result(timeout=5) == [10, 20, 30]
+    with pytest.raises(rlbatch.ServiceClosed):
+        waiting.result(timeout=5)
+    svc.close()
+    assert ran == [1, 2, 3]
+
+
 def test_blocked_caller_is_released_by_close():
     svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=100, max_delay=60.0)
     out = {}
