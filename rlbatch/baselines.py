@@ -15,6 +15,8 @@ Environment-stepping baselines (N environments, the same jitted policy as the po
   observations, the ideal synchronous loop;
 - `run_unbatched`: N threads, each stepping its own environment and calling the policy itself
   on a batch of one;
+- `run_thread_floor`: N threads, each stepping its own environment and waiting once per step until
+  all N wait (no policy, no data): the floor of any design with one thread per environment;
 - `measure_pool`: steps/s of a running ActorPool while the calling thread drains its
   trajectories, as a trainer would (`drain_until`), optionally sampling the pool for a time series.
 
@@ -53,6 +55,7 @@ __all__ = [
     "policy_act_fn",
     "run_clients",
     "run_sync_vector",
+    "run_thread_floor",
     "run_unbatched",
 ]
 
@@ -361,6 +364,98 @@ def run_unbatched(make_env: Callable[[], gymnasium.Env], act_fn: Callable, num_e
         act_fn(_one(obs), 0)
     finally:
         probe.close()
+
+    def choose(obs, i):
+        action = act_fn(_one(obs), i)[0]
+        # Plain Python ints for discrete actions, as ActorPool sends them.
+        return action.item() if action.dtype.kind in "iu" else action
+
+    rate = _run_env_threads("run_unbatched", make_env, num_envs, choose, warmup=warmup, duration=duration, seed=seed)
+    return dataclasses.replace(rate, mean_batch=1.0)
+
+
+class _RelayGate:
+    """The least a batched service makes each of n threads do per step: wait until all n wait.
+
+    A gate thread releases a full round as relays (two chains, each woken thread waking the next),
+    the way BatchedService wakes its blocking callers. No data moves and nothing is computed.
+    """
+
+    def __init__(self, n: int, width: int = 2):
+        self._n = n
+        self._width = width
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting: list = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._release_rounds, name="relay-gate")
+        self._thread.start()
+
+    def wait(self) -> None:
+        me = [threading.Lock(), None]
+        me[0].acquire()
+        with self._cond:
+            if self._closed:
+                return
+            self._waiting.append(me)
+            if len(self._waiting) >= self._n:
+                self._cond.notify()
+        me[0].acquire()
+        if me[1] is not None:
+            me[1][0].release()
+
+    def leave(self) -> None:
+        """A thread that will not wait again (it stopped or failed): rounds no longer need it."""
+        with self._cond:
+            self._n -= 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _release_rounds(self):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or (self._waiting and len(self._waiting) >= self._n))
+                batch, self._waiting = self._waiting, []
+                closed = self._closed
+            for a, b in zip(batch, batch[self._width:]):
+                a[1] = b
+            for head in batch[:self._width]:
+                head[0].release()
+            if closed:
+                return
+
+
+def run_thread_floor(make_env: Callable[[], gymnasium.Env], num_envs: int, *,
+                     warmup: float, duration: float, seed: int = 0) -> StepRate:
+    """N threads stepping their environments, each waiting once per step until all N wait.
+
+    The floor under any design with one thread per environment and a shared batched policy: the
+    per-step thread hand-off (`_RelayGate`) without a policy, without data and without
+    trajectories. Actions alternate 0, 1 (a Discrete(2) action space such as CartPole's).
+    """
+    gate = _RelayGate(num_envs)
+
+    def choose(obs, i):
+        gate.wait()
+        return i & 1
+
+    try:
+        rate = _run_env_threads("run_thread_floor", make_env, num_envs, choose, warmup=warmup, duration=duration,
+                                seed=seed, on_stop=gate.close, on_exit=gate.leave)
+    finally:
+        gate.close()
+    return dataclasses.replace(rate, mean_batch=float(num_envs))
+
+
+def _run_env_threads(what, make_env, num_envs, choose, *, warmup, duration, seed, on_stop=None, on_exit=None):
+    """N threads, thread a stepping its own environment (first reset with seed + a) with
+    `choose(obs, i)`'s actions; steps/s over `duration` after `warmup`. `on_stop` runs once the
+    threads are told to stop (to release a thread blocked in `choose`), `on_exit` in each thread
+    as it ends. An exception in any thread is raised here."""
     counts = [0] * num_envs
     stop = threading.Event()
     ready = threading.Barrier(num_envs + 1)
@@ -374,9 +469,7 @@ def run_unbatched(make_env: Callable[[], gymnasium.Env], act_fn: Callable, num_e
             ready.wait()
             i = 0
             while not stop.is_set():
-                action = act_fn(_one(obs), i)[0]
-                # Plain Python ints for discrete actions, as ActorPool sends them.
-                obs, _, terminated, truncated, _ = env.step(action.item() if action.dtype.kind in "iu" else action)
+                obs, _, terminated, truncated, _ = env.step(choose(obs, i))
                 if terminated or truncated:
                     obs, _ = env.reset()
                 i += 1
@@ -387,10 +480,12 @@ def run_unbatched(make_env: Callable[[], gymnasium.Env], act_fn: Callable, num_e
             failures.append(e)
             ready.abort()
         finally:
+            if on_exit is not None:
+                on_exit()
             if env is not None:
                 env.close()
 
-    threads = [threading.Thread(target=actor, args=(a,), name=f"unbatched-{a}") for a in range(num_envs)]
+    threads = [threading.Thread(target=actor, args=(a,), name=f"{what}-{a}") for a in range(num_envs)]
     for t in threads:
         t.start()
     try:
@@ -405,11 +500,12 @@ def run_unbatched(make_env: Callable[[], gymnasium.Env], act_fn: Callable, num_e
             s1, t1 = sum(counts), _clock()
     finally:
         stop.set()
+        if on_stop is not None:
+            on_stop()
         for t in threads:
             t.join()
     if failures:
-        raise RuntimeError(f"run_unbatched with {num_envs} envs: an actor thread failed: {failures[0]!r}") \
-            from failures[0]
+        raise RuntimeError(f"{what} with {num_envs} envs: an actor thread failed: {failures[0]!r}") from failures[0]
     return StepRate(steps_per_s=(s1 - s0) / (t1 - t0), num_actors=num_envs, envs_per_actor=1, mean_batch=1.0,
                     env_steps=s1 - s0, elapsed_s=t1 - t0)
 

@@ -1,4 +1,5 @@
 """The benchmarks' baselines: what they count and how they fail (never how fast they are)."""
+import itertools
 import threading
 
 import gymnasium
@@ -121,6 +122,50 @@ def test_unbatched_raises_an_actor_failure(no_thread_leak):
 
     with pytest.raises(RuntimeError, match="policy failed at 3"):
         baselines.run_unbatched(lambda: gymnasium.make("CartPole-v1"), act, 2, warmup=0.05, duration=0.05)
+
+
+def test_relay_gate_releases_threads_in_full_rounds(no_thread_leak):
+    n, rounds = 4, 25
+    gate = baselines._RelayGate(n)
+    lock = threading.Lock()
+    arrived = [0]
+    early = []
+
+    def worker():
+        for r in range(rounds):
+            with lock:
+                arrived[0] += 1
+            gate.wait()
+            with lock:
+                if arrived[0] < n * (r + 1):  # released before every thread reached round r
+                    early.append((r, arrived[0]))
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    gate.close()
+    assert not any(t.is_alive() for t in threads) and early == []
+    assert arrived[0] == n * rounds
+
+
+class FailsOnStep(gymnasium.Wrapper):
+    def step(self, action):
+        raise RuntimeError("env step failed")
+
+
+def test_thread_floor_counts_steps_and_survives_a_failing_env(no_thread_leak):
+    floor = baselines.run_thread_floor(lambda: gymnasium.make("CartPole-v1"), 3, warmup=0.01, duration=0.05)
+    assert floor.env_steps > 0 and (floor.num_actors, floor.envs_per_actor, floor.mean_batch) == (3, 1, 3.0)
+    made = itertools.count()
+
+    def make_env():  # the second environment fails on its first step; the others must not hang
+        env = gymnasium.make("CartPole-v1")
+        return FailsOnStep(env) if next(made) == 1 else env
+
+    with pytest.raises(RuntimeError, match="env step failed"):
+        baselines.run_thread_floor(make_env, 3, warmup=0.05, duration=0.05)
 
 
 def test_measure_pool_samples_and_counts_rows(no_thread_leak):
