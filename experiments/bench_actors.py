@@ -13,6 +13,8 @@ samples its actions (jitted), in the same run:
   ideal synchronous loop (same-step autoreset, so every env step is a real step);
 - unbatched: N threads, each stepping its own environment and calling the jitted policy itself on
   a batch of one;
+- service-threads: N threads, each stepping its own environment with actions from a PolicyService
+  like the pool's, and nothing else: what the pool's trajectories and bookkeeping cost;
 - thread-floor: N threads, each stepping its own environment and waiting once per step until all N
   wait, released as relays like the service's callers, with no policy, no data and no trajectory:
   the ceiling of any design with one thread per environment on this machine. The targets table
@@ -96,7 +98,7 @@ class Args:
     """file stem for the JSON and markdown outputs"""
 
 
-MODES = ("pool-single", "pool-grouped", "sync-vector", "unbatched", "thread-floor")
+MODES = ("pool-single", "pool-grouped", "sync-vector", "unbatched", "service-threads", "thread-floor")
 
 
 def env_factory(env_id, args):
@@ -114,11 +116,15 @@ def row(rate):
                 mean_batch=rate.mean_batch)
 
 
+def policy_service(policy, args):
+    return rlbatch.PolicyService(policy["apply"], policy["params"], example_obs=np.zeros(4, np.float32),
+                                 buckets=args.buckets, max_delay=args.max_delay, seed=args.seed)
+
+
 def run_pool(make_env, policy, n, mode, args):
     """Steps/s of an ActorPool; the main thread drains its trajectories with pool.get()."""
     actors, per_actor = (n, 1) if mode == "pool-single" else baselines.grouping(n, args.group_size)
-    with rlbatch.PolicyService(policy["apply"], policy["params"], example_obs=np.zeros(4, np.float32),
-                               buckets=args.buckets, max_delay=args.max_delay, seed=args.seed) as svc:
+    with policy_service(policy, args) as svc:
         with rlbatch.ActorPool(make_env, svc, num_actors=actors, unroll_length=args.unroll_length,
                                envs_per_actor=per_actor, seed=args.seed, max_queue=args.max_queue) as pool:
             recorder = report.Recorder(pool, svc, every=None)
@@ -137,6 +143,9 @@ def measure(mode, make_env, policy, n, args):
         return row(baselines.run_sync_vector(make_env, policy["act"], n, **timing))
     if mode == "unbatched":
         return row(baselines.run_unbatched(make_env, policy["act"], n, **timing))
+    if mode == "service-threads":
+        with policy_service(policy, args) as svc:
+            return row(baselines.run_service_threads(make_env, svc, n, **timing))
     if mode == "thread-floor":
         return row(baselines.run_thread_floor(make_env, n, **timing))
     raise ValueError(mode)
@@ -144,8 +153,7 @@ def measure(mode, make_env, policy, n, args):
 
 def time_stop(policy, args):
     """Seconds pool.stop() takes with `stop_actors` single-env CartPole actors, after `stop_after` s."""
-    with rlbatch.PolicyService(policy["apply"], policy["params"], example_obs=np.zeros(4, np.float32),
-                               buckets=args.buckets, max_delay=args.max_delay, seed=args.seed) as svc:
+    with policy_service(policy, args) as svc:
         pool = rlbatch.ActorPool("CartPole-v1", svc, num_actors=args.stop_actors, unroll_length=args.unroll_length,
                                  seed=args.seed, max_queue=args.max_queue)
         pool.start()
@@ -220,9 +228,11 @@ def evaluate_targets(rows, stop):
         got = ratio(env, mode)
         if got is not None:
             floor = ratio(env, "thread-floor") if mode == "pool-single" else None
-            shown = f"{got:.2f}x" + ("" if floor is None else f" (thread floor {floor:.2f}x)")
+            served = ratio(env, "service-threads") if mode == "pool-single" else None
+            shown = f"{got:.2f}x" + ("" if floor is None else
+                                     f" (service threads {served:.2f}x, thread floor {floor:.2f}x)")
             targets.append(dict(target=f"{what}: >= {want:g}x sync-vector", value=got, shown=shown,
-                                met=got >= want, thread_floor=floor))
+                                met=got >= want, thread_floor=floor, service_threads=served))
     targets.append(dict(target=f"stop() with {stop['num_actors']} actors within about 2 s", value=stop["stop_s"],
                         shown=f"{stop['stop_s']:.2f} s", met=stop["stop_s"] <= 2.0 and stop["all_threads_joined"]))
     return targets

@@ -15,6 +15,8 @@ Environment-stepping baselines (N environments, the same jitted policy as the po
   observations, the ideal synchronous loop;
 - `run_unbatched`: N threads, each stepping its own environment and calling the policy itself
   on a batch of one;
+- `run_service_threads`: N threads, each stepping its own environment with a PolicyService's
+  actions and nothing else (an ActorPool without trajectories);
 - `run_thread_floor`: N threads, each stepping its own environment and waiting once per step until
   all N wait (no policy, no data): the floor of any design with one thread per environment;
 - `measure_pool`: steps/s of a running ActorPool while the calling thread drains its
@@ -54,6 +56,7 @@ __all__ = [
     "measure_pool",
     "policy_act_fn",
     "run_clients",
+    "run_service_threads",
     "run_sync_vector",
     "run_thread_floor",
     "run_unbatched",
@@ -449,6 +452,32 @@ def run_thread_floor(make_env: Callable[[], gymnasium.Env], num_envs: int, *,
     finally:
         gate.close()
     return dataclasses.replace(rate, mean_batch=float(num_envs))
+
+
+def run_service_threads(make_env: Callable[[], gymnasium.Env], policy_service, num_envs: int, *,
+                        warmup: float, duration: float, seed: int = 0) -> StepRate:
+    """N threads, each stepping its own environment with actions from `policy_service` (a
+    PolicyService; each thread a registered caller), and nothing else: an ActorPool without its
+    trajectories, episode statistics and fault handling, to show what those cost. `mean_batch`
+    counts the service's batches over the whole run, warm-up included."""
+    local = threading.local()
+
+    def choose(obs, i):
+        caller = getattr(local, "caller", None)
+        if caller is None:
+            caller = local.caller = policy_service.register()
+        action = caller(obs)[0]
+        return action.item() if action.dtype.kind in "iu" else action
+
+    def leave():
+        caller = getattr(local, "caller", None)
+        if caller is not None:
+            caller.close()
+
+    b0 = policy_service.stats
+    rate = _run_env_threads("run_service_threads", make_env, num_envs, choose, warmup=warmup, duration=duration,
+                            seed=seed, on_exit=leave)
+    return dataclasses.replace(rate, mean_batch=_mean_rows(b0, policy_service.stats))
 
 
 def _run_env_threads(what, make_env, num_envs, choose, *, warmup, duration, seed, on_stop=None, on_exit=None):

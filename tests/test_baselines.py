@@ -168,6 +168,26 @@ def test_thread_floor_counts_steps_and_survives_a_failing_env(no_thread_leak):
         baselines.run_thread_floor(make_env, 3, warmup=0.05, duration=0.05)
 
 
+def test_service_threads_step_with_the_service_actions_and_close_their_callers(no_thread_leak):
+    seen = []
+
+    def apply(params, obs, key):
+        return jnp.ones(obs.shape[0], jnp.int32), {}
+
+    class Record(gymnasium.Wrapper):
+        def step(self, action):
+            seen.append(action)
+            return self.env.step(action)
+
+    with rlbatch.PolicyService(apply, {}, example_obs=np.zeros(4, np.float32), buckets=(4,), max_delay=0.001) as svc:
+        rate = baselines.run_service_threads(lambda: Record(gymnasium.make("CartPole-v1")), svc, 3,
+                                             warmup=0.01, duration=0.05)
+        assert rate.env_steps > 0 and (rate.num_actors, rate.envs_per_actor) == (3, 1)
+        assert 1.0 <= rate.mean_batch <= 3.0
+        assert set(seen) == {1} and all(type(a) is int for a in seen)  # the service's action, as an int
+        assert svc._service._registered == 0  # every thread closed its caller
+
+
 def test_measure_pool_samples_and_counts_rows(no_thread_leak):
     def apply(params, obs, key):
         return jnp.zeros(obs.shape[0], jnp.int32), {}
