@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from rlbatch.actors import PoolStopped
+from rlbatch.batcher import relay_width
 
 __all__ = [
     "ClientLoad",
@@ -55,6 +56,7 @@ __all__ = [
     "jit_policy_step",
     "measure_pool",
     "policy_act_fn",
+    "run_client_floor",
     "run_clients",
     "run_service_threads",
     "run_sync_vector",
@@ -285,6 +287,34 @@ def run_clients(num_threads: int, make_call: Callable[[int], Callable], make_ite
                       cpu_s_per_1k=1e3 * cpu / lat.size)
 
 
+class _GateCall:
+    """A client's 'call' in `run_client_floor`: wait for the round, return the item unchanged."""
+
+    def __init__(self, gate: "_RelayGate"):
+        self._gate = gate
+
+    def __call__(self, item):
+        self._gate.wait()
+        return item
+
+    def close(self) -> None:
+        self._gate.leave()
+
+
+def run_client_floor(num_threads: int, duration: float) -> ClientLoad:
+    """`run_clients` where each call only waits until all `num_threads` threads wait (`_RelayGate`).
+
+    The ceiling of any batching service whose callers each block for their result, on the machine
+    it runs on: one thread hand-off per item and one gate wake-up per round of all threads, no
+    queue, no data, no batch function. A service pays at least this and then its own work.
+    """
+    gate = _RelayGate(num_threads)
+    try:
+        return run_clients(num_threads, lambda i: _GateCall(gate), lambda i: i, duration)
+    finally:
+        gate.close()
+
+
 # ---------------------------------------------------------------------- stepping N environments
 
 
@@ -380,11 +410,12 @@ def run_unbatched(make_env: Callable[[], gymnasium.Env], act_fn: Callable, num_e
 class _RelayGate:
     """The least a batched service makes each of n threads do per step: wait until all n wait.
 
-    A gate thread releases a full round as relays (two chains, each woken thread waking the next),
-    the way BatchedService wakes its blocking callers. No data moves and nothing is computed.
+    A gate thread releases a full round as relays (each woken thread waking the next; as many
+    chains as BatchedService would use for a batch of that size, unless `width` says), the way
+    BatchedService wakes its blocking callers. No data moves and nothing is computed.
     """
 
-    def __init__(self, n: int, width: int = 2):
+    def __init__(self, n: int, width: int | None = None):
         self._n = n
         self._width = width
         self._cond = threading.Condition(threading.Lock())
@@ -424,9 +455,10 @@ class _RelayGate:
                 self._cond.wait_for(lambda: self._closed or (self._waiting and len(self._waiting) >= self._n))
                 batch, self._waiting = self._waiting, []
                 closed = self._closed
-            for a, b in zip(batch, batch[self._width:]):
+            width = relay_width(len(batch), self._width)
+            for a, b in zip(batch, batch[width:]):
                 a[1] = b
-            for head in batch[:self._width]:
+            for head in batch[:width]:
                 head[0].release()
             if closed:
                 return

@@ -58,6 +58,12 @@ _clock = time.perf_counter
 _RELAY_LENGTH = 64
 
 
+def relay_width(num_callers: int, wake_width: int | None = None) -> int:
+    """Relays that wake `num_callers` blocking callers: `wake_width`, or automatically enough relays
+    of at most _RELAY_LENGTH callers each, and at least 2."""
+    return wake_width or max(2, -(-num_callers // _RELAY_LENGTH))
+
+
 class _Request:
     """One queued request. Completed through a stdlib Future, or (blocking calls) a bare lock.
 
@@ -849,7 +855,7 @@ class BatchedService:
             else:
                 r.finish(res)
         if relay:
-            width = self.wake_width or max(2, -(-len(relay) // _RELAY_LENGTH))
+            width = relay_width(len(relay), self.wake_width)
             for a, b in zip(relay, relay[width:]):
                 a.baton = b
             for head in relay[:width]:

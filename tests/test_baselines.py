@@ -10,6 +10,7 @@ import pytest
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from rlbatch import baselines
+from rlbatch.batcher import relay_width
 
 
 def test_seed_style_batcher_gathers_and_answers_each_item(no_thread_leak):
@@ -148,6 +149,17 @@ def test_relay_gate_releases_threads_in_full_rounds(no_thread_leak):
     gate.close()
     assert not any(t.is_alive() for t in threads) and early == []
     assert arrived[0] == n * rounds
+
+
+def test_relay_width_matches_the_service_rule():
+    assert [relay_width(n) for n in (1, 64, 128, 129, 256)] == [2, 2, 2, 3, 4]
+    assert relay_width(256, wake_width=1) == 1
+
+
+def test_client_floor_releases_every_thread_each_round(no_thread_leak):
+    # 130 threads: the gate releases each round as three relays (relay_width(130) == 3).
+    load = baselines.run_client_floor(130, 1.0)
+    assert load.items >= 130 and load.items_per_s > 0 and load.p99_ms >= load.p50_ms > 0
 
 
 class FailsOnStep(gymnasium.Wrapper):

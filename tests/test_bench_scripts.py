@@ -58,6 +58,9 @@ def test_bench_policy_quick_writes_every_row(tmp_path):
         elif r["mode"] == "seed-style":
             assert r["compile_count"] == 1 and r["compiles_during_run"] == 0, r
             assert r["ratio_to_seed_style"] == 1.0
+        elif r["mode"] == "thread-floor":  # no policy at all; every round releases every thread
+            assert r["compile_count"] == 0 and r["compiles_during_run"] == 0, r
+            assert r["mean_batch"] == r["threads"], r
         else:  # no-buckets: one compilation per batch size met
             assert 1 <= r["compile_count"] <= max(args["buckets"]), r
             assert r["compiles_during_run"] <= r["compile_count"], r
@@ -161,8 +164,14 @@ def test_bench_batching_quick_writes_every_row(tmp_path):
         itertools.product(FUNCTIONS, report["args"]["threads"], MODES))
     for r in rows:
         assert r["items_per_s"] > 0 and r["cpu_per_1k"] >= 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
-        assert 1 <= r["mean_batch"] <= min(r["threads"], report["args"]["max_batch_size"]), r
+        if r["mode"] == "thread-floor":  # every round releases every thread
+            assert r["mean_batch"] == r["threads"], r
+        else:
+            assert 1 <= r["mean_batch"] <= min(r["threads"], report["args"]["max_batch_size"]), r
         if r["mode"] == "seed-style":
             assert r["ratio_to_seed_style"] == 1.0
+    # --quick measures 1 and 16 threads: the 16-thread target, beside the thread floor, per function
+    assert sorted((t["function"], t["threads"]) for t in report["targets"]) == [(f, 16) for f in sorted(FUNCTIONS)]
+    assert all(t["thread_floor"] > 0 and t["met"] == (t["measured"] >= t["target"]) for t in report["targets"])
     assert pathlib.Path(f"{out}.md").read_text().count("| function | threads | mode |") == 1
     assert_library_reports(out)
