@@ -211,12 +211,25 @@ class _LeafSpec:
 
 
 def to_host(leaves):
-    """Device arrays -> numpy, all copies started before any is waited for (one round trip)."""
-    for leaf in leaves:
-        start = getattr(leaf, "copy_to_host_async", None)
-        if start is not None:
+    """Device arrays -> numpy in one round trip.
+
+    On an accelerator every copy is started before any is waited for. On the CPU the arrays are
+    already in host memory and np.asarray reads each directly: starting copies there only adds
+    dispatch work (measured: 60-80 us of CPU per batch of three outputs on the 2-core VM).
+    """
+    starts = [start for start in (getattr(leaf, "copy_to_host_async", None) for leaf in leaves) if start is not None]
+    if starts and not _in_host_memory(starts[0].__self__):
+        for start in starts:
             start()
     return [np.asarray(leaf) for leaf in leaves]
+
+
+def _in_host_memory(array) -> bool:
+    """True for a jax array on a CPU device (one device; a sharded array counts as not)."""
+    try:
+        return array.device.platform == "cpu"
+    except (AttributeError, ValueError):
+        return False
 
 
 def row_selectors(requests):

@@ -1,5 +1,6 @@
 """PolicyService: bucket equivalence, compile-once, bad input, parameter updates, recurrent state."""
 import threading
+import types
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import rlbatch
+from rlbatch.codecs import _in_host_memory, to_host
 
 BUCKETS = (4, 8, 16)
 
@@ -295,3 +297,28 @@ def test_pipelining_only_where_dispatch_is_asynchronous():
         assert action == action2
     finally:
         jax.config.update("jax_cpu_enable_async_dispatch", before)
+
+
+def test_to_host_reads_cpu_arrays_directly_and_starts_copies_elsewhere():
+    class Offhost:  # stands for an accelerator array: its copy must be started before it is read
+        started = 0
+
+        def __init__(self, value):
+            self.value = value
+            self.device = types.SimpleNamespace(platform="gpu")
+
+        def copy_to_host_async(self):
+            Offhost.started += 1
+
+        def __array__(self, dtype=None, copy=None):
+            return np.asarray(self.value, dtype)
+
+    cpu = jax.devices("cpu")[0]
+    on_cpu = [jax.device_put(np.arange(3), cpu), jax.device_put(np.ones((2, 2), np.float32), cpu)]
+    assert _in_host_memory(on_cpu[0]) and not _in_host_memory(np.arange(3))
+    got = to_host(on_cpu + [np.zeros(1)])
+    assert all(type(g) is np.ndarray for g in got)
+    np.testing.assert_array_equal(got[0], np.arange(3))
+    got = to_host([Offhost(np.arange(2)), Offhost(np.ones(2))])
+    assert Offhost.started == 2
+    np.testing.assert_array_equal(got[0], np.arange(2))
