@@ -71,10 +71,6 @@ class Args:
     pin_python: bool = True
     """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
     hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
-    sequential_cpu_schedule: bool = True
-    """before JAX starts, have XLA schedule CPU programs sequentially
-    (rlbatch.cli.prefer_sequential_cpu_schedule: tiny policy steps 2-3x faster on a CPU);
-    --no-sequential-cpu-schedule keeps XLA's default"""
     quick: bool = False
     """tiny settings for a smoke test (16 and 256 callers, 0.5 s, one repeat, 300 padding requests)"""
     out: str = "runs/bench_policy"
@@ -222,7 +218,6 @@ def median_of(runs):
 
 
 def main(args: Args):
-    print(cli.prefer_sequential_cpu_schedule(args.sequential_cpu_schedule))
     cli.prefer_sync_cpu_dispatch()
     print(cli.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")

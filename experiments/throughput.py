@@ -83,10 +83,6 @@ class Args:
     pin_python: bool = True
     """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
     hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
-    sequential_cpu_schedule: bool = True
-    """before JAX starts, have XLA schedule CPU programs sequentially
-    (rlbatch.cli.prefer_sequential_cpu_schedule: tiny policy steps 2-3x faster on a CPU);
-    --no-sequential-cpu-schedule keeps XLA's default"""
     quick: bool = False
     """a smoke run: 16 single-env actors, buckets 8,16, max delay 0.5 and 2 ms, 0.2 s warm-up and 0.6 s per run"""
     progress: bool = True
@@ -191,7 +187,6 @@ def run_baseline(mode: str, env_id: str, num_envs: int, policy: EnvPolicy, args:
 
 
 def main(args: Args) -> dict:
-    print(cli.prefer_sequential_cpu_schedule(args.sequential_cpu_schedule))
     cli.prefer_sync_cpu_dispatch()
     print(cli.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")

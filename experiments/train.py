@@ -49,10 +49,6 @@ class Args:
     pin_python: bool = True
     """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads; seed 0 solved
     in 23.3 s pinned vs 32.2 s not, on the 2-core machine); --no-pin-python to compare"""
-    sequential_cpu_schedule: bool = True
-    """before JAX starts, have XLA schedule CPU programs sequentially
-    (rlbatch.cli.prefer_sequential_cpu_schedule: tiny policy steps 2-3x faster on a CPU);
-    --no-sequential-cpu-schedule keeps XLA's default"""
     total_steps: int = 2_000_000
     """env step budget"""
     max_seconds: float = 300.0
@@ -91,7 +87,6 @@ def make_learner(args: Args, network):
 
 
 def main(args: Args) -> dict:
-    print(cli.prefer_sequential_cpu_schedule(args.sequential_cpu_schedule))
     cli.prefer_sync_cpu_dispatch()
     print(cli.pin_python_threads(args.pin_python))
     probe = gymnasium.make(args.env)

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import dataclasses
 import inspect
 import textwrap
 import typing
 from typing import Any, Sequence, TypeVar
 
-__all__ = ["parse", "field_docs", "pin_python_threads", "prefer_sequential_cpu_schedule", "prefer_sync_cpu_dispatch"]
-
-SEQUENTIAL_CPU_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+__all__ = ["parse", "field_docs", "pin_python_threads", "prefer_sync_cpu_dispatch"]
 
 T = TypeVar("T")
 
@@ -94,33 +91,6 @@ def parse(cls: type[T], argv: Sequence[str] | None = None, description: str | No
         if typing.get_origin(hints[f.name]) is tuple and values[f.name] is not None:
             values[f.name] = tuple(values[f.name])
     return cls(**values)
-
-
-def prefer_sequential_cpu_schedule(enable: bool = True) -> str:
-    """Before JAX starts: has XLA schedule CPU programs depth-first for memory, not breadth-first
-    for concurrency (XLA_FLAGS += SEQUENTIAL_CPU_SCHEDULE). Returns a line for the script's report.
-
-    XLA's default CPU schedule lets its runtime run a program's independent operations on the
-    intra-op thread pool. A policy step is a few tiny operations, and each hand-off to that pool
-    costs more than the operation: on the 2-core VM the 4-64-64-2 policy step with a batch of 8
-    went from 210-330 us to 80-100 us per call (batch 64: 2.3x faster; batch 256 and the larger
-    64-256-256-18 policy at 256 rows: about the same), with identical outputs; a PPO update of 64
-    x 16 CartPole steps got about 7% slower. XLA reads XLA_FLAGS once, when JAX starts its backend,
-    so this must come first, and it is process-wide: the library never sets it on its own;
-    experiment scripts call this at start (--no-sequential-cpu-schedule to compare).
-    """
-    from jax._src import xla_bridge  # no public API says whether the backend has started
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if not enable:
-        return "XLA CPU schedule: XLA's default (concurrency-optimized)"
-    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
-        return f"XLA CPU schedule: as XLA_FLAGS sets it ({flags})"
-    started = getattr(xla_bridge, "backends_are_initialized", lambda: False)()
-    if started:
-        return "XLA CPU schedule: XLA's default (JAX had already started; set XLA_FLAGS before it starts)"
-    os.environ["XLA_FLAGS"] = f"{flags} {SEQUENTIAL_CPU_SCHEDULE}".strip()
-    return f"XLA CPU schedule: sequential ({SEQUENTIAL_CPU_SCHEDULE}; --no-sequential-cpu-schedule to compare)"
 
 
 def prefer_sync_cpu_dispatch() -> bool:
