@@ -634,7 +634,7 @@ class BatchedService:
         return min(level[0].t0 for level in self._levels.values() if level)
 
     def _next_batch(self):
-        """Blocks until a batch may go; returns its requests (or None once closed and drained)."""
+        """Blocks until a batch may go; returns `_take()`'s batch (or None once closed and drained)."""
         with self._lock:
             while True:
                 if not self._pending:
@@ -656,9 +656,12 @@ class BatchedService:
             return self._take()
 
     def _take(self):
+        """Takes the next batch off the queue: (requests, rows, plain). `plain`: every request is a
+        blocking call without a deadline, still wanted (nothing to drop before running)."""
         now = _clock()
         capacity = self.max_batch_size
         taken = []
+        plain = True
         order = self._level_order
         if len(order) > 1:
             starving = [lv for lv in order[1:] if self._levels[lv] and now - self._levels[lv][0].t0 > self.starvation_timeout]
@@ -676,6 +679,10 @@ class BatchedService:
                 taken.append(r)
                 if r.lock is not None and r.state == _PENDING:
                     r.state = _TAKEN
+                    if r.deadline is not None:
+                        plain = False
+                else:  # a Future, or a blocking call whose caller timed out and left
+                    plain = False
                 c = r.caller
                 if c is not None:  # _caller_dequeued, inlined: this loop runs once per request
                     c.outstanding -= 1
@@ -683,11 +690,12 @@ class BatchedService:
                         self._outstanding_callers -= 1
             if capacity == 0:
                 break
+        rows = self.max_batch_size - capacity
         self._pending -= len(taken)
-        self._pending_rows -= self.max_batch_size - capacity
+        self._pending_rows -= rows
         if self.max_queue is not None:
             self._not_full.notify(len(taken))
-        return taken
+        return taken, rows, plain
 
     def _worker(self):
         if self._setup is not None:
@@ -697,15 +705,16 @@ class BatchedService:
                 self._fail_setup(e)
                 return
         while True:
-            requests = self._next_batch()
-            if requests is None:
+            batch = self._next_batch()
+            if batch is None:
                 break
+            requests = batch[0]
             slots = self._in_flight
             if slots is not None:
                 slots.acquire()  # bounds the batches dispatched and not yet completed
             job = None
             try:
-                job = self._dispatch(requests)
+                job = self._dispatch(*batch)
             except BaseException as e:  # noqa: BLE001 - the worker never dies
                 self._complete(requests, [e] * len(requests))
             finally:
@@ -758,15 +767,14 @@ class BatchedService:
         self._pending_rows -= sum(1 if r.rows is None else r.rows for r in drained)
         return drained
 
-    def _dispatch(self, requests):
+    def _dispatch(self, requests, num_rows, plain):
         """Drops cancelled and expired requests, then calls the batch function on the rest.
 
         Returns the job to finish, or None when nothing was left to run (or the call failed).
         """
         now = _clock()
-        if not any(r.deadline is not None or r.state != _TAKEN for r in requests):
-            # The common case: blocking calls, no deadline, none cancelled (Futures are never _TAKEN).
-            return self._call_batch_fn(requests, now)
+        if plain:  # the common case: blocking calls, no deadline, none cancelled
+            return self._call_batch_fn(requests, num_rows, now)
         live, dead, dead_errors = [], [], []
         for r in requests:
             if r.deadline is not None and now > r.deadline:
@@ -784,11 +792,10 @@ class BatchedService:
             self._complete(dead, dead_errors)
         if not live:
             return None
-        return self._call_batch_fn(live, now)
+        return self._call_batch_fn(live, sum([1 if r.rows is None else r.rows for r in live]), now)
 
-    def _call_batch_fn(self, live, now):
+    def _call_batch_fn(self, live, num_rows, now):
         self._stats.queue_waits.extend([now - r.t0 for r in live])
-        num_rows = sum([1 if r.rows is None else r.rows for r in live])
         ctx = None
         try:
             args, kwargs, ctx, padded = self._codec.gather(live, num_rows)

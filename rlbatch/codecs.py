@@ -299,11 +299,14 @@ class ArrayCodec:
         return self.buckets[bisect.bisect_left(self.buckets, num_rows)]
 
     def prepare(self, args, kwargs, rows):
+        """A request's rows in canonical form: one list of leaves per argument, or, when the
+        function takes one plain array (`_fast`), that array itself (no lists to build per
+        request, and none to walk per row in `gather`)."""
         fast = self._fast
-        if fast is not None and rows is None and len(args) == 1 and not kwargs:
+        if fast is not None and len(args) == 1 and not kwargs:
             x = args[0]
-            if type(x) is np.ndarray and x.shape == fast[0] and x.dtype == fast[1]:
-                return [[x]]
+            if type(x) is np.ndarray and x.dtype == fast[1] and x.shape == (fast[0] if rows is None else (rows,) + fast[0]):
+                return x
         values = self.argspec.canonical(args, kwargs)
         if self._specs is None:
             with self._spec_lock:
@@ -328,7 +331,7 @@ class ArrayCodec:
                         f"got {leaf.dtype}{list(leaf.shape)}")
                 out.append(leaf)
             prepared.append(out)
-        return prepared
+        return prepared[0][0] if self._fast is not None else prepared
 
     def _buffers(self, bucket):
         pool = self._pools[bucket]
@@ -341,35 +344,42 @@ class ArrayCodec:
         bucket = self.bucket_for(num_rows)
         buffers = self._buffers(bucket)
         single = _all_single(requests)
+        if self._fast is not None:  # one plain array per request (see prepare)
+            buf = buffers[0][0]
+            self._fill(buf, [r.values for r in requests], requests, single, num_rows, bucket)
+            args, kwargs = self.argspec.split([buf])
+            return args, kwargs, (bucket, buffers), bucket
         columns = []
         for j, (spec, bufs) in enumerate(zip(self._specs, buffers)):
             for li, buf in enumerate(bufs):
-                if single and buf.ndim > 1:
-                    # Concatenating into a flat view of the buffer is several times faster than
-                    # np.stack(..., out=buf) (no per-row expand_dims).
-                    head = buf[:num_rows]
-                    np.concatenate([r.values[j][li] for r in requests], axis=0,
-                                   out=head.reshape((num_rows * buf.shape[1],) + buf.shape[2:]))
-                elif single:
-                    buf[:num_rows] = [r.values[j][li] for r in requests]
-                else:
-                    i = 0
-                    for r in requests:
-                        k = 1 if r.rows is None else r.rows
-                        buf[i:i + k] = r.values[j][li]
-                        i += k
-                if num_rows < bucket:
-                    # Repeating a real row keeps padded rows inside the input distribution (no NaN
-                    # or overflow from zeros through a normaliser); they are never returned.
-                    if self.pad == "repeat":
-                        buf[num_rows:] = buf[num_rows - 1]
-                    elif self.pad == "zeros":
-                        buf[num_rows:] = 0
-                    else:
-                        buf[num_rows:] = self.pad
+                self._fill(buf, [r.values[j][li] for r in requests], requests, single, num_rows, bucket)
             columns.append(jax.tree_util.tree_unflatten(spec.treedef, bufs))
         args, kwargs = self.argspec.split(columns)
         return args, kwargs, (bucket, buffers), bucket
+
+    def _fill(self, buf, rows, requests, single, num_rows, bucket):
+        """Writes each request's rows of one leaf into `buf`, in order, then pads it."""
+        if single and buf.ndim > 1:
+            # Concatenating into a flat view of the buffer is several times faster than
+            # np.stack(..., out=buf) (no per-row expand_dims).
+            np.concatenate(rows, axis=0, out=buf[:num_rows].reshape((num_rows * buf.shape[1],) + buf.shape[2:]))
+        elif single:
+            buf[:num_rows] = rows
+        else:
+            i = 0
+            for r, x in zip(requests, rows):
+                k = 1 if r.rows is None else r.rows
+                buf[i:i + k] = x
+                i += k
+        if num_rows < bucket:
+            # Repeating a real row keeps padded rows inside the input distribution (no NaN
+            # or overflow from zeros through a normaliser); they are never returned.
+            if self.pad == "repeat":
+                buf[num_rows:] = buf[num_rows - 1]
+            elif self.pad == "zeros":
+                buf[num_rows:] = 0
+            else:
+                buf[num_rows:] = self.pad
 
     def scatter(self, output, requests, num_rows, ctx):
         bucket, buffers = ctx
@@ -399,8 +409,9 @@ class ArrayCodec:
         bucket, buffers = ctx
         self._pools[bucket].append(buffers)
 
-    @staticmethod
-    def slice_rows(values, start, stop):
+    def slice_rows(self, values, start, stop):
+        if self._fast is not None:
+            return values[start:stop]
         return [[leaf[start:stop] for leaf in leaves] for leaves in values]
 
     @staticmethod

@@ -83,10 +83,10 @@ class _PolicyCodec(ArrayCodec):
     def prepare(self, args, kwargs, rows):
         values = super().prepare(args, kwargs, rows)
         if self.check_finite:
-            for leaves in values:
-                for leaf in leaves:
-                    if leaf.dtype.kind in "fc" and not np.isfinite(leaf).all():
-                        raise InvalidRequest("observation contains NaN or inf (check_finite=True refuses it)")
+            leaves = [values] if self._fast is not None else [leaf for leaves in values for leaf in leaves]
+            for leaf in leaves:
+                if leaf.dtype.kind in "fc" and not np.isfinite(leaf).all():
+                    raise InvalidRequest("observation contains NaN or inf (check_finite=True refuses it)")
         return values
 
     def gather(self, requests, num_rows):
@@ -113,12 +113,16 @@ class _PolicyCodec(ArrayCodec):
         state_leaves, state_def = jax.tree_util.tree_flatten(host[2]) if stateful else ((), None)
         if not stateful and all(r.rows is None for r in requests):
             # One row per request (actors with one environment): split each column once with
-            # numpy's own iteration instead of indexing it per row.
-            rows = zip(action[:num_rows], *[c[:num_rows] for c in columns])
+            # numpy's own iteration instead of indexing it per row, and fill the extras dicts a
+            # column at a time (measured: half the time of building each row's dict from a zip).
+            dicts = [{} for _ in range(num_rows)]
+            for k, c in zip(keys, columns):
+                for d, x in zip(dicts, c[:num_rows]):
+                    d[k] = x
             make = tuple.__new__
             results = []
-            for a, *values in rows:
-                out = make(PolicyOutput, (a, dict(zip(keys, values))))
+            for a, d in zip(action[:num_rows], dicts):
+                out = make(PolicyOutput, (a, d))
                 out.version = version
                 results.append(out)
             return results
@@ -400,7 +404,7 @@ def _call(target, policy, obs, state, timeout, caller):
     if fast is not None and state is None and type(obs) is np.ndarray and obs.shape == fast[0] and obs.dtype == fast[1]:
         # The hot path of an actor: one plain array observation of exactly the expected shape and
         # dtype, nothing else to check (the codec's own fast path, without the layers above it).
-        return policy._service._call_prepared([[obs]], None, _clock(), timeout, 0, caller)
+        return policy._service._call_prepared(obs, None, _clock(), timeout, 0, caller)
     args = policy._args(obs, state)
     if policy._is_rows(obs):
         return target.call_rows(*args, timeout=timeout)
