@@ -503,10 +503,21 @@ class BatchedService:
         return self._call_prepared(values, num_rows, now, timeout, priority, caller)
 
     def _call_prepared(self, values, num_rows, now, timeout, priority, caller):
-        """The blocking call of values already checked by the codec (`prepare`'s output)."""
-        req = _Request(values, num_rows, priority, now, None if timeout is None else now + timeout, caller, None)
-        req.lock = lock = threading.Lock()
-        lock.acquire()
+        """The blocking call of values already checked by the codec (`prepare`'s output).
+
+        A registered caller reuses the request object of its last call, whose lock it holds
+        again once woken: no allocation per call (a Caller used by two threads at once gives one
+        of them a fresh request: dict.pop is atomic under the GIL).
+        """
+        deadline = None if timeout is None else now + timeout
+        req = None if caller is None else caller.__dict__.pop("_spare", None)
+        if req is None:
+            req = _Request(values, num_rows, priority, now, deadline, caller, None)
+            req.lock = lock = threading.Lock()
+            lock.acquire()
+        else:
+            req.values, req.rows, req.priority, req.t0, req.deadline = values, num_rows, priority, now, deadline
+            req.state = _PENDING
         self._enqueue_one(req, now, caller, timeout)
         if timeout is None:
             # Relay wake-up: the worker wakes the first `wake_width` callers of a batch, and each
@@ -529,9 +540,13 @@ class BatchedService:
                 if req.state == _PENDING:
                     req.state = _CANCELLED
             raise DeadlineExceeded(f"no result from service {self.name!r} within {timeout} s")
-        if req.error is not None:
-            raise req.error
-        return req.value
+        value, error = req.value, req.error
+        if caller is not None:  # done with it: the worker let go of it before releasing its lock
+            req.values = req.value = req.error = req.baton = None
+            caller._spare = req
+        if error is not None:
+            raise error
+        return value
 
     def _enqueue_one(self, r, now, caller, deadline):
         # The per-request hot path: one lock, no loops, the worker woken only when a batch can go.
