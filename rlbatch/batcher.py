@@ -51,6 +51,7 @@ from rlbatch.stats import ServiceStats, StatsRecorder
 __all__ = ["BatchedService", "Caller"]
 
 _PENDING, _TAKEN, _DONE, _CANCELLED = 0, 1, 2, 3
+_WAS_CANCELLED = object()  # in place of a result in _complete: the request was cancelled, not run
 _clock = time.perf_counter
 # Automatic wake_width: relays of at most this many callers. Measured with Python threads pinned to
 # one CPU: 256 callers in batches of about 200 went from 25k to 37k requests/s with 4 relays instead
@@ -801,7 +802,7 @@ class BatchedService:
                 live.append(r)
             else:
                 dead.append(r)
-                dead_errors.append(None)
+                dead_errors.append(_WAS_CANCELLED)
                 self._stats.cancelled += 1
         if dead:
             self._complete(dead, dead_errors)
@@ -857,10 +858,10 @@ class BatchedService:
         self._complete(live, results)
 
     def _complete(self, requests, results):
-        """Hands each request its result: a value, an exception, or None for 'was cancelled'."""
+        """Hands each request its result: a value, an exception, or _WAS_CANCELLED."""
         relay = []
         for r, res in zip(requests, results):
-            if res is None:  # cancelled: its Future already says so
+            if res is _WAS_CANCELLED:  # a Future already says so; a blocking call's caller left
                 if r.lock is not None:
                     r.fail(concurrent.futures.CancelledError())
                 continue

@@ -414,6 +414,19 @@ def test_exception_instance_in_place_of_a_result_fails_that_item_alone():
     svc.close()
 
 
+def test_none_is_a_result_like_any_other():
+    # A batch function run for its side effects returns None per input; every kind of caller gets
+    # None back, not CancelledError (None used to mean "cancelled" inside the worker).
+    with rlbatch.BatchedService(lambda xs: [None for _ in xs], max_batch_size=4, max_delay=0.001) as svc:
+        assert svc(1) is None
+        assert svc.submit(2).result(timeout=10) is None
+        assert svc(3, timeout=10) is None
+        with svc.register() as caller:
+            assert caller(4) is None
+            assert caller(5) is None  # the registered caller's reused request, second time
+        assert svc.map([6, 7, 8]) == [None, None, None]
+
+
 # --------------------------------------------------------------------------- the contract
 
 def test_submit_returns_stdlib_future_and_context_manager_closes():
