@@ -424,8 +424,13 @@ class PolicyCaller:
     def __init__(self, policy: PolicyService, caller):
         self._policy = policy
         self._caller = caller
+        self._shape, self._dtype = policy._fast_obs or (None, None)
+        self._call_prepared = policy._service._call_prepared
 
     def __call__(self, obs, state=None, *, timeout: float | None = None) -> PolicyOutput:
+        if state is None and type(obs) is np.ndarray and obs.shape == self._shape and obs.dtype == self._dtype:
+            # An actor's step: `_call`'s fast path, one call frame shorter.
+            return self._call_prepared(obs, None, _clock(), timeout, 0, self._caller)
         return _call(self._caller, self._policy, obs, state, timeout, self._caller)
 
     def submit(self, obs, state=None, *, timeout: float | None = None, priority: int = 0):
