@@ -37,6 +37,7 @@ import asyncio
 import collections
 import concurrent.futures
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -45,12 +46,13 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 
 from rlbatch.codecs import ArgSpec, ArrayCodec, CallCodec, ListCodec
-from rlbatch.errors import DeadlineExceeded, InvalidRequest, QueueFull, ServiceClosed
+from rlbatch.errors import BatchOutputError, DeadlineExceeded, InvalidRequest, QueueFull, ServiceClosed
 from rlbatch.stats import ServiceStats, StatsRecorder
 
 __all__ = ["BatchedService", "Caller"]
 
 _PENDING, _TAKEN, _DONE, _CANCELLED = 0, 1, 2, 3
+_log = logging.getLogger("rlbatch")
 _WAS_CANCELLED = object()  # in place of a result in _complete: the request was cancelled, not run
 _clock = time.perf_counter
 # Automatic wake_width: relays of at most this many callers. Measured with Python threads pinned to
@@ -134,6 +136,11 @@ class _Joined:
         self._claimed = False
         self._failed = False
         self._abandoned = False
+
+    @property
+    def started(self) -> bool:
+        """A part has run or is running (and the request has not failed)."""
+        return self._claimed and not self._failed
 
     def claim_part(self) -> bool:
         with self._lock:
@@ -373,8 +380,15 @@ class BatchedService:
         if self.max_queue is None:
             self._enqueue(requests, now)
         else:  # one at a time, so that a long list waits for room instead of being refused whole
-            for r in requests:
-                self._enqueue([r], now, deadline=timeout)
+            for i, r in enumerate(requests):
+                try:
+                    self._enqueue([r], now, deadline=timeout)
+                except (QueueFull, ServiceClosed, DeadlineExceeded) as e:
+                    # The items before this one are queued and will run: every item keeps its
+                    # Future, and the ones refused hold why.
+                    for rest in requests[i:]:
+                        rest.future.set_exception(e)
+                    break
         return futures
 
     def map(self, items: Iterable, *, timeout: float | None = None) -> list:
@@ -492,8 +506,12 @@ class BatchedService:
             if rows:
                 num_rows = self._num_rows(args, kwargs)
                 if num_rows > self.max_batch_size:  # split over several batches: the Future path
-                    return self._submit(args, kwargs, priority=priority, deadline=timeout, caller=caller,
-                                        rows=True).result()
+                    future = self._submit(args, kwargs, priority=priority, deadline=timeout, caller=caller, rows=True)
+                    try:
+                        return future.result(None if timeout is None else max(0.0, now + timeout - _clock()))
+                    except concurrent.futures.TimeoutError:
+                        future.cancel()  # parts not started yet are dropped (see _Joined.abandon)
+                        raise DeadlineExceeded(f"no result from service {self.name!r} within {timeout} s") from None
             if num_rows is None and not kwargs and len(args) == self._fast_arity:
                 values = args  # plain positional list-mode call: nothing to check or reorder
             else:
@@ -536,7 +554,7 @@ class BatchedService:
             finally:
                 if req.baton is not None:
                     req.baton.lock.release()
-        elif not req.lock.acquire(timeout=timeout):
+        elif not req.lock.acquire(timeout=max(0.0, deadline - _clock())):  # time spent waiting for room counts
             with self._lock:
                 if req.state == _PENDING:
                     req.state = _CANCELLED
@@ -793,7 +811,8 @@ class BatchedService:
             return self._call_batch_fn(requests, num_rows, now)
         live, dead, dead_errors = [], [], []
         for r in requests:
-            if r.deadline is not None and now > r.deadline:
+            if r.deadline is not None and now > r.deadline and (r.parent is None or not r.parent.started):
+                # (the rest of a split request whose first part ran runs too: see _Joined.abandon)
                 dead.append(r)
                 dead_errors.append(DeadlineExceeded(
                     f"request waited {now - r.t0:.4f} s in service {self.name!r}, past its deadline; it was not run"))
@@ -843,6 +862,9 @@ class BatchedService:
         try:
             try:
                 results = self._codec.scatter(output, live, num_rows, ctx)
+                if len(results) != len(live):
+                    raise BatchOutputError(f"the batch output split into {len(results)} results for "
+                                           f"{len(live)} requests ({num_rows} rows); expected one per request")
             except BaseException as e:  # noqa: BLE001 - a bad output fails its batch only
                 self._stats.errors += len(live)
                 results = [e] * len(live)
@@ -861,11 +883,7 @@ class BatchedService:
         """Hands each request its result: a value, an exception, or _WAS_CANCELLED."""
         relay = []
         for r, res in zip(requests, results):
-            if res is _WAS_CANCELLED:  # a Future already says so; a blocking call's caller left
-                if r.lock is not None:
-                    r.fail(concurrent.futures.CancelledError())
-                continue
-            if r.lock is not None and r.deadline is None:
+            if r.lock is not None and r.deadline is None and res is not _WAS_CANCELLED:
                 # Blocking callers are woken as a relay (see _call), not all at once.
                 if isinstance(res, BaseException):
                     r.error = res
@@ -873,10 +891,19 @@ class BatchedService:
                     r.value = res
                 r.state = _DONE
                 relay.append(r)
-            elif isinstance(res, BaseException):
-                r.fail(res)
-            else:
-                r.finish(res)
+                continue
+            try:
+                if res is _WAS_CANCELLED:  # a Future already says so; a blocking call's caller left
+                    if r.lock is not None:
+                        r.fail(concurrent.futures.CancelledError())
+                elif isinstance(res, BaseException):
+                    r.fail(res)
+                else:
+                    r.finish(res)
+            except BaseException:  # noqa: BLE001 - the worker never dies, the other requests still complete
+                # A done-callback of this caller's Future raised something concurrent.futures does
+                # not catch itself (SystemExit, KeyboardInterrupt): report it, as it reports the rest.
+                _log.exception("rlbatch: a done-callback of a Future from service %r raised", self.name)
         if relay:
             width = relay_width(len(relay), self.wake_width)
             for a, b in zip(relay, relay[width:]):

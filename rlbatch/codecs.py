@@ -259,6 +259,15 @@ def _as_array(x):
     return x if isinstance(x, np.ndarray) else np.asarray(x)
 
 
+def _first_row(x, rows):
+    """Row 0 of one leaf of a multi-row request (the first request fixes the row shapes)."""
+    a = _as_array(x)
+    if a.ndim == 0 or len(a) != rows:
+        raise InvalidRequest(f"a request of {rows} rows needs arrays with {rows} rows on the leading axis, "
+                             f"got an array of shape {list(a.shape)}")
+    return a[0]
+
+
 class ArrayCodec:
     """Stacks array rows into preallocated per-bucket buffers, pads, and slices outputs back.
 
@@ -284,13 +293,23 @@ class ArrayCodec:
         self._pools: dict[int, list] = {b: [] for b in self.buckets}
         self._fast = None  # (shape, dtype) when the function takes one plain array: no tree work
         if example is not None:
-            self._set_specs(tuple(example))
+            self._set_specs(tuple(example), example_given=True)
 
-    def _set_specs(self, values):
+    def _set_specs(self, values, example_given=False):
         specs = []
         for name, v in zip(self.argspec.names, values):
             leaves, treedef = jax.tree_util.tree_flatten(v)
             specs.append(_LeafSpec(treedef, [_as_array(x) for x in leaves], name))
+        if not isinstance(self.pad, str):
+            for spec in specs:
+                for dtype in spec.dtypes:
+                    try:
+                        np.empty((), dtype)[()] = self.pad  # as gather will pad every short batch
+                    except (TypeError, ValueError, OverflowError) as e:
+                        why = f"pad={self.pad!r} cannot fill argument {spec.name!r} of dtype {dtype} ({e})"
+                        if example_given:
+                            raise ValueError(why) from None
+                        raise InvalidRequest(why + "; choose a pad value of that dtype") from None
         self._specs = specs
         if len(specs) == 1 and len(specs[0].shapes) == 1 and specs[0].treedef.num_nodes == 1:
             self._fast = (specs[0].shapes[0], specs[0].dtypes[0])
@@ -313,7 +332,7 @@ class ArrayCodec:
                 if self._specs is None:
                     first = values
                     if rows is not None:
-                        first = tuple(jax.tree_util.tree_map(lambda x: _as_array(x)[0], v) for v in values)
+                        first = tuple(jax.tree_util.tree_map(lambda x: _first_row(x, rows), v) for v in values)
                     self._set_specs(first)
         prepared = []
         for spec, v in zip(self._specs, values):

@@ -745,3 +745,110 @@ def test_every_blocked_caller_of_a_batch_is_woken_whatever_the_wake_width(wake_w
     assert out == [i + 1 for i in range(n)]
     with pytest.raises(ValueError, match="wake_width"):
         rlbatch.BatchedService(lambda xs: xs, wake_width=0)
+
+
+# --------------------------------------------------------------------------- faults found in review
+
+def test_array_output_with_no_arrays_fails_its_batch_instead_of_hanging():
+    with rlbatch.BatchedService(lambda x, num_valid: None, max_batch_size=4, max_delay=0.001, buckets=(4,)) as svc:
+        with pytest.raises(rlbatch.BatchOutputError, match="0 results for 1 requests"):
+            svc.submit(np.zeros(3, np.float32)).result(timeout=10)
+        with pytest.raises(rlbatch.BatchOutputError):
+            svc(np.zeros(3, np.float32))
+
+
+def test_future_callback_raising_base_exception_does_not_kill_the_worker():
+    class Boom(BaseException):
+        pass
+
+    def explode(_):
+        raise Boom("from a done-callback")
+
+    with rlbatch.BatchedService(lambda xs: [x * 2 for x in xs], max_batch_size=8, max_delay=0.05) as svc:
+        f1 = svc.submit(1)
+        f1.add_done_callback(explode)
+        f2 = svc.submit(2)
+        assert f1.result(timeout=10) == 2 and f2.result(timeout=10) == 4
+        assert svc(3) == 6  # the worker is alive
+    gate = Gate(max_batch_size=4)
+    gate.hold("blocker")
+    late = gate.svc.submit("late", timeout=0.01)  # expires while the worker is held
+    late.add_done_callback(explode)
+    other = gate.svc.submit("other")  # same batch as the expired one
+    time.sleep(0.05)
+    gate.release.set()
+    with pytest.raises(rlbatch.DeadlineExceeded):
+        late.result(timeout=10)
+    assert other.result(timeout=10) == "other" and gate.svc("after") == "after"
+    gate.svc.close()
+
+
+def test_split_multi_row_call_honours_its_timeout():
+    def slow(xs):
+        time.sleep(1.0)
+        return xs
+
+    with rlbatch.BatchedService(slow, max_batch_size=4, max_delay=0) as svc:
+        t0 = time.perf_counter()
+        with pytest.raises(rlbatch.DeadlineExceeded):
+            svc.call_rows(list(range(6)), timeout=0.2)  # two batches of 4 and 2
+        assert time.perf_counter() - t0 < 0.9
+
+
+def test_blocking_timeout_counts_the_wait_for_room_and_negative_means_expired():
+    gate = Gate(max_queue=1, on_full="block")
+    gate.hold("running")
+    queued = gate.svc.submit("queued")  # fills the queue
+    t0 = time.perf_counter()
+    with pytest.raises(rlbatch.DeadlineExceeded):
+        gate.svc("late", timeout=0.3)  # waits for room, then for its result: 0.3 s in all
+    waited = time.perf_counter() - t0
+    with pytest.raises(rlbatch.DeadlineExceeded):
+        gate.svc("never", timeout=-1)  # -1 is a deadline in the past, not "wait forever"
+    gate.release.set()
+    assert queued.result(timeout=10) == "queued"
+    assert waited < 0.55, waited
+    gate.svc.close()
+
+
+def test_submit_many_into_a_full_queue_returns_every_future():
+    gate = Gate(max_queue=3, on_full="raise")
+    gate.hold("running")
+    futures = gate.svc.submit_many(range(10))
+    assert len(futures) == 10
+    refused = [f for f in futures if f.done() and isinstance(f.exception(), rlbatch.QueueFull)]
+    assert len(refused) == 7
+    gate.release.set()
+    assert [f.result(timeout=10) for f in futures[:3]] == [0, 1, 2]
+    gate.svc.close()
+
+
+def test_rest_of_a_started_split_request_runs_past_its_deadline():
+    seen = []
+
+    def slow(xs):
+        time.sleep(0.3)
+        seen.append(list(xs))
+        return xs
+
+    with rlbatch.BatchedService(slow, max_batch_size=4, max_delay=0) as svc:
+        f = svc.submit_rows(list(range(6)), timeout=0.1)  # the second part expires while the first runs
+        assert f.result(timeout=10) == list(range(6))
+        assert seen == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_first_multi_row_request_without_a_row_axis_is_refused_alone():
+    with rlbatch.BatchedService(lambda x, y, num_valid: x + y[:, None], max_batch_size=4, buckets=(4,)) as svc:
+        with pytest.raises(rlbatch.InvalidRequest, match="2 rows"):
+            svc.call_rows(np.zeros((2, 3), np.float32), np.float32(1))
+        out = svc.call_rows(np.zeros((2, 3), np.float32), np.ones(2, np.float32))
+        assert out.shape == (2, 3) and (out == 1).all()
+
+
+def test_pad_value_that_does_not_fit_the_dtype_is_refused_up_front():
+    with pytest.raises(ValueError, match="pad=-1 cannot fill argument 'x' of dtype uint8"):
+        rlbatch.BatchedService(lambda x, num_valid: x, buckets=(4,), pad=-1, example=(np.zeros(2, np.uint8),))
+    with rlbatch.BatchedService(lambda x, num_valid: x, buckets=(4,), pad=np.nan) as svc:
+        with pytest.raises(rlbatch.InvalidRequest, match="pad=nan cannot fill"):
+            svc(np.zeros(2, np.int32))
+        assert (svc(np.ones(2, np.float32)) == 1).all()  # a dtype nan can fill: the first that fits
