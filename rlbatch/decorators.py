@@ -10,7 +10,8 @@
 
 Decorating a method gives every instance its own service (and worker thread), created on first
 use. The service holds the instance only weakly, and is closed when the instance is collected,
-so its thread ends with it.
+so its thread ends with it. What `instance.method` returns holds the instance strongly, as a bound
+method does, and so do its Futures until they are done: `Model().predict(x)` works on a temporary.
 """
 from __future__ import annotations
 
@@ -53,6 +54,46 @@ class BatchedFunction:
         return f"<batched {self.service!r}>"
 
 
+class _BoundMethod(BatchedFunction):
+    """`instance.method` for a decorated method: the instance's BatchedFunction plus a strong
+    reference to the instance. Without it `Model().predict(x)` would lose its temporary instance
+    between the attribute lookup and the call, and the instance's finalizer would close the
+    service before the call reached it.
+
+    The blocking calls (__call__, acall, map, call_rows) keep this object, and so the instance,
+    alive until they return; a Future holds the instance until it is done.
+    """
+
+    def __init__(self, function: BatchedFunction, instance):
+        super().__init__(function.service, function._lists_are_batches)
+        self._instance = instance
+
+    def _hold(self, future):
+        # Until done, not for the Future's whole life: the worker may keep its last batch's
+        # requests (and their Futures) referenced until the next batch, which would keep the
+        # instance, and so the worker itself, alive for good.
+        holder = [self._instance]
+        future.add_done_callback(lambda _: holder.clear())
+        return future
+
+    def submit(self, *args, **kwargs):
+        return self._hold(self.service.submit(*args, **kwargs))
+
+    def submit_rows(self, *args, **kwargs):
+        return self._hold(self.service.submit_rows(*args, **kwargs))
+
+    def submit_many(self, items, **kwargs):
+        return [self._hold(f) for f in self.service.submit_many(items, **kwargs)]
+
+    # Defined here, not reached through __getattr__, which would return the service's own method
+    # and let go of this object (and perhaps the instance) before the call.
+    def map(self, items, **kwargs):
+        return self.service.map(items, **kwargs)
+
+    def call_rows(self, *args, **kwargs):
+        return self.service.call_rows(*args, **kwargs)
+
+
 class _Decorated:
     """A decorated function; as a class attribute it binds one service per instance."""
 
@@ -76,16 +117,17 @@ class _Decorated:
         if instance is None or self._attr is None:
             return self
         try:
-            return instance.__dict__[self._attr]
+            function = instance.__dict__[self._attr]
         except KeyError:
-            pass
+            function = BatchedFunction(self._make_service(self._bind(instance)), self._lists_are_batches)
+            # setdefault: two threads racing on first use get the same service.
+            function = instance.__dict__.setdefault(self._attr, function)
+            weakref.finalize(instance, function.service.close, False)
         except AttributeError:
             raise TypeError(f"@batched methods need instances with a __dict__; {owner.__name__} has none") from None
-        bound = BatchedFunction(self._make_service(self._bind(instance)), self._lists_are_batches)
-        # setdefault: two threads racing on first use get the same service.
-        bound = instance.__dict__.setdefault(self._attr, bound)
-        weakref.finalize(instance, bound.service.close, False)
-        return bound
+        # The instance's own BatchedFunction (kept in its __dict__) refers to it only weakly, or
+        # the instance would never be collected; this per-lookup wrapper refers to it strongly.
+        return _BoundMethod(function, instance)
 
     def _bind(self, instance):
         ref = weakref.ref(instance)

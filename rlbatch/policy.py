@@ -18,7 +18,9 @@ produced it.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import operator
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -144,6 +146,17 @@ class _PolicyCodec(ArrayCodec):
         return PolicyOutput(joined, min(p.version for p in parts))
 
 
+def _check_buckets(buckets) -> tuple:
+    """The buckets sorted and deduplicated, or ValueError/TypeError saying what came instead."""
+    try:
+        sizes = tuple(sorted(set(operator.index(b) for b in buckets)))
+    except TypeError:
+        raise TypeError(f"buckets must be a sequence of positive ints, got {buckets!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"buckets must be a non-empty sequence of positive ints, got {tuple(buckets)}")
+    return sizes
+
+
 def _leaf_specs(tree):
     return [(jax.tree_util.keystr(path), np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x))
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -190,20 +203,31 @@ class PolicyService:
     ):
         self.apply_fn = apply_fn
         self.device = device if device is not None else jax.devices()[0]
-        self.buckets = tuple(sorted(set(int(b) for b in buckets)))
+        # Checked before anything is compiled: a batch of more rows than the largest bucket would
+        # have no executable to run on (BatchedService checks the same for its own buckets).
+        self.buckets = _check_buckets(buckets)
+        max_batch_size = batching_options.get("max_batch_size")
+        if isinstance(max_batch_size, int) and max_batch_size > self.buckets[-1]:
+            raise ValueError(f"the largest bucket must hold max_batch_size={max_batch_size} rows, "
+                             f"got buckets {self.buckets}")
         self.seed = seed
         self._stateful = example_state is not None
         # One row of recurrent state, what an actor starts each episode with (None: feed-forward).
         self.initial_state = None if example_state is None else jax.tree_util.tree_map(np.asarray, example_state)
         self._example_obs = jax.tree_util.tree_map(np.asarray, example_obs)
-        self._obs_ndim = np.ndim(jax.tree_util.tree_leaves(self._example_obs)[0])
+        obs_leaves, self._obs_treedef = jax.tree_util.tree_flatten(self._example_obs)
+        if not obs_leaves:
+            raise ValueError(f"example_obs must hold at least one array, got {example_obs!r}")
+        self._obs_ndim = obs_leaves[0].ndim
         self._obs_desc = _leaf_specs(self._example_obs)
-        self._params_treedef = jax.tree_util.tree_structure(params)
-        self._params_specs = _leaf_specs(params)
         self._publish_lock = threading.Lock()
         self._version = 0
         self._num_updates = 0
         self._current = (self._to_device(params), 0)
+        # update_params checks new parameters against those that run (on the device, where
+        # float64 became float32 unless x64 is on), not against the ones given here.
+        self._params_treedef = jax.tree_util.tree_structure(self._current[0])
+        self._params_specs = _leaf_specs(self._current[0])
         self._key = jax.device_put(jax.random.PRNGKey(seed), self.device)
         self._batch_index = 0
 
@@ -293,25 +317,49 @@ class PolicyService:
 
     # ------------------------------------------------------------------ calling
 
-    def _is_rows(self, obs) -> bool:
-        leaf = obs if type(obs) is np.ndarray else np.asarray(jax.tree_util.tree_leaves(obs)[0])
-        nd = leaf.ndim
-        if nd == self._obs_ndim:
-            return False
-        if nd == self._obs_ndim + 1:
-            return True
-        shape = self._obs_desc[0][1]
-        raise InvalidRequest(f"expected an observation of shape {list(shape)} or a stack of k of them "
-                             f"[k, {', '.join(map(str, shape))}], got shape {list(leaf.shape)}")
-
-    def _args(self, obs, state):
+    def _request(self, obs, state):
+        """(args, is_rows): the service's arguments for one observation or a stack of k of them,
+        or InvalidRequest naming what was expected and what came. (Not on the fast path.)"""
         if self._stateful:
             if state is None:
-                raise InvalidRequest("this policy is recurrent: pass the caller's state with its observation")
-            return (obs, state)
-        if state is not None:
-            raise InvalidRequest("this policy is not recurrent (no example_state): it takes no state")
-        return (obs,)
+                raise InvalidRequest("this policy is recurrent: pass the caller's state with its observation, "
+                                     "got state=None")
+        elif state is not None:
+            raise InvalidRequest(f"this policy is not recurrent (no example_state): it takes no state, "
+                                 f"got a {type(state).__name__}")
+        obs, rows = self._check_obs(obs)
+        return ((obs, state) if self._stateful else (obs,)), rows
+
+    def _check_obs(self, obs):
+        """(obs, is_rows); shapes, dtypes and the other leaves are the codec's to check."""
+        path, shape, dtype = self._obs_desc[0]
+        if type(obs) is np.ndarray:
+            leaf = obs
+        elif self._obs_treedef.num_nodes == 1 and isinstance(obs, (list, tuple)):
+            # The example is one array, so a list is that array written out (as a tree its numbers
+            # would be separate leaves, and the first of them would stand for the whole).
+            try:
+                obs = leaf = np.asarray(obs)
+            except ValueError as e:  # ragged, say
+                raise InvalidRequest(f"expected an observation {dtype}{list(shape)} or a stack of k of them, "
+                                     f"got a {type(obs).__name__} that does not form one array ({e})") from None
+        else:
+            leaves, treedef = jax.tree_util.tree_flatten(obs)
+            if treedef != self._obs_treedef:
+                want = f"{dtype}{list(shape)}" if not path else f"of structure {self._obs_treedef}"
+                got = f"{obs!r} (no arrays)" if not leaves else f"structure {treedef}"
+                raise InvalidRequest(f"expected an observation {want} or a stack of k of them, got {got}")
+            leaf = leaves[0]
+        nd = np.ndim(leaf)
+        if nd == self._obs_ndim:
+            return obs, False
+        if nd == self._obs_ndim + 1:
+            return obs, True
+        leaf = np.asarray(leaf)
+        one, stack = f"{dtype}{list(shape)}", f"{dtype}[{', '.join(['k', *map(str, shape)])}]"
+        want = (f"an observation {one} or a stack of k of them {stack}" if not path else
+                f"observation leaf {path} to be {one} ({stack} in a stack of k observations)")
+        raise InvalidRequest(f"expected {want}, got {leaf.dtype}{list(leaf.shape)}")
 
     def __call__(self, obs, state=None, *, timeout: float | None = None) -> PolicyOutput:
         """`action, extras = svc(obs)`: blocks until this observation's batch ran."""
@@ -343,7 +391,8 @@ class PolicyService:
             raise ParamsMismatch(f"update_params: expected a parameter tree of structure {self._params_treedef}, "
                                  f"got {treedef}; the old parameters stay in use")
         for (path, shape, dtype), (_, got_shape, got_dtype) in zip(self._params_specs, _leaf_specs(params)):
-            if shape != got_shape or dtype != got_dtype:
+            # Compared as it will be on the device: with x64 off, float64 runs as float32.
+            if shape != got_shape or dtype != jax.dtypes.canonicalize_dtype(got_dtype):
                 raise ParamsMismatch(f"update_params: parameter {path} expected {dtype}{list(shape)}, "
                                      f"got {got_dtype}{list(got_shape)}; the old parameters stay in use")
         on_device = self._to_device(params)  # ready before anyone can see it
@@ -405,15 +454,26 @@ def _call(target, policy, obs, state, timeout, caller):
         # The hot path of an actor: one plain array observation of exactly the expected shape and
         # dtype, nothing else to check (the codec's own fast path, without the layers above it).
         return policy._service._call_prepared(obs, None, _clock(), timeout, 0, caller)
-    args = policy._args(obs, state)
-    if policy._is_rows(obs):
+    try:
+        args, rows = policy._request(obs, state)
+    except InvalidRequest:
+        policy._service._count_invalid()  # as the service counts those its codec refuses
+        raise
+    if rows:
         return target.call_rows(*args, timeout=timeout)
     return target(*args, timeout=timeout)
 
 
 def _submit(target, policy, obs, state, timeout, priority):
-    args = policy._args(obs, state)
-    if policy._is_rows(obs):
+    try:
+        args, rows = policy._request(obs, state)
+    except InvalidRequest as e:
+        # As BatchedService.submit: invalid input gives a Future that already holds the error.
+        policy._service._count_invalid()
+        future = concurrent.futures.Future()
+        future.set_exception(e)
+        return future
+    if rows:
         return target.submit_rows(*args, timeout=timeout, priority=priority)
     return target.submit(*args, timeout=timeout, priority=priority)
 

@@ -1,4 +1,5 @@
 """PolicyService: bucket equivalence, compile-once, bad input, parameter updates, recurrent state."""
+import re
 import threading
 import types
 
@@ -133,13 +134,69 @@ def test_bad_observation_fails_only_its_caller():
 
 @pytest.mark.parametrize("obs, match", [
     (np.zeros(5, np.float32), r"float32\[5\]"),
-    (np.zeros((2, 2, 4), np.float32), r"got shape \[2, 2, 4\]"),
+    (np.zeros((2, 2, 4), np.float32), r"float32\[4\] or a stack of k of them float32\[k, 4\], got float32\[2, 2, 4\]"),
 ])
 def test_wrong_shape_is_refused_with_expected_and_got(obs, match):
     with rlbatch.PolicyService(linear_apply, make_params(), example_obs=np.zeros(4, np.float32),
                                buckets=BUCKETS) as svc:
         with pytest.raises(rlbatch.InvalidRequest, match=match):
             svc(obs)
+
+
+def _refusals(svc, obs, state=None):
+    """The errors of one invalid observation through every way in: call and submit, on the
+    service and on a registered caller (a refused submit gives a Future holding the error)."""
+    errors = []
+    with svc.register() as caller:
+        for target in (svc, caller):
+            with pytest.raises(rlbatch.InvalidRequest) as info:
+                target(obs, state, timeout=5)
+            errors.append(info.value)
+            future = target.submit(obs, state, timeout=5)
+            errors.append(future.exception(timeout=5))
+    return errors
+
+
+@pytest.mark.parametrize("obs, match", [
+    (None, r"expected an observation float32\[4\] or a stack of k of them, got None \(no arrays\)"),
+    ({}, r"got \{\} \(no arrays\)"),
+    ({"a": np.zeros(4, np.float32)}, r"expected an observation float32\[4\].*got structure PyTreeDef\(\{'a': \*\}\)"),
+    ([0.0, 0.0, 0.0, 0.0], r"expected an array of dtype and shape float32\[4\], got float64\[4\]"),  # not "[]"
+    ([[0.0] * 4] * 2, r"float32\[2, 4\], got float64\[2, 4\]"),  # a list of lists is a stack
+    ([[0.0] * 4, [0.0]], r"got a list that does not form one array"),
+    ("abc", r"float32\[k, 4\], got <U3\[\]"),
+    (np.zeros((2, 2, 4), np.float32), r"got float32\[2, 2, 4\]"),
+    (np.zeros(3, np.float32), r"float32\[4\], got float32\[3\]"),
+])
+def test_every_invalid_observation_is_refused_the_same_way_everywhere_and_counted_once(obs, match):
+    with rlbatch.PolicyService(linear_apply, make_params(), example_obs=np.zeros(4, np.float32),
+                               buckets=BUCKETS) as svc:
+        errors = _refusals(svc, obs)
+        assert all(isinstance(e, rlbatch.InvalidRequest) for e in errors), errors
+        for e in errors:
+            assert re.search(match, str(e)), str(e)
+        assert svc.stats.invalid == len(errors) == 4
+        assert svc.stats.requests == 0  # none of them reached a batch
+        assert svc(np.ones(4, np.float32)).version == 0  # and the service serves on
+
+
+def test_invalid_pytree_observations_and_state_are_refused_and_counted():
+    def apply_fn(params, obs, state, key):
+        return obs["pos"].sum(-1), {}, state
+
+    example = {"pos": np.zeros(3, np.float32), "scale": np.float32(1)}
+    with rlbatch.PolicyService(apply_fn, {}, example_obs=example, buckets=BUCKETS,
+                               example_state=np.float32(0)) as svc:
+        good = {"pos": np.ones(3, np.float32), "scale": np.float32(2)}
+        errors = _refusals(svc, {"pos": np.zeros((2, 2, 3), np.float32), "scale": np.float32(1)}, np.float32(0))
+        assert all("expected observation leaf ['pos'] to be float32[3] (float32[k, 3] in a stack of k "
+                   "observations), got float32[2, 2, 3]" in str(e) for e in errors), errors
+        errors = _refusals(svc, {"pos": [1.0, 2.0, 3.0], "scale": np.float32(1)}, np.float32(0))
+        assert all("got structure PyTreeDef({'pos': [*, *, *], 'scale': *})" in str(e) for e in errors), errors
+        errors = _refusals(svc, good)  # no state
+        assert all("recurrent" in str(e) and "got state=None" in str(e) for e in errors), errors
+        assert svc.stats.invalid == 12
+        assert float(svc(good, np.float32(0)).action) == 3.0
 
 
 def test_check_finite_refuses_nan_only_when_asked():
@@ -218,6 +275,51 @@ def test_update_params_with_wrong_tree_is_refused_and_old_params_stay():
         assert svc.version == 0
         np.testing.assert_array_equal(svc.params["w"], params["w"])
         assert svc(np.ones(4, np.float32)).version == 0
+
+
+def test_update_params_checks_against_the_params_as_they_run_on_the_device():
+    assert not jax.config.read("jax_enable_x64")  # float64 parameters run as float32
+    p64 = {"w": np.ones((4, 3)), "b": np.zeros(3)}  # numpy's default float64
+    with rlbatch.PolicyService(linear_apply, p64, example_obs=np.zeros(4, np.float32), buckets=BUCKETS) as svc:
+        assert {k: v.dtype for k, v in svc.params.items()} == {"w": np.float32, "b": np.float32}
+        assert svc.update_params(svc.params) == 1  # what runs is accepted back
+        learned = jax.tree_util.tree_map(lambda x: x * 2, svc.params)  # a JAX learner's float32 output
+        assert svc.update_params(learned) == 2
+        np.testing.assert_array_equal(svc(np.ones(4, np.float32)).extras["logits"], [8.0] * 3)
+        assert svc.update_params({"w": np.full((4, 3), 3.0), "b": np.zeros(3)}) == 3  # float64 still works
+        assert svc.params["w"].dtype == np.float32
+        np.testing.assert_array_equal(svc(np.ones(4, np.float32)).extras["logits"], [12.0] * 3)
+        with pytest.raises(rlbatch.ParamsMismatch, match=r"\['b'\] expected float32\[3\], got float16\[3\]"):
+            svc.update_params({"w": np.ones((4, 3), np.float32), "b": np.zeros(3, np.float16)})
+        with pytest.raises(rlbatch.ParamsMismatch, match=r"\['w'\] expected float32\[4, 3\], got int64\[4, 3\]"):
+            svc.update_params({"w": np.ones((4, 3), np.int64), "b": np.zeros(3, np.float32)})
+        assert svc.version == 3
+
+
+def test_bad_buckets_and_max_batch_size_beyond_the_largest_bucket_are_refused_before_compiling():
+    traced = []
+
+    def apply_fn(params, obs, key):
+        traced.append(obs.shape)
+        return linear_apply(params, obs, key)
+
+    def make(**kwargs):
+        return rlbatch.PolicyService(apply_fn, make_params(), example_obs=np.zeros(4, np.float32), **kwargs)
+
+    with pytest.raises(ValueError, match=r"the largest bucket must hold max_batch_size=8 rows, got buckets \(4,\)"):
+        make(buckets=(4,), max_batch_size=8)
+    for buckets in [(), (0, 4), (-4,)]:
+        with pytest.raises(ValueError, match=r"buckets must be a non-empty sequence of positive ints, got"):
+            make(buckets=buckets)
+    for buckets in [8, (2.5, 4)]:
+        with pytest.raises(TypeError, match=r"buckets must be a sequence of positive ints, got"):
+            make(buckets=buckets)
+    with pytest.raises(ValueError, match="example_obs must hold at least one array, got None"):
+        rlbatch.PolicyService(apply_fn, make_params(), example_obs=None, buckets=(4,))
+    assert traced == []  # refused before anything was compiled
+    with make(buckets=(4, 8), max_batch_size=4, max_delay=0.0) as svc:  # smaller than a bucket: fine
+        assert svc(np.ones((6, 4), np.float32)).action.shape == (6,)  # split over two batches
+        assert svc.stats.batches == 2
 
 
 def test_recurrent_counter_state_round_trip():
