@@ -784,31 +784,56 @@ def test_future_callback_raising_base_exception_does_not_kill_the_worker():
 
 
 def test_split_multi_row_call_honours_its_timeout():
-    def slow(xs):
-        time.sleep(1.0)
+    # The batch function blocks until released; a call that honours its timeout gives up while it
+    # is still blocked (the safety timer only keeps a broken build from hanging the suite).
+    release = threading.Event()
+    safety = threading.Timer(30, release.set)
+    safety.start()
+
+    def blocked(xs):
+        release.wait()
         return xs
 
-    with rlbatch.BatchedService(slow, max_batch_size=4, max_delay=0) as svc:
-        t0 = time.perf_counter()
+    with rlbatch.BatchedService(blocked, max_batch_size=4, max_delay=0) as svc:
         with pytest.raises(rlbatch.DeadlineExceeded):
             svc.call_rows(list(range(6)), timeout=0.2)  # two batches of 4 and 2
-        assert time.perf_counter() - t0 < 0.9
+        gave_up_first = not release.is_set()
+        release.set()
+    safety.cancel()
+    assert gave_up_first
 
 
 def test_blocking_timeout_counts_the_wait_for_room_and_negative_means_expired():
-    gate = Gate(max_queue=1, on_full="block")
-    gate.hold("running")
-    queued = gate.svc.submit("queued")  # fills the queue
-    t0 = time.perf_counter()
+    # "running" holds the worker; "queued" fills the queue. Room appears at 0.6 s, when "running"
+    # ends and "queued" starts (and blocks). A call with timeout=1.0 made at 0 must give up at 1.0 s,
+    # not wait a second full timeout after it got into the queue (which would end at 1.6 s).
+    first, second = threading.Event(), threading.Event()
+    events = {"running": first, "queued": second}
+
+    def fn(xs):
+        for x in xs:
+            events.get(x, threading.Event()).wait(30)
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0, max_queue=1, on_full="block")
+    running = svc.submit("running")
+    wait_until(lambda: svc.stats.pending == 0)
+    queued = svc.submit("queued")
+    too_late = threading.Event()
+    timers = [threading.Timer(0.6, first.set), threading.Timer(1.45, too_late.set)]
+    for t in timers:
+        t.start()
     with pytest.raises(rlbatch.DeadlineExceeded):
-        gate.svc("late", timeout=0.3)  # waits for room, then for its result: 0.3 s in all
-    waited = time.perf_counter() - t0
+        svc("late", timeout=1.0)
+    in_time = not too_late.is_set()
     with pytest.raises(rlbatch.DeadlineExceeded):
-        gate.svc("never", timeout=-1)  # -1 is a deadline in the past, not "wait forever"
-    gate.release.set()
-    assert queued.result(timeout=10) == "queued"
-    assert waited < 0.55, waited
-    gate.svc.close()
+        svc("never", timeout=-1)  # -1 is a deadline in the past, not "wait forever"
+    second.set()
+    for t in timers:
+        t.cancel()
+    assert running.result(timeout=10) == "running" and queued.result(timeout=10) == "queued"
+    assert in_time
+    svc.close()
 
 
 def test_submit_many_into_a_full_queue_returns_every_future():
