@@ -808,7 +808,7 @@ class BatchedService:
         """
         now = _clock()
         if plain:  # the common case: blocking calls, no deadline, none cancelled
-            return self._call_batch_fn(requests, num_rows, now)
+            return self._call_batch_fn(requests, num_rows, now, True)
         live, dead, dead_errors = [], [], []
         for r in requests:
             if r.deadline is not None and now > r.deadline and (r.parent is None or not r.parent.started):
@@ -827,9 +827,9 @@ class BatchedService:
             self._complete(dead, dead_errors)
         if not live:
             return None
-        return self._call_batch_fn(live, sum([1 if r.rows is None else r.rows for r in live]), now)
+        return self._call_batch_fn(live, sum([1 if r.rows is None else r.rows for r in live]), now, False)
 
-    def _call_batch_fn(self, live, num_rows, now):
+    def _call_batch_fn(self, live, num_rows, now, plain):
         self._stats.queue_waits.extend([now - r.t0 for r in live])
         ctx = None
         try:
@@ -847,7 +847,7 @@ class BatchedService:
             self._stats.record_batch(num_rows, None, _clock() - now)
             self._complete(live, [e] * len(live))
             return None
-        return (live, output, ctx, num_rows, padded, now)
+        return (live, output, ctx, num_rows, padded, now, plain)
 
     def _complete_loop(self):
         while True:
@@ -858,7 +858,7 @@ class BatchedService:
             self._completed += 1
 
     def _finish(self, job):
-        live, output, ctx, num_rows, padded, t_start = job
+        live, output, ctx, num_rows, padded, t_start, plain = job
         try:
             try:
                 results = self._codec.scatter(output, live, num_rows, ctx)
@@ -868,6 +868,7 @@ class BatchedService:
             except BaseException as e:  # noqa: BLE001 - a bad output fails its batch only
                 self._stats.errors += len(live)
                 results = [e] * len(live)
+                plain = False
             finally:
                 if ctx is not None:
                     self._codec.release(ctx)
@@ -877,7 +878,14 @@ class BatchedService:
         now = _clock()
         self._stats.record_batch(num_rows, padded, now - t_start)
         self._stats.latencies.extend([now - r.t0 for r in live])
-        self._complete(live, results)
+        if plain and self._codec.results_are_values:
+            # Every request is a blocking call without a deadline and every result a value (an
+            # array codec's rows): hand them over without _complete's per-request checks.
+            for r, res in zip(live, results):
+                r.value = res
+            self._relay(live)
+        else:
+            self._complete(live, results)
 
     def _complete(self, requests, results):
         """Hands each request its result: a value, an exception, or _WAS_CANCELLED."""
@@ -905,11 +913,15 @@ class BatchedService:
                 # not catch itself (SystemExit, KeyboardInterrupt): report it, as it reports the rest.
                 _log.exception("rlbatch: a done-callback of a Future from service %r raised", self.name)
         if relay:
-            width = relay_width(len(relay), self.wake_width)
-            for a, b in zip(relay, relay[width:]):
-                a.baton = b
-            for head in relay[:width]:
-                head.lock.release()
+            self._relay(relay)
+
+    def _relay(self, relay):
+        """Wakes blocking callers whose results are set, as relays (see _call_prepared)."""
+        width = relay_width(len(relay), self.wake_width)
+        for a, b in zip(relay, relay[width:]):
+            a.baton = b
+        for head in relay[:width]:
+            head.lock.release()
 
     # ------------------------------------------------------------------ lifecycle and stats
 

@@ -117,6 +117,8 @@ class ArgSpec:
 class ListCodec:
     """Each parameter receives a list of values, one per row, in request order."""
 
+    results_are_values = False  # the function may return an Exception for a row: it fails that row
+
     def __init__(self, argspec: ArgSpec):
         self.argspec = argspec
 
@@ -179,6 +181,8 @@ class ListCodec:
 
 class CallCodec:
     """No batching: one request per call, with its own arguments (for `@service`)."""
+
+    results_are_values = False
 
     def prepare(self, args, kwargs, rows):
         if rows is not None:
@@ -277,6 +281,8 @@ class ArrayCodec:
     goes back to its pool only once the batch's results are out (`release`), because a pipelined
     device computation may still be reading it.
     """
+
+    results_are_values = True  # rows of arrays, never an Exception in place of one
 
     def __init__(self, argspec: ArgSpec, buckets: Sequence[int], pad: Any = "repeat", example: tuple | None = None):
         if argspec.free:

@@ -42,12 +42,20 @@ _clock = time.perf_counter
 
 class PolicyOutput(tuple):
     """One request's result: unpacks as `action, extras` (or `action, extras, state` for a
-    recurrent policy); `.version` is the parameter version that produced it."""
+    recurrent policy); `.version` is the parameter version that produced it.
+
+    The version is a class attribute of a subclass made once per version (`_output_class`), so a
+    result is a bare tuple, with no attribute dict to allocate per row on the service's hot path.
+    """
+
+    __slots__ = ()
+    version: int
 
     def __new__(cls, items, version):
-        self = tuple.__new__(cls, items)
-        self.version = version
-        return self
+        return tuple.__new__(_output_class(version), items)
+
+    def __reduce__(self):
+        return PolicyOutput, (tuple(self), self.version)
 
     action = property(lambda self: self[0])
     extras = property(lambda self: self[1])
@@ -55,6 +63,25 @@ class PolicyOutput(tuple):
 
     def __repr__(self):
         return f"PolicyOutput({tuple.__repr__(self)}, version={self.version})"
+
+
+_output_classes: dict = {}  # version -> PolicyOutput subclass; the newest _KEEP_CLASSES are kept
+_output_classes_lock = threading.Lock()
+_KEEP_CLASSES = 64
+
+
+def _output_class(version: int) -> type:
+    cls = _output_classes.get(version)
+    if cls is None:
+        with _output_classes_lock:
+            cls = _output_classes.get(version)
+            if cls is None:
+                cls = type("PolicyOutput", (PolicyOutput,), {
+                    "__slots__": (), "version": version, "__module__": __name__, "__qualname__": "PolicyOutput"})
+                if len(_output_classes) >= _KEEP_CLASSES:  # results still held keep their own class
+                    del _output_classes[next(iter(_output_classes))]
+                _output_classes[version] = cls
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +148,8 @@ class _PolicyCodec(ArrayCodec):
             for k, c in zip(keys, columns):
                 for d, x in zip(dicts, c[:num_rows]):
                     d[k] = x
-            make = tuple.__new__
-            results = []
-            for a, d in zip(action[:num_rows], dicts):
-                out = make(PolicyOutput, (a, d))
-                out.version = version
-                results.append(out)
-            return results
+            make, cls = tuple.__new__, _output_class(version)
+            return [make(cls, item) for item in zip(action[:num_rows], dicts)]
         results = []
         for sl in row_selectors(requests):
             items = [action[sl], dict(zip(keys, [c[sl] for c in columns]))]

@@ -263,6 +263,32 @@ def test_update_params_under_load_versions_monotone_and_never_mixed():
             assert a == b == v  # one parameter set, the one its version names
 
 
+def test_results_keep_their_version_across_many_updates_and_survive_pickle_and_copy():
+    import copy
+    import pickle
+
+    from rlbatch import policy as policy_module
+
+    params = make_params()
+    with rlbatch.PolicyService(linear_apply, params, example_obs=np.zeros(4, np.float32), buckets=BUCKETS) as svc:
+        kept = [svc(np.ones(4, np.float32))]
+        for _ in range(policy_module._KEEP_CLASSES + 36):  # more versions than classes are cached
+            svc.update_params(params)
+            kept.append(svc(np.ones(4, np.float32)))
+        kept.extend(svc.register()(np.ones((2, 4), np.float32)[i]) for i in range(2))
+    assert [out.version for out in kept] == list(range(len(kept) - 2)) + [len(kept) - 3] * 2
+    assert len(policy_module._output_classes) <= policy_module._KEEP_CLASSES
+    first = kept[0]
+    assert first.version == 0 and isinstance(first, rlbatch.PolicyOutput)  # its class outlived the cache
+    assert not hasattr(first, "__dict__")  # a bare tuple: nothing allocated per result but the tuple
+    for out in (first, kept[-1]):
+        for twin in (pickle.loads(pickle.dumps(out)), copy.deepcopy(out), copy.copy(out)):
+            assert isinstance(twin, rlbatch.PolicyOutput) and twin.version == out.version
+            action, extras = twin
+            assert action == out.action and extras.keys() == out.extras.keys()
+    assert repr(kept[-1]).endswith(f"version={kept[-1].version})")
+
+
 def test_update_params_with_wrong_tree_is_refused_and_old_params_stay():
     params = make_params()
     with rlbatch.PolicyService(linear_apply, params, example_obs=np.zeros(4, np.float32), buckets=BUCKETS) as svc:
