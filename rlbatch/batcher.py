@@ -67,6 +67,12 @@ def relay_width(num_callers: int, wake_width: int | None = None) -> int:
     return wake_width or max(2, -(-num_callers // _RELAY_LENGTH))
 
 
+def _is_special(r) -> bool:
+    """Not a plain blocking call of one row without a deadline: a Future, a deadline, several rows
+    or a part of a split request. `_take` checks each request only while some are queued."""
+    return r.lock is None or r.deadline is not None or r.rows is not None
+
+
 class _Request:
     """One queued request. Completed through a stdlib Future, or (blocking calls) a bare lock.
 
@@ -326,6 +332,7 @@ class BatchedService:
         self._level_order = [0]  # priorities present, highest first
         self._pending = 0  # requests queued, not yet taken
         self._pending_rows = 0
+        self._pending_special = 0  # queued requests that are not plain (see _is_special)
         self._worker_waiting = False
         self._idle = False
         self._registered = 0
@@ -537,7 +544,7 @@ class BatchedService:
         else:
             req.values, req.rows, req.priority, req.t0, req.deadline = values, num_rows, priority, now, deadline
             req.state = _PENDING
-        self._enqueue_one(req, now, caller, timeout)
+        self._enqueue_one(req, now, caller, timeout, timeout is not None or num_rows is not None)
         if timeout is None:
             # Relay wake-up: the worker wakes the first `wake_width` callers of a batch, and each
             # caller wakes the next of its relay once it has the GIL. Waking all at once makes
@@ -567,8 +574,9 @@ class BatchedService:
             raise error
         return value
 
-    def _enqueue_one(self, r, now, caller, deadline):
+    def _enqueue_one(self, r, now, caller, deadline, special=True):
         # The per-request hot path: one lock, no loops, the worker woken only when a batch can go.
+        # `special`: r is not a plain blocking call (see _is_special); the caller knows which.
         with self._lock:
             if self._closing:
                 self._check_open()
@@ -580,6 +588,8 @@ class BatchedService:
             if level is None:
                 level = self._new_level(r.priority)
             level.append(r)
+            if special:
+                self._pending_special += 1
             rows = 1 if r.rows is None else r.rows
             self._pending += 1
             self._pending_rows += rows
@@ -595,7 +605,7 @@ class BatchedService:
 
     def _enqueue(self, requests, now, caller=None, deadline=None):
         if len(requests) == 1:
-            return self._enqueue_one(requests[0], now, caller, deadline)
+            return self._enqueue_one(requests[0], now, caller, deadline, _is_special(requests[0]))
         if not requests:
             return
         with self._lock:
@@ -611,6 +621,7 @@ class BatchedService:
                 level.append(r)
                 self._pending_rows += 1 if r.rows is None else r.rows
             self._pending += len(requests)
+            self._pending_special += sum(map(_is_special, requests))
             self._stats.requests += len(requests)
             self._stats.rows += sum(1 if r.rows is None else r.rows for r in requests)
             if caller is not None:
@@ -692,6 +703,8 @@ class BatchedService:
     def _take(self):
         """Takes the next batch off the queue: (requests, rows, plain). `plain`: every request is a
         blocking call without a deadline, still wanted (nothing to drop before running)."""
+        if not self._pending_special and len(self._level_order) == 1:
+            return self._take_plain()
         now = _clock()
         capacity = self.max_batch_size
         taken = []
@@ -727,9 +740,36 @@ class BatchedService:
         rows = self.max_batch_size - capacity
         self._pending -= len(taken)
         self._pending_rows -= rows
+        self._pending_special -= sum(map(_is_special, taken))
         if self.max_queue is not None:
             self._not_full.notify(len(taken))
         return taken, rows, plain
+
+    def _take_plain(self):
+        """`_take` when every queued request is a plain blocking call of one row (one priority
+        level, nothing special queued): the oldest max_batch_size of them, without per-request
+        checks; their state stays _PENDING, which nothing reads for a plain call."""
+        level = self._levels[self._level_order[0]]
+        capacity = self.max_batch_size
+        if len(level) <= capacity:
+            taken = list(level)
+            level.clear()
+        else:
+            popleft = level.popleft
+            taken = [popleft() for _ in range(capacity)]
+        left = 0  # registered callers that have no request queued any more
+        for r in taken:
+            c = r.caller
+            if c is not None:
+                c.outstanding -= 1
+                if c.outstanding == 0 and c.active:
+                    left += 1
+        self._outstanding_callers -= left
+        self._pending -= len(taken)
+        self._pending_rows -= len(taken)
+        if self.max_queue is not None:
+            self._not_full.notify(len(taken))
+        return taken, len(taken), True
 
     def _worker(self):
         if self._setup is not None:
@@ -799,6 +839,7 @@ class BatchedService:
                 self._caller_dequeued(r.caller)
         self._pending -= len(drained)
         self._pending_rows -= sum(1 if r.rows is None else r.rows for r in drained)
+        self._pending_special -= sum(map(_is_special, drained))
         return drained
 
     def _dispatch(self, requests, num_rows, plain):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import rlbatch
 
-OPS = st.tuples(st.sampled_from(["call", "submit", "cancel", "deadline", "rows"]), st.integers(0, 2))
+OPS = st.tuples(st.sampled_from(["call", "submit", "cancel", "deadline", "rows", "timed-call"]), st.integers(0, 2))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -49,6 +49,8 @@ def test_every_request_gets_its_own_result_or_a_typed_error(plans, max_batch_siz
             try:
                 if kind == "call":
                     record(value, lambda: svc(value, priority=priority))
+                elif kind == "timed-call":  # a blocking call with a deadline it always meets here
+                    record(value, lambda: svc(value, priority=priority, timeout=30))
                 elif kind == "rows":
                     f = svc.submit_rows([value, value + ("r",)], priority=priority)
                     futures.append((value, f))
@@ -78,6 +80,8 @@ def test_every_request_gets_its_own_result_or_a_typed_error(plans, max_batch_siz
     expected = {(t, i, p) for t, plan in enumerate(plans) for i, (_, p) in enumerate(plan)}
     assert set(outcomes) == expected  # nothing lost
     assert len(ran) == len(set(ran))  # nothing ran twice
+    # the queue's books are balanced: nothing counted as queued, plain or not, once all is done
+    assert (svc._pending, svc._pending_rows, svc._pending_special) == (0, 0, 0)
     ran_set = set(ran)
     for t, plan in enumerate(plans):
         for i, (kind, p) in enumerate(plan):
