@@ -67,6 +67,14 @@ def relay_width(num_callers: int, wake_width: int | None = None) -> int:
     return wake_width or max(2, -(-num_callers // _RELAY_LENGTH))
 
 
+def _pass_baton(req, wait: bool) -> None:
+    """Takes req's turn in its relay (waiting for it when `wait`) and wakes the next caller."""
+    if wait:
+        req.lock.acquire()
+    if req.baton is not None:
+        req.baton.lock.release()
+
+
 def _is_special(r) -> bool:
     """Not a plain blocking call of one row without a deadline: a Future, a deadline, several rows
     or a part of a split request. `_take` checks each request only while some are queued."""
@@ -347,6 +355,7 @@ class BatchedService:
         self._dispatched = 0  # written by the worker only
         self._completed = 0  # written by the completer only
         self._context = None
+        self._relay_helpers: list[threading.Thread] = []  # see _leave_relay; joined by close()
         self._stats = StatsRecorder(max_batch_size)
 
     # ------------------------------------------------------------------ submitting
@@ -553,14 +562,17 @@ class BatchedService:
             # latency on both cores (measured +15-25% requests/s with 256 policy callers when a
             # hand-off costs 100-200 us, as on a loaded VM); chains longer than _RELAY_LENGTH
             # were slower again with the threads pinned to one CPU.
+            got = False
             try:
-                req.lock.acquire()
-            except BaseException:
-                req.lock.acquire()  # interrupted (Ctrl-C): take the baton anyway, pass it on, re-raise
-                raise
+                got = req.lock.acquire()
             finally:
-                if req.baton is not None:
-                    req.baton.lock.release()
+                if got:  # this caller's turn: wake the next of its relay
+                    if req.baton is not None:
+                        req.baton.lock.release()
+                else:
+                    # Interrupted (Ctrl-C) before its turn came: leave at once, and let a helper
+                    # thread take the turn when it comes and wake the next caller.
+                    self._leave_relay(req)
         elif not req.lock.acquire(timeout=max(0.0, deadline - _clock())):  # time spent waiting for room counts
             with self._lock:
                 if req.state == _PENDING:
@@ -956,6 +968,16 @@ class BatchedService:
         if relay:
             self._relay(relay)
 
+    def _leave_relay(self, req):
+        """A blocking caller that stops waiting (KeyboardInterrupt) still owes its relay a turn:
+        a helper thread waits for it in the caller's place and passes the baton on."""
+        helper = threading.Thread(target=_pass_baton, args=(req, True), name=f"rlbatch-{self.name}-relay",
+                                  daemon=True)
+        with self._lock:
+            self._relay_helpers = [t for t in self._relay_helpers if t.is_alive()]
+            self._relay_helpers.append(helper)
+        helper.start()
+
     def _relay(self, relay):
         """Wakes blocking callers whose results are set, as relays (see _call_prepared)."""
         width = relay_width(len(relay), self.wake_width)
@@ -1004,6 +1026,10 @@ class BatchedService:
             for t in (self._thread, self._completer):
                 if t is not None:
                     t.join()
+            with self._lock:
+                helpers, self._relay_helpers = self._relay_helpers, []
+            for t in helpers:  # every request is complete now, so each has had its turn
+                t.join()
 
     stop = close  # as_a_service's name
 

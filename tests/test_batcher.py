@@ -877,3 +877,60 @@ def test_pad_value_that_does_not_fit_the_dtype_is_refused_up_front():
         with pytest.raises(rlbatch.InvalidRequest, match="pad=nan cannot fill"):
             svc(np.zeros(2, np.int32))
         assert (svc(np.ones(2, np.float32)) == 1).all()  # a dtype nan can fill: the first that fits
+
+
+def test_ctrl_c_in_a_blocking_caller_leaves_at_once_and_its_relay_still_wakes_the_rest():
+    """KeyboardInterrupt (twice, as an impatient user sends it) in a caller that heads a relay:
+    the call raises at once, while its batch still runs, and the callers behind it in the relay
+    still get their results (a helper takes its turn)."""
+    import signal
+
+    entered, release = threading.Event(), threading.Event()
+
+    def fn(xs):
+        entered.set()
+        release.wait(10)
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=4, max_delay=5.0, wake_width=1)  # one relay of 4
+    inside = threading.Event()
+
+    def on_sigint(signum, frame):
+        if inside.is_set():  # only while the main thread waits in its call
+            raise KeyboardInterrupt
+
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, svc(i))) for i in (1, 2, 3)]
+
+    def queue_behind_main_then_interrupt():
+        wait_until(lambda: svc.stats.pending == 1)  # the main thread's request is first: it heads the relay
+        for k, t in enumerate(threads):
+            t.start()
+            if k < 2:
+                wait_until(lambda: svc.stats.pending == k + 2)
+        entered.wait(10)  # the batch of four is running
+        for _ in range(2):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.05)
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        helper = threading.Thread(target=queue_behind_main_then_interrupt)
+        helper.start()
+        inside.set()
+        with pytest.raises(KeyboardInterrupt):
+            svc(0)
+        inside.clear()
+        assert entered.is_set() and not release.is_set()  # it left while its batch still ran
+        helper.join(10)
+        release.set()
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive(), "a caller behind the interrupted one was left waiting"
+        assert results == {1: 1, 2: 2, 3: 3}
+    finally:
+        inside.clear()
+        release.set()
+        signal.signal(signal.SIGINT, old_handler)
+        svc.close()
+    assert not [t for t in threading.enumerate() if t.name.endswith("-relay")]  # close joined the helper
