@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import heapq
 import itertools
 import logging
 import queue
@@ -341,6 +342,8 @@ class BatchedService:
         self._pending = 0  # requests queued, not yet taken
         self._pending_rows = 0
         self._pending_special = 0  # queued requests that are not plain (see _is_special)
+        self._deadlines: list = []  # heap of (deadline, seq, request) for queued requests with one
+        self._deadline_seq = itertools.count()
         self._worker_waiting = False
         self._idle = False
         self._registered = 0
@@ -364,8 +367,9 @@ class BatchedService:
         """Queues one input; returns a `concurrent.futures.Future` of its result.
 
         `timeout` is a deadline in seconds: if the request has not run by then it fails with
-        DeadlineExceeded (a TimeoutError) without being run. Invalid input gives a Future that
-        already holds InvalidRequest.
+        DeadlineExceeded (a TimeoutError) without being run, at the deadline if it is still queued
+        (while the worker waits for a batch to fill) or else when the worker next takes a batch.
+        Invalid input gives a Future that already holds InvalidRequest.
         """
         return self._submit(args, kwargs, priority=priority, deadline=timeout)
 
@@ -579,7 +583,9 @@ class BatchedService:
                     req.state = _CANCELLED
             raise DeadlineExceeded(f"no result from service {self.name!r} within {timeout} s")
         value, error = req.value, req.error
-        if caller is not None:  # done with it: the worker let go of it before releasing its lock
+        if caller is not None and deadline is None:
+            # Done with it (the worker let go of it before releasing its lock). A request that had
+            # a deadline is not reused: the deadline heap may still hold an entry for it.
             req.values = req.value = req.error = req.baton = None
             caller._spare = req
         if error is not None:
@@ -602,6 +608,8 @@ class BatchedService:
             level.append(r)
             if special:
                 self._pending_special += 1
+                if r.deadline is not None:
+                    heapq.heappush(self._deadlines, (r.deadline, next(self._deadline_seq), r))
             rows = 1 if r.rows is None else r.rows
             self._pending += 1
             self._pending_rows += rows
@@ -634,6 +642,9 @@ class BatchedService:
                 self._pending_rows += 1 if r.rows is None else r.rows
             self._pending += len(requests)
             self._pending_special += sum(map(_is_special, requests))
+            for r in requests:
+                if r.deadline is not None:
+                    heapq.heappush(self._deadlines, (r.deadline, next(self._deadline_seq), r))
             self._stats.requests += len(requests)
             self._stats.rows += sum(1 if r.rows is None else r.rows for r in requests)
             if caller is not None:
@@ -691,12 +702,18 @@ class BatchedService:
         return min(level[0].t0 for level in self._levels.values() if level)
 
     def _next_batch(self):
-        """Blocks until a batch may go; returns `_take()`'s batch (or None once closed and drained)."""
+        """Blocks until a batch may go or queued requests pass their deadline. Returns
+        (`_take()`'s batch or None, requests that expired in the queue); (None, []) once closed
+        and drained."""
         with self._lock:
             while True:
+                if self._deadlines:
+                    expired = self._expire_locked(_clock())
+                    if expired:
+                        return None, expired
                 if not self._pending:
                     if self._closing:
-                        return None
+                        return None, []
                     self._idle = self._worker_waiting = True
                     self._cond.wait()
                     self._idle = self._worker_waiting = False
@@ -704,13 +721,40 @@ class BatchedService:
                 if (self._closing or self._pending_rows >= self.max_batch_size
                         or (self._registered and self._outstanding_callers >= self._registered)):
                     break
-                remaining = self._oldest_t0() + self.max_delay - _clock()
+                now = _clock()
+                remaining = self._oldest_t0() + self.max_delay - now
                 if remaining <= 0:
                     break
+                if self._deadlines:  # wake when the first queued deadline passes, to fail it then
+                    remaining = min(remaining, self._deadlines[0][0] - now)
                 self._worker_waiting = True
-                self._cond.wait(remaining)
+                self._cond.wait(max(remaining, 0.0))
                 self._worker_waiting = False
-            return self._take()
+            return self._take(), []
+
+    def _expire_locked(self, now):
+        """Takes the queued requests whose deadline has passed off the queue (the rest of a split
+        request that started running stays: see _Joined.abandon) and returns them."""
+        heap, expired = self._deadlines, []
+        while heap and (heap[0][2].state != _PENDING or heap[0][0] <= now):
+            deadline, _, r = heapq.heappop(heap)
+            if r.state != _PENDING:
+                continue  # taken, drained or given up by its caller: nothing to do
+            if r.parent is not None and not r.parent.abandon():
+                continue
+            self._levels[r.priority].remove(r)
+            r.state = _TAKEN
+            self._pending -= 1
+            self._pending_rows -= 1 if r.rows is None else r.rows
+            self._pending_special -= 1
+            if r.caller is not None:
+                self._caller_dequeued(r.caller)
+            expired.append(r)
+        if expired:
+            self._stats.timed_out += len(expired)
+            if self.max_queue is not None:
+                self._not_full.notify(len(expired))
+        return expired
 
     def _take(self):
         """Takes the next batch off the queue: (requests, rows, plain). `plain`: every request is a
@@ -742,6 +786,8 @@ class BatchedService:
                         plain = False
                 else:  # a Future, or a blocking call whose caller timed out and left
                     plain = False
+                    if r.state == _PENDING:
+                        r.state = _TAKEN  # off the queue (see _expire_locked)
                 c = r.caller
                 if c is not None:  # _caller_dequeued, inlined: this loop runs once per request
                     c.outstanding -= 1
@@ -791,7 +837,13 @@ class BatchedService:
                 self._fail_setup(e)
                 return
         while True:
-            batch = self._next_batch()
+            batch, expired = self._next_batch()
+            if expired:
+                now = _clock()
+                self._complete(expired, [DeadlineExceeded(
+                    f"request waited {now - r.t0:.4f} s in service {self.name!r}, past its deadline; it was not run")
+                    for r in expired])
+                continue
             if batch is None:
                 break
             requests = batch[0]
@@ -847,6 +899,8 @@ class BatchedService:
                 drained.extend(level)
                 level.clear()
         for r in drained:
+            if r.state == _PENDING:
+                r.state = _TAKEN  # off the queue (see _expire_locked)
             if r.caller is not None:
                 self._caller_dequeued(r.caller)
         self._pending -= len(drained)

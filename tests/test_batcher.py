@@ -934,3 +934,52 @@ def test_ctrl_c_in_a_blocking_caller_leaves_at_once_and_its_relay_still_wakes_th
         signal.signal(signal.SIGINT, old_handler)
         svc.close()
     assert not [t for t in threading.enumerate() if t.name.endswith("-relay")]  # close joined the helper
+
+
+def test_a_queued_request_fails_at_its_deadline_not_when_its_batch_would_have_gone():
+    """max_delay is long and nothing else arrives: the Future still fails at its own deadline; the
+    requests beside it without a deadline stay queued and run; the queue's books balance."""
+    ran = []
+    svc = rlbatch.BatchedService(lambda xs: ran.extend(xs) or xs, max_batch_size=8, max_delay=60.0)
+    try:
+        patient = svc.submit("patient")
+        hasty = svc.submit("hasty", timeout=0.05)
+        rows = svc.submit_rows(list(range(5)), timeout=0.05)  # 7 rows queued: the batch waits
+        # Before, these failed only when the batch went (60 s here): exception() timed out first.
+        assert isinstance(hasty.exception(timeout=10), rlbatch.DeadlineExceeded)
+        assert isinstance(rows.exception(timeout=10), rlbatch.DeadlineExceeded)
+        assert not patient.done() and svc.stats.pending == 1 and svc.stats.timed_out == 2
+        again = svc.submit("again", timeout=30)  # a later deadline does not disturb the rest
+        svc.close()  # drains: the two left run now
+        assert patient.result(timeout=10) == "patient" and again.result(timeout=10) == "again"
+        assert ran == ["patient", "again"]
+        assert (svc._pending, svc._pending_rows, svc._pending_special) == (0, 0, 0)
+    finally:
+        svc.close()
+
+
+def test_registered_callers_with_deadlines_keep_early_flush_and_get_their_results():
+    """Timed blocking calls from registered callers: a request past its deadline is dropped from
+    the queue, and the caller counts stay right, so the others' batches still go at once."""
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=64, max_delay=60.0)
+    callers = [svc.register() for _ in range(4)]
+    results, errors = [], []
+
+    def loop(c, i):
+        for k in range(50):
+            try:
+                results.append(c((i, k), timeout=30))
+            except Exception as e:  # noqa: BLE001 - collected for the assertion below
+                errors.append(e)
+
+    threads = [threading.Thread(target=loop, args=(c, i)) for i, c in enumerate(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()  # early flush kept working: max_delay is 60 s
+    for c in callers:
+        c.close()
+    svc.close()
+    assert not errors and sorted(results) == sorted((i, k) for i in range(4) for k in range(50))
+    assert (svc._pending, svc._pending_special, svc._outstanding_callers) == (0, 0, 0)
