@@ -71,6 +71,12 @@ class Args:
     pin_python: bool = True
     """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
     hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
+    cpu_dispatch: str = "async"
+    """on a CPU: "async" keeps JAX's default asynchronous dispatch (PolicyService then pipelines two
+    batches, as on an accelerator); "sync" runs each computation in the calling thread
+    (cli.prefer_sync_cpu_dispatch; one batch at a time). The same for every mode of the run.
+    Measured at commit a712228 (paired runs, 256 callers): async 2.34x / 2.34x seed-style for the
+    larger policy against 1.76x / 1.85x sync, 2.83x against 2.44x for the CartPole-sized one"""
     quick: bool = False
     """tiny settings for a smoke test (16 and 256 callers, 0.5 s, one repeat, 300 padding requests)"""
     out: str = "runs/bench_policy"
@@ -218,7 +224,10 @@ def median_of(runs):
 
 
 def main(args: Args):
-    cli.prefer_sync_cpu_dispatch()
+    if args.cpu_dispatch not in ("sync", "async"):
+        raise SystemExit(f'--cpu-dispatch must be "sync" or "async", got {args.cpu_dispatch!r}')
+    if args.cpu_dispatch == "sync":
+        cli.prefer_sync_cpu_dispatch()
     print(cli.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
@@ -315,7 +324,8 @@ def evaluate_targets(rows, paddings, args):
 
 def render(rows, overheads, paddings, targets, devices, args):
     lines = [f"Devices: {', '.join(devices)}. rlbatch buckets {tuple(args.buckets)}, max delay "
-             f"{1e3 * args.max_delay:g} ms; seed-style pads to {args.seed_max_batch_size}; median of {args.repeats}.",
+             f"{1e3 * args.max_delay:g} ms; seed-style pads to {args.seed_max_batch_size}; median of {args.repeats}; "
+             f"CPU dispatch {'synchronous' if not jax.config.read('jax_cpu_enable_async_dispatch') else 'asynchronous'}.",
              "",
              "| policy | callers | mode | requests/s | x seed-style | wall us/request | mean batch | p50 ms | p99 ms "
              "| compiled shapes | compiles during run |",

@@ -100,8 +100,11 @@ def prefer_sync_cpu_dispatch() -> bool:
     The policy service's computations are tiny on a CPU; dispatching each to an XLA worker thread
     and waiting for it costs two thread hand-offs per batch, which with hundreds of actor threads
     wanting the GIL take longer than the computation (measured: 24.6k -> 34k requests/s with 16
-    callers). The GIL is still released while a computation runs. This is a process-wide JAX
-    setting, so the library never changes it on its own; experiment scripts call this at start.
+    callers, an earlier version of the service). The GIL is still released while a computation
+    runs. This is a process-wide JAX setting, so the library never changes it on its own. The actor
+    and training scripts call this at start; `experiments.bench_policy` no longer does by default,
+    since at 256 callers its paired runs favour asynchronous dispatch, which lets PolicyService
+    pipeline two batches (see README, policy service): measure both for your own policy.
     """
     import jax
 

@@ -34,6 +34,13 @@ def assert_library_reports(out):
     assert pathlib.Path(f"{out}_report_batch_sizes.png").stat().st_size > 0
 
 
+def test_bench_policy_refuses_an_unknown_cpu_dispatch_naming_it():
+    from experiments import bench_policy
+
+    with pytest.raises(SystemExit, match='"sync" or "async", got \'threads\''):
+        bench_policy.main(bench_policy.Args(cpu_dispatch="threads"))
+
+
 @pytest.mark.timeout(300)
 def test_bench_policy_quick_writes_every_row(tmp_path):
     from experiments.bench_policy import MODES
