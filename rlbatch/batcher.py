@@ -609,7 +609,7 @@ class BatchedService:
             if special:
                 self._pending_special += 1
                 if r.deadline is not None:
-                    heapq.heappush(self._deadlines, (r.deadline, next(self._deadline_seq), r))
+                    self._push_deadlines((r,))
             rows = 1 if r.rows is None else r.rows
             self._pending += 1
             self._pending_rows += rows
@@ -642,9 +642,7 @@ class BatchedService:
                 self._pending_rows += 1 if r.rows is None else r.rows
             self._pending += len(requests)
             self._pending_special += sum(map(_is_special, requests))
-            for r in requests:
-                if r.deadline is not None:
-                    heapq.heappush(self._deadlines, (r.deadline, next(self._deadline_seq), r))
+            self._push_deadlines([r for r in requests if r.deadline is not None])
             self._stats.requests += len(requests)
             self._stats.rows += sum(1 if r.rows is None else r.rows for r in requests)
             if caller is not None:
@@ -653,6 +651,16 @@ class BatchedService:
                 caller.outstanding += len(requests)
             if self._worker_waiting:
                 self._wake_if_ready()
+
+    def _push_deadlines(self, requests):
+        """Adds queued requests with deadlines to the heap (lock held). A waiting worker is woken
+        when one of them is due before the time it is waiting for, so that it fails it on time."""
+        heap = self._deadlines
+        first = heap[0][0] if heap else None
+        for r in requests:
+            heapq.heappush(heap, (r.deadline, next(self._deadline_seq), r))
+        if self._worker_waiting and heap and (first is None or heap[0][0] < first):
+            self._cond.notify()
 
     def _new_level(self, priority):
         level = self._levels[priority] = collections.deque()

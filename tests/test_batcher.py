@@ -943,6 +943,7 @@ def test_a_queued_request_fails_at_its_deadline_not_when_its_batch_would_have_go
     svc = rlbatch.BatchedService(lambda xs: ran.extend(xs) or xs, max_batch_size=8, max_delay=60.0)
     try:
         patient = svc.submit("patient")
+        wait_until(lambda: svc._worker_waiting)  # the worker already waits for the batch to fill
         hasty = svc.submit("hasty", timeout=0.05)
         rows = svc.submit_rows(list(range(5)), timeout=0.05)  # 7 rows queued: the batch waits
         # Before, these failed only when the batch went (60 s here): exception() timed out first.
