@@ -68,10 +68,9 @@ def relay_width(num_callers: int, wake_width: int | None = None) -> int:
     return wake_width or max(2, -(-num_callers // _RELAY_LENGTH))
 
 
-def _pass_baton(req, wait: bool) -> None:
-    """Takes req's turn in its relay (waiting for it when `wait`) and wakes the next caller."""
-    if wait:
-        req.lock.acquire()
+def _pass_baton(req) -> None:
+    """Waits for req's turn in its relay in place of its caller, then wakes the next caller."""
+    req.lock.acquire()
     if req.baton is not None:
         req.baton.lock.release()
 
@@ -1033,7 +1032,7 @@ class BatchedService:
     def _leave_relay(self, req):
         """A blocking caller that stops waiting (KeyboardInterrupt) still owes its relay a turn:
         a helper thread waits for it in the caller's place and passes the baton on."""
-        helper = threading.Thread(target=_pass_baton, args=(req, True), name=f"rlbatch-{self.name}-relay",
+        helper = threading.Thread(target=_pass_baton, args=(req,), name=f"rlbatch-{self.name}-relay",
                                   daemon=True)
         with self._lock:
             self._relay_helpers = [t for t in self._relay_helpers if t.is_alive()]
