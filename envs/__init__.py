@@ -6,11 +6,6 @@ Registered ids (`gymnasium.make(id, **overrides)`; defaults shown):
   can take the [50] observation directly; episodes last exactly rows - 1 = 9 steps, so no time limit.
 - `rlbatch/Latency-v0`: `LatencyWrapper(gymnasium.make(env_id), step_latency, reset_latency)` with
   `env_id="CartPole-v1"`, `step_latency=0.001`, `reset_latency=0.0` (seconds, slept each call).
-- `rlbatch/Faulty-v0`: `FaultInjection(gymnasium.make(env_id), p_step, p_reset, seed, ...)` with
-  `env_id="CartPole-v1"`, `p_step=0.01`, `p_reset=0.0`, `seed=None`; `hang_after` and
-  `hang_seconds` may be passed too.
-- `rlbatch/Scripted-v0`: `ScriptedEnv(episode_lengths=(3, 5, 2), truncate=(False, True, False),
-  obs_dim=2)`; see its docstring for the exact observation, reward and flag formulas.
 
 This package is plain gymnasium code: it does not import rlbatch.
 """
@@ -19,16 +14,11 @@ from __future__ import annotations
 import gymnasium
 
 from envs.catch import CatchEnv
-from envs.faults import FaultInjection, InjectedFault
 from envs.latency import LatencyWrapper
-from envs.scripted import ScriptedEnv
 
 __all__ = [
     "CatchEnv",
-    "FaultInjection",
-    "InjectedFault",
     "LatencyWrapper",
-    "ScriptedEnv",
     "ENV_IDS",
 ]
 
@@ -38,11 +28,6 @@ _REGISTRATIONS: dict[str, dict] = {
         entry_point="envs.latency:make_latency_env",
         kwargs={"env_id": "CartPole-v1", "step_latency": 0.001, "reset_latency": 0.0},
     ),
-    "rlbatch/Faulty-v0": dict(
-        entry_point="envs.faults:make_faulty_env",
-        kwargs={"env_id": "CartPole-v1", "p_step": 0.01, "p_reset": 0.0},
-    ),
-    "rlbatch/Scripted-v0": dict(entry_point="envs.scripted:ScriptedEnv"),
 }
 
 ENV_IDS: tuple[str, ...] = tuple(_REGISTRATIONS)

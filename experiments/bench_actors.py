@@ -20,7 +20,7 @@ samples its actions (jitted), in the same run:
   the ceiling of any design with one thread per environment on this machine. The targets table
   shows the floor's ratio beside each single-env target.
 
-The sync-vector and unbatched loops, the pool measurement and the grouping are rlbatch.baselines'.
+The sync-vector and unbatched loops, the pool measurement and the grouping are experiments.lib.baselines'.
 Steps/s are counted over `duration` seconds after a discarded warm-up (ActorPool.stats.env_steps
 for the pools). The main thread consumes the pools' trajectories with pool.get(), as a trainer
 would, so actors never block on a full queue and nothing is dropped. Every pool is stopped and its
@@ -49,7 +49,8 @@ import numpy as np
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_policy import mlp_policy
-from rlbatch import baselines, cli, report
+from experiments.lib import baselines, cli
+from rlbatch import report
 
 _clock = time.perf_counter
 

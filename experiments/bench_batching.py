@@ -6,11 +6,11 @@ delay 2 ms. Beside rlbatch, in the same run:
 
 - seed-style: the design of the seed libraries (a queue.Queue, a worker that gathers up to
   max_batch_size items or waits max_delay after the first, a concurrent.futures.Future per item:
-  rlbatch.baselines.SeedStyleBatcher);
+  experiments.lib.baselines.SeedStyleBatcher);
 - unbatched: every thread calls the function itself on a batch of one;
 - full batches: one thread calls the function on full batches of 64 (the function's own limit);
 - thread-floor: each thread's "call" only waits until all N threads wait, released as relays the
-  way rlbatch wakes its callers (rlbatch.baselines.run_client_floor): no queue, no data, no
+  way rlbatch wakes its callers (experiments.lib.baselines.run_client_floor): no queue, no data, no
   function. The most any service whose callers block for their results can do on this machine.
 
 Prints items/s, mean batch size, p50/p99 latency and CPU seconds per 1000 items (median of
@@ -31,7 +31,8 @@ import time
 import numpy as np
 
 import rlbatch
-from rlbatch import baselines, cli, report
+from experiments.lib import baselines, cli
+from rlbatch import report
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,14 +8,14 @@ a larger 64-256-256-18 one. In the same run, beside rlbatch (default buckets 8..
 - seed-style: the seed libraries' design (a queue.Queue, a worker that gathers up to 64
   observations or waits 2 ms after the first, np.stack, pads to 64 with the last row, calls the
   jitted policy, one concurrent.futures.Future per item) around the same jitted policy
-  (rlbatch.baselines.SeedStyleBatcher with a StackedPolicyBatch);
+  (experiments.lib.baselines.SeedStyleBatcher with a StackedPolicyBatch);
 - no-buckets: the same batcher without padding, up to 256 rows like rlbatch, calling a plain
   jax.jit of the policy on exactly-sized batches, so every batch size not met before compiles
   during the run (the jit's cache is kept across the runs of one policy, as a long-running service
   would keep it). A PolicyService with buckets 1..256 would compile 256 shapes at start; this
   measures what skipping buckets costs without waiting for that;
 - thread-floor: each thread's "call" only waits until all N threads wait, released as relays the
-  way rlbatch wakes its callers (rlbatch.baselines.run_client_floor): no policy, no data. The most
+  way rlbatch wakes its callers (experiments.lib.baselines.run_client_floor): no policy, no data. The most
   any service whose callers block for their results can do on this machine.
 
 Also measured: the per-request overhead of rlbatch over a bare jitted call (1 caller, max delay 0),
@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import rlbatch
-from rlbatch import baselines, cli, report
+from experiments.lib import baselines, cli
+from rlbatch import report
 
 _clock = time.perf_counter
 

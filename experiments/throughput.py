@@ -10,7 +10,7 @@ sampled every `sample_every` s for the time series, and the run's throughput rep
 rlbatch.report.summarize(pool, policy service, series).
 
 In the same sweep, for each environment and total number of environments N = num_actors x
-envs_per_actor, the baselines of rlbatch.baselines with the same jitted policy: a SyncVectorEnv
+envs_per_actor, the baselines of experiments.lib.baselines with the same jitted policy: a SyncVectorEnv
 loop with one policy call per step on all N observations, and N unbatched actor threads each
 calling the policy on a batch of one.
 
@@ -43,7 +43,8 @@ import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_actors import env_factory
 from experiments.bench_policy import mlp_policy
-from rlbatch import baselines, cli, report
+from experiments.lib import baselines, cli, tuning
+from rlbatch import report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +259,7 @@ def suggest(rows, args) -> dict:
     for env in args.envs:
         slim = [{k: v for k, v in r.items() if k != "summary"} for r in rows if r["env"] == env]
         try:
-            out[env] = rlbatch.suggest_settings(slim, args.latency_budget_ms).as_dict()
+            out[env] = tuning.suggest_settings(slim, args.latency_budget_ms).as_dict()
         except ValueError as e:
             out[env] = {"error": str(e)}
     return out

@@ -23,7 +23,8 @@ import numpy as np
 import agents
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
-from rlbatch import cli, report
+from experiments.lib import cli
+from rlbatch import report
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,7 @@
 """rlbatch: an actor-inference harness for reinforcement learning in Python."""
+from rlbatch.actors import ActorError, ActorPool, ActorStats, PoolStopped, Trajectory, stack_trajectories
 from rlbatch.affinity import pin_threads
-from rlbatch.actors import ActorError, ActorPool, ActorStats, PoolStopped
-from rlbatch.batcher import BatchedService, Caller
-from rlbatch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from rlbatch.decorators import BatchedFunction, batched, service
+from rlbatch.batching import BatchedFunction, BatchedService, Caller, ServiceStats, batched, service
 from rlbatch.errors import (
     BatchOutputError,
     DeadlineExceeded,
@@ -13,50 +11,57 @@ from rlbatch.errors import (
     RLBatchError,
     ServiceClosed,
 )
-from rlbatch.learner import Learner
-from rlbatch import cli, report
-from rlbatch.policy import DEFAULT_BUCKETS, PolicyCaller, PolicyOutput, PolicyService, PolicyStats
-from rlbatch.policy_types import Policy
-from rlbatch.stats import ServiceStats
-from rlbatch.trainer import Progress, TrainReport, Trainer, solved
-from rlbatch.trajectory import Trajectory, stack_trajectories
-from rlbatch.tuning import Suggestion, suggest_settings
+from rlbatch.policy import DEFAULT_BUCKETS, Policy, PolicyCaller, PolicyOutput, PolicyService, PolicyStats
+from rlbatch.training import (
+    CheckpointError,
+    Learner,
+    Progress,
+    TrainReport,
+    Trainer,
+    load_checkpoint,
+    save_checkpoint,
+    solved,
+)
 
 __all__ = [
-    "pin_threads",
-    "CheckpointError",
-    "Progress",
-    "TrainReport",
-    "Trainer",
-    "load_checkpoint",
-    "save_checkpoint",
-    "solved",
-    "ActorError",
-    "ActorPool",
-    "ActorStats",
-    "PoolStopped",
+    # batching
     "BatchedFunction",
     "BatchedService",
     "Caller",
     "ServiceStats",
     "batched",
     "service",
-    "BatchOutputError",
-    "DeadlineExceeded",
-    "InvalidRequest",
-    "Learner",
-    "ParamsMismatch",
+    # policy
     "DEFAULT_BUCKETS",
     "Policy",
     "PolicyCaller",
     "PolicyOutput",
     "PolicyService",
     "PolicyStats",
+    # actors
+    "ActorError",
+    "ActorPool",
+    "ActorStats",
+    "Trajectory",
+    "stack_trajectories",
+    # training
+    "Learner",
+    "Progress",
+    "TrainReport",
+    "Trainer",
+    "load_checkpoint",
+    "save_checkpoint",
+    "solved",
+    # errors
+    "BatchOutputError",
+    "CheckpointError",
+    "DeadlineExceeded",
+    "InvalidRequest",
+    "ParamsMismatch",
+    "PoolStopped",
     "QueueFull",
     "RLBatchError",
     "ServiceClosed",
-    "Suggestion",
-    "Trajectory",
-    "stack_trajectories",
-    "suggest_settings",
+    # threads
+    "pin_threads",
 ]

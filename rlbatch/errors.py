@@ -14,6 +14,8 @@ __all__ = [
     "InvalidRequest",
     "BatchOutputError",
     "ParamsMismatch",
+    "PoolStopped",
+    "CheckpointError",
 ]
 
 
@@ -51,3 +53,11 @@ class BatchOutputError(RLBatchError, ValueError):
 
 class ParamsMismatch(RLBatchError, ValueError):
     """New policy parameters do not have the structure, shapes or dtypes of the current ones."""
+
+
+class PoolStopped(RLBatchError):
+    """An ActorPool was stopped (or every actor exited) and its trajectory queue is empty."""
+
+
+class CheckpointError(RLBatchError, ValueError):
+    """A checkpoint does not match the template it is loaded into."""

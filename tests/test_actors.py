@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import envs
+from tests import fakes
 import rlbatch
 from tests.conftest import wait_until
 
@@ -40,7 +41,7 @@ def scripted_steps():
 def test_single_env_trajectories_match_the_script_exactly():
     T = 4
     with scripted_service() as svc:
-        pool = rlbatch.ActorPool(lambda: envs.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=1, unroll_length=T)
+        pool = rlbatch.ActorPool(lambda: fakes.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=1, unroll_length=T)
         with pool:
             trajs = [pool.get(timeout=30) for _ in range(6)]
         episodes = pool.episodes
@@ -66,7 +67,7 @@ def test_single_env_trajectories_match_the_script_exactly():
 def test_several_envs_per_actor_put_the_env_axis_second_and_stack():
     T, k = 5, 3
     with scripted_service() as svc:
-        with rlbatch.ActorPool(lambda: envs.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=2, unroll_length=T,
+        with rlbatch.ActorPool(lambda: fakes.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=2, unroll_length=T,
                                envs_per_actor=k) as pool:
             trajs = [pool.get(timeout=30) for _ in range(4)]
     for traj in trajs:
@@ -85,7 +86,7 @@ def test_environment_i_is_seeded_seed_plus_i():
     seeds = []
     lock = threading.Lock()
 
-    class Recording(envs.ScriptedEnv):
+    class Recording(fakes.ScriptedEnv):
         def reset(self, *, seed=None, options=None):
             if seed is not None:
                 with lock:
@@ -101,7 +102,7 @@ def test_environment_i_is_seeded_seed_plus_i():
 
 def test_env_faults_rebuild_env_and_drop_unfinished_trajectory_only():
     def make():
-        return envs.FaultInjection(envs.ScriptedEnv(LENGTHS, TRUNCATE), p_step=0.05, p_reset=0.05,
+        return fakes.FaultInjection(fakes.ScriptedEnv(LENGTHS, TRUNCATE), p_step=0.05, p_reset=0.05,
                                    seed=int(np.random.default_rng().integers(1 << 30)))
 
     with scripted_service() as svc:
@@ -121,7 +122,7 @@ def test_env_faults_rebuild_env_and_drop_unfinished_trajectory_only():
 
 def test_queue_full_blocks_actors_until_consumer_takes():
     with scripted_service() as svc:
-        with rlbatch.ActorPool(lambda: envs.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=3, unroll_length=2,
+        with rlbatch.ActorPool(lambda: fakes.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=3, unroll_length=2,
                                max_queue=2) as pool:
             wait_until(lambda: pool.stats.queue_depth == 2)
             wait_until(lambda: pool.stats.queue_wait_time > 0 or pool.stats.trajectories == 2)
@@ -133,7 +134,7 @@ def test_queue_full_blocks_actors_until_consumer_takes():
 
 def test_queue_full_drop_oldest_keeps_newest_and_counts():
     with scripted_service() as svc:
-        with rlbatch.ActorPool(lambda: envs.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=1, unroll_length=2,
+        with rlbatch.ActorPool(lambda: fakes.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=1, unroll_length=2,
                                max_queue=2, on_full="drop_oldest") as pool:
             wait_until(lambda: pool.stats.dropped_full >= 3)
             pool.stop()
@@ -172,7 +173,7 @@ def test_policy_error_is_recorded_and_retried_with_backoff():
             return C()
 
     with scripted_service() as svc:
-        with rlbatch.ActorPool(lambda: envs.ScriptedEnv(LENGTHS, TRUNCATE), Flaky(svc), num_actors=1,
+        with rlbatch.ActorPool(lambda: fakes.ScriptedEnv(LENGTHS, TRUNCATE), Flaky(svc), num_actors=1,
                                unroll_length=3, max_backoff=0.05) as pool:
             traj = pool.get(timeout=30)
             stats = pool.stats
@@ -185,9 +186,9 @@ def test_stuck_env_shows_in_last_step_age():
     hung = []
 
     def make():
-        env = envs.ScriptedEnv(LENGTHS, TRUNCATE)
+        env = fakes.ScriptedEnv(LENGTHS, TRUNCATE)
         if not hung:
-            env = envs.FaultInjection(env, hang_after=3)
+            env = fakes.FaultInjection(env, hang_after=3)
             hung.append(env)
         return env
 
@@ -209,7 +210,7 @@ def test_recurrent_state_resets_at_episode_start():
 
     with rlbatch.PolicyService(counter_apply, {}, example_obs=np.zeros(2, np.float32), buckets=(4,),
                                example_state=np.int32(0), max_delay=0.001) as svc:
-        with rlbatch.ActorPool(lambda: envs.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=1,
+        with rlbatch.ActorPool(lambda: fakes.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=1,
                                unroll_length=10) as pool:
             traj = pool.get(timeout=30)
     # the counter is the step index within the episode: it restarts at every episode start
@@ -219,7 +220,7 @@ def test_recurrent_state_resets_at_episode_start():
 
 def test_consumer_is_not_left_waiting_when_every_actor_has_exited():
     with scripted_service() as svc:
-        pool = rlbatch.ActorPool(lambda: envs.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=2, unroll_length=4)
+        pool = rlbatch.ActorPool(lambda: fakes.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=2, unroll_length=4)
         pool.start()
         svc.close()  # the policy goes away: the actors exit
         with pytest.raises(rlbatch.PoolStopped, match="every actor has exited"):

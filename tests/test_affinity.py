@@ -5,7 +5,7 @@ import threading
 import pytest
 
 import rlbatch
-from rlbatch import cli
+from experiments.lib import cli
 from rlbatch.affinity import pin_threads, thread_cpus
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux-only API")

@@ -9,8 +9,8 @@ import pytest
 
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
-from rlbatch import baselines
-from rlbatch.batcher import relay_width
+from experiments.lib import baselines
+from rlbatch.batching.relay import relay_width
 
 
 def test_seed_style_batcher_gathers_and_answers_each_item(no_thread_leak):

@@ -13,20 +13,26 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 import envs.latency
-from envs import CatchEnv, FaultInjection, InjectedFault, LatencyWrapper, ScriptedEnv
+from envs import CatchEnv, LatencyWrapper
+from tests import fakes
+from tests.fakes import FaultInjection, InjectedFault, ScriptedEnv
 
 # CartPole's own observation space is unbounded and it renders with pygame (not a dependency); those
 # are CartPole's business, not the wrappers'.
-_CARTPOLE_IDS = {"rlbatch/Latency-v0", "rlbatch/Faulty-v0"}
-_OVERRIDES = {"rlbatch/Faulty-v0": {"p_step": 0.0}}  # check_env must not hit a random fault
+_CARTPOLE_IDS = {"rlbatch/Latency-v0", "fakes/Faulty-v0"}
+_OVERRIDES = {"fakes/Faulty-v0": {"p_step": 0.0}}  # check_env must not hit a random fault
 
 
 # ---------------------------------------------------------------- registration and the API checker
 
 
+_ALL_IDS = envs.ENV_IDS + fakes.FAKE_ENV_IDS
+
+
 def test_importing_registers_every_id():
-    assert set(envs.ENV_IDS) == {"rlbatch/Catch-v0", "rlbatch/Latency-v0", "rlbatch/Faulty-v0", "rlbatch/Scripted-v0"}
-    for env_id in envs.ENV_IDS:
+    assert set(envs.ENV_IDS) == {"rlbatch/Catch-v0", "rlbatch/Latency-v0"}
+    assert set(fakes.FAKE_ENV_IDS) == {"fakes/Faulty-v0", "fakes/Scripted-v0"}
+    for env_id in _ALL_IDS:
         assert env_id in gymnasium.registry
 
 
@@ -39,7 +45,7 @@ def test_reimport_does_not_register_again():
         assert gymnasium.registry[env_id] is before[env_id]
 
 
-@pytest.mark.parametrize("env_id", ["rlbatch/Catch-v0", "rlbatch/Scripted-v0"])
+@pytest.mark.parametrize("env_id", ["rlbatch/Catch-v0", "fakes/Scripted-v0"])
 def test_check_env_unwrapped_without_warnings(env_id):
     env = gymnasium.make(env_id)
     with warnings.catch_warnings():
@@ -55,7 +61,7 @@ def test_check_env_unwrapped_cartpole_based(env_id):
         check_env(env.unwrapped, skip_render_check=True)
 
 
-@pytest.mark.parametrize("env_id", envs.ENV_IDS)
+@pytest.mark.parametrize("env_id", _ALL_IDS)
 def test_check_env_made(env_id):
     env = gymnasium.make(env_id, **_OVERRIDES.get(env_id, {}))
     assert env.spec.id == env_id
@@ -73,10 +79,10 @@ def test_registered_defaults():
     assert isinstance(latency.env.env, LatencyWrapper)
     assert latency.env.env.step_latency == 0.001
     assert latency.unwrapped.__class__.__name__ == "CartPoleEnv"
-    faulty = gymnasium.make("rlbatch/Faulty-v0", seed=3)
+    faulty = gymnasium.make("fakes/Faulty-v0", seed=3)
     assert isinstance(faulty.env.env, FaultInjection)
     assert (faulty.env.env.p_step, faulty.env.env.p_reset) == (0.01, 0.0)
-    scripted = gymnasium.make("rlbatch/Scripted-v0")
+    scripted = gymnasium.make("fakes/Scripted-v0")
     assert scripted.unwrapped.episode_lengths == (3, 5, 2)
 
 
@@ -359,7 +365,7 @@ def test_faulting_step_leaves_the_env_untouched():
 
 
 def test_registered_faulty_env_faults():
-    env = gymnasium.make("rlbatch/Faulty-v0", p_step=1.0, seed=0)
+    env = gymnasium.make("fakes/Faulty-v0", p_step=1.0, seed=0)
     env.reset(seed=0)
     with pytest.raises(InjectedFault, match=r"injected fault on step call 1"):
         env.step(0)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import envs
+from tests import fakes
 import rlbatch
 from rlbatch import report
 
@@ -20,7 +21,7 @@ def test_report_counts_match_a_scripted_run(tmp_path):
 
     # One actor, one env, buckets (4,): every step is one request of one row padded to 4.
     policy = rlbatch.PolicyService(apply, {}, example_obs=np.zeros(2, np.float32), buckets=(4,), max_delay=0.0)
-    pool = rlbatch.ActorPool(lambda: envs.ScriptedEnv((3, 5, 2), (False, True, False)), policy, num_actors=1,
+    pool = rlbatch.ActorPool(lambda: fakes.ScriptedEnv((3, 5, 2), (False, True, False)), policy, num_actors=1,
                              unroll_length=10)
     recorder = report.Recorder(pool, policy, every=None)
     with pool:

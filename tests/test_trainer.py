@@ -9,6 +9,7 @@ import pytest
 
 import agents
 import envs
+from tests import fakes
 import rlbatch
 
 
@@ -103,7 +104,7 @@ def counting_learner(fail_on=None, interrupt_on=None):
 def scripted_loop(learner, **trainer_kw):
     policy = rlbatch.PolicyService(learner.policy.apply, {"w": jnp.float32(0)}, example_obs=np.zeros(2, np.float32),
                                    buckets=(8,), max_delay=0.001)
-    pool = rlbatch.ActorPool(lambda: envs.ScriptedEnv(), policy, num_actors=4, unroll_length=5)
+    pool = rlbatch.ActorPool(lambda: fakes.ScriptedEnv(), policy, num_actors=4, unroll_length=5)
     trainer = rlbatch.Trainer(learner, pool, policy, state={"w": jnp.float32(0)}, **trainer_kw)
     return trainer, pool, policy
 

@@ -43,8 +43,8 @@ import gymnasium
 import jax
 import numpy as np
 
-from rlbatch.actors import PoolStopped
-from rlbatch.batcher import relay_width
+from rlbatch.errors import PoolStopped
+from rlbatch.batching.relay import relay_width
 
 __all__ = [
     "ClientLoad",

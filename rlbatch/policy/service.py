@@ -28,11 +28,11 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from rlbatch.batcher import BatchedService
-from rlbatch.codecs import ArgSpec, ArrayCodec, row_selectors, to_host
+from rlbatch.batching.service import BatchedService
+from rlbatch.batching.collate import ArgSpec, ArrayCodec, row_selectors, to_host
 from rlbatch.errors import InvalidRequest, ParamsMismatch
-from rlbatch.policy_types import Policy
-from rlbatch.stats import ServiceStats
+from rlbatch.policy.types import Policy
+from rlbatch.batching.stats import ServiceStats
 
 __all__ = ["Policy", "PolicyService", "PolicyOutput", "PolicyStats", "DEFAULT_BUCKETS"]
 
@@ -235,7 +235,7 @@ class PolicyService:
         self.seed = seed
         self._stateful = example_state is not None
         # One row of recurrent state, what an actor starts each episode with (None: feed-forward).
-        self.initial_state = None if example_state is None else jax.tree_util.tree_map(np.asarray, example_state)
+        self._example_state = None if example_state is None else jax.tree_util.tree_map(np.asarray, example_state)
         self._example_obs = jax.tree_util.tree_map(np.asarray, example_obs)
         obs_leaves, self._obs_treedef = jax.tree_util.tree_flatten(self._example_obs)
         if not obs_leaves:
@@ -458,6 +458,16 @@ class PolicyService:
 
     def close(self, wait: bool = True, cancel_pending: bool = False) -> None:
         self._service.close(wait=wait, cancel_pending=cancel_pending)
+
+    @property
+    def example_obs(self):
+        """One observation (no batch axis) as numpy arrays: the shapes, dtypes and structure accepted."""
+        return self._example_obs
+
+    @property
+    def example_state(self):
+        """A recurrent policy's state for one row at the start of an episode (None if feed-forward)."""
+        return self._example_state
 
     @property
     def closed(self) -> bool:

@@ -20,8 +20,8 @@ import inspect
 import weakref
 from typing import Any, Callable
 
-from rlbatch.batcher import BatchedService
-from rlbatch.codecs import CallCodec
+from rlbatch.batching.service import BatchedService
+from rlbatch.batching.collate import CallCodec
 from rlbatch.errors import ServiceClosed
 
 __all__ = ["batched", "service", "BatchedFunction"]

@@ -5,7 +5,7 @@
         num_actors: int = 256
         \"\"\"actor threads\"\"\"
 
-    args = rlbatch.cli.parse(Args)   # --num-actors 64, --help shows the docstring of every field
+    args = experiments.lib.cli.parse(Args)   # --num-actors 64, --help shows the docstring of every field
 
 Field docstrings (a string literal right under the field, as CleanRL writes them) become the help
 text. Booleans take `--flag` / `--no-flag`; tuples take several values (`--buckets 8 16 32`).

@@ -3,7 +3,7 @@
 Each actor thread owns `envs_per_actor` = k environments, built by `env_fn` on its own thread. Every
 step it sends their k observations to the policy service as one request (a registered caller, so a
 batch goes as soon as every actor is waiting), steps each environment with its action, and records
-the step. Every `unroll_length` = T steps it emits a `Trajectory` (see rlbatch.trajectory for the
+the step. Every `unroll_length` = T steps it emits a `Trajectory` (see rlbatch.actors.trajectory for the
 shapes) into a bounded queue that the trainer reads.
 
 Episodes: the actor resets an environment itself when `terminated` or `truncated` comes back, so
@@ -35,17 +35,13 @@ import gymnasium
 import jax
 import numpy as np
 
-from rlbatch.errors import InvalidRequest, RLBatchError, ServiceClosed
-from rlbatch.trajectory import Trajectory
+from rlbatch.errors import InvalidRequest, PoolStopped, RLBatchError, ServiceClosed
+from rlbatch.actors.trajectory import Trajectory
 
 __all__ = ["ActorPool", "ActorStats", "ActorError", "PoolStopped"]
 
 _clock = time.perf_counter
 _RECENT = 100  # episodes in the recent-return window
-
-
-class PoolStopped(RLBatchError):
-    """The pool was stopped and its trajectory queue is empty."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,9 +220,9 @@ class ActorPool:
         self._envs_open = 0
         self._envs_lock = threading.Lock()
         self._alive = 0
-        example = getattr(policy_service, "_example_obs", None)
+        example = getattr(policy_service, "example_obs", None)
         self._obs_dtype = [np.asarray(x).dtype for x in jax.tree_util.tree_leaves(example)] if example is not None else None
-        self._initial_state = getattr(policy_service, "initial_state", None)
+        self._initial_state = getattr(policy_service, "example_state", None)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -263,6 +259,11 @@ class ActorPool:
 
     def __exit__(self, *exc):
         self.stop()
+
+    @property
+    def started(self) -> bool:
+        """start() has been called (the pool may have stopped since)."""
+        return bool(self._threads)
 
     @property
     def running(self) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Protocol
 
-from rlbatch.policy_types import Policy
+from rlbatch.policy.types import Policy
 
 __all__ = ["Learner", "LearnerInitFn", "LearnerUpdateFn"]
 

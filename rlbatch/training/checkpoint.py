@@ -17,15 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlbatch.errors import RLBatchError
+from rlbatch.errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
 _META = "__metadata__"
-
-
-class CheckpointError(RLBatchError, ValueError):
-    """A checkpoint does not match the template it is loaded into."""
 
 
 def _leaves(tree):

@@ -26,10 +26,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from rlbatch.actors import ActorPool, PoolStopped
-from rlbatch.checkpoint import load_checkpoint, save_checkpoint
-from rlbatch.learner import Learner
-from rlbatch.trajectory import stack_trajectories
+from rlbatch.actors.pool import ActorPool, PoolStopped
+from rlbatch.training.checkpoint import load_checkpoint, save_checkpoint
+from rlbatch.training.learner import Learner
+from rlbatch.actors.trajectory import stack_trajectories
 
 __all__ = ["Trainer", "TrainReport", "Progress"]
 
@@ -159,7 +159,7 @@ class Trainer:
         """Trains until `total_steps` env steps, `until(progress)` holds, or `max_seconds` pass."""
         from tqdm.auto import tqdm
 
-        if not self.pool._threads:
+        if not self.pool.started:
             self.pool.start()
         t_start = _clock()
         wait_t = update_t = publish_t = 0.0

@@ -46,9 +46,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
-from rlbatch.codecs import ArgSpec, ArrayCodec, CallCodec, ListCodec
+from rlbatch.batching.relay import relay_width
+from rlbatch.batching.collate import ArgSpec, ArrayCodec, CallCodec, ListCodec
 from rlbatch.errors import BatchOutputError, DeadlineExceeded, InvalidRequest, QueueFull, ServiceClosed
-from rlbatch.stats import ServiceStats, StatsRecorder
+from rlbatch.batching.stats import ServiceStats, StatsRecorder
 
 __all__ = ["BatchedService", "Caller"]
 
@@ -56,16 +57,6 @@ _PENDING, _TAKEN, _DONE, _CANCELLED = 0, 1, 2, 3
 _log = logging.getLogger("rlbatch")
 _WAS_CANCELLED = object()  # in place of a result in _complete: the request was cancelled, not run
 _clock = time.perf_counter
-# Automatic wake_width: relays of at most this many callers. Measured with Python threads pinned to
-# one CPU: 256 callers in batches of about 200 went from 25k to 37k requests/s with 4 relays instead
-# of 2, while batches of 64 ran as fast with 1 or 2 relays as with 4 (see README, design notes).
-_RELAY_LENGTH = 64
-
-
-def relay_width(num_callers: int, wake_width: int | None = None) -> int:
-    """Relays that wake `num_callers` blocking callers: `wake_width`, or automatically enough relays
-    of at most _RELAY_LENGTH callers each, and at least 2."""
-    return wake_width or max(2, -(-num_callers // _RELAY_LENGTH))
 
 
 def _pass_baton(req) -> None:

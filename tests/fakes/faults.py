@@ -124,7 +124,7 @@ def make_faulty_env(
     hang_seconds: float = math.inf,
     **make_kwargs: Any,
 ) -> FaultInjection:
-    """Entry point of `rlbatch/Faulty-v0`: `gymnasium.make(env_id, **make_kwargs)` behind a `FaultInjection`."""
+    """Entry point of `fakes/Faulty-v0`: `gymnasium.make(env_id, **make_kwargs)` behind a `FaultInjection`."""
     return FaultInjection(
         gymnasium.make(env_id, **make_kwargs),
         p_step=p_step,

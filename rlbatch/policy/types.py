@@ -19,5 +19,6 @@ __all__ = ["Policy"]
 class Policy(NamedTuple):
     init: Callable[..., Any]
     apply: Callable[..., Any]
-    # For recurrent policies: initial_state(num_rows) -> state pytree with batch axis first.
+    # For recurrent policies: initial_state(num_rows) -> state pytree with batch axis first (what
+    # a new episode starts from; pass initial_state(1)'s row as PolicyService's example_state).
     initial_state: Optional[Callable[[int], Any]] = None
