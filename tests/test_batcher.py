@@ -78,7 +78,9 @@ def test_as_a_service_game_threads_example():
 
 
 def test_ubatch_two_parameter_example(capsys):
-    @rlbatch.batched(max_batch_size=5, max_delay=1.0)
+    # uBatch's semantics: one-shot threads, batches by size or delay only. With implicit callers
+    # (the default) the first thread would be a known caller waiting alone and go at once.
+    @rlbatch.batched(max_batch_size=5, max_delay=1.0, implicit_callers=False)
     def squared_cube(a, mode):
         print(a)
         print(mode)
@@ -188,7 +190,7 @@ def test_exception_reaches_every_caller_of_the_batch_and_service_keeps_serving()
     for f in bad:
         with pytest.raises(ValueError, match="unlucky batch"):
             f.result()
-    assert svc.map([4, 5, 6]) == [4, 5, 6]
+    assert list(svc.map([4, 5, 6])) == [4, 5, 6]
     assert svc.stats.errors == 3
     svc.close()
 
@@ -264,7 +266,8 @@ def test_close_cancel_pending_finishes_a_split_request_that_already_started():
 
 
 def test_blocked_caller_is_released_by_close():
-    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=100, max_delay=60.0)
+    # implicit_callers=False: the lone caller must wait in the queue, not go at once as the only known one.
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=100, max_delay=60.0, implicit_callers=False)
     out = {}
 
     def caller():
@@ -424,7 +427,7 @@ def test_none_is_a_result_like_any_other():
         with svc.register() as caller:
             assert caller(4) is None
             assert caller(5) is None  # the registered caller's reused request, second time
-        assert svc.map([6, 7, 8]) == [None, None, None]
+        assert list(svc.map([6, 7, 8])) == [None, None, None]
 
 
 # --------------------------------------------------------------------------- the contract
@@ -475,7 +478,7 @@ def test_setup_runs_once_on_worker_thread_and_reaches_the_function():
         return [ctx["scale"] * x for x in xs]
 
     svc = rlbatch.BatchedService(fn, max_batch_size=4, max_delay=0.01, setup=setup)
-    assert svc.map(range(10)) == [3 * x for x in range(10)]
+    assert list(svc.map(range(10))) == [3 * x for x in range(10)]
     assert len(threads) == 1 and threads[0] is not threading.current_thread()
     svc.close()
 
@@ -607,10 +610,10 @@ def _wakeups(thread):
 def test_idle_service_never_wakes():
     svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=8, max_delay=0.001)
     assert svc(1) == 1  # the worker is started and now idle
-    wait_until(lambda: svc._idle)  # set under the lock just before the worker blocks
-    before = _wakeups(svc._thread)
+    wait_until(lambda: svc._worker.idle)  # set under the lock just before the worker blocks
+    before = _wakeups(svc._worker.threads[0])
     time.sleep(0.5)
-    woke = _wakeups(svc._thread) - before
+    woke = _wakeups(svc._worker.threads[0]) - before
     svc.close()
     # At most the one switch of going to sleep, if the first reading came just before it.
     assert woke <= 1, f"an idle worker woke {woke} times in 0.5 s"  # uBatch polled every 2 ms: ~250
@@ -633,7 +636,7 @@ def test_a_polling_thread_would_be_caught():
 
 def test_stats_snapshot_counts():
     svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=4, max_delay=1.0)
-    svc.map(range(10))
+    list(svc.map(range(10)))
     st = svc.stats
     assert (st.requests, st.rows, st.batches) == (10, 10, 3)
     assert st.batch_size_hist == {4: 2, 2: 1}
@@ -892,7 +895,8 @@ def test_ctrl_c_in_a_blocking_caller_leaves_at_once_and_its_relay_still_wakes_th
         release.wait(10)
         return xs
 
-    svc = rlbatch.BatchedService(fn, max_batch_size=4, max_delay=5.0, wake_width=1)  # one relay of 4
+    # One relay of 4; plain calls must wait for the batch to fill (no early flush by known threads).
+    svc = rlbatch.BatchedService(fn, max_batch_size=4, max_delay=5.0, wake_width=1, implicit_callers=False)
     inside = threading.Event()
 
     def on_sigint(signum, frame):
@@ -943,10 +947,10 @@ def test_a_queued_request_fails_at_its_deadline_not_when_its_batch_would_have_go
     svc = rlbatch.BatchedService(lambda xs: ran.extend(xs) or xs, max_batch_size=8, max_delay=60.0)
     try:
         patient = svc.submit("patient")
-        wait_until(lambda: svc._worker_waiting)  # the worker already waits for the batch to fill
+        wait_until(lambda: svc._worker.waiting)  # the worker already waits for the batch to fill
         hasty = svc.submit("hasty", timeout=0.05)
         rows = svc.submit_rows(list(range(5)), timeout=0.05)  # 7 rows queued: the batch waits
-        # Before, these failed only when the batch went (60 s here): exception() timed out first.
+        # The batch itself would go only after 60 s: exception() would time out first.
         assert isinstance(hasty.exception(timeout=10), rlbatch.DeadlineExceeded)
         assert isinstance(rows.exception(timeout=10), rlbatch.DeadlineExceeded)
         assert not patient.done() and svc.stats.pending == 1 and svc.stats.timed_out == 2
@@ -954,7 +958,8 @@ def test_a_queued_request_fails_at_its_deadline_not_when_its_batch_would_have_go
         svc.close()  # drains: the two left run now
         assert patient.result(timeout=10) == "patient" and again.result(timeout=10) == "again"
         assert ran == ["patient", "again"]
-        assert (svc._pending, svc._pending_rows, svc._pending_special) == (0, 0, 0)
+        svc._worker.queue.check()
+        assert (svc._worker.queue.pending, svc._worker.queue.pending_rows) == (0, 0)
     finally:
         svc.close()
 
@@ -983,4 +988,5 @@ def test_registered_callers_with_deadlines_keep_early_flush_and_get_their_result
         c.close()
     svc.close()
     assert not errors and sorted(results) == sorted((i, k) for i in range(4) for k in range(50))
-    assert (svc._pending, svc._pending_special, svc._outstanding_callers) == (0, 0, 0)
+    q = svc._worker.queue
+    assert (q.pending, q.special, q.waiting_callers) == (0, 0, 0)

@@ -81,7 +81,8 @@ def test_every_request_gets_its_own_result_or_a_typed_error(plans, max_batch_siz
     assert set(outcomes) == expected  # nothing lost
     assert len(ran) == len(set(ran))  # nothing ran twice
     # the queue's books are balanced: nothing counted as queued, plain or not, once all is done
-    assert (svc._pending, svc._pending_rows, svc._pending_special) == (0, 0, 0)
+    svc._worker.queue.check()
+    assert (svc._worker.queue.pending, svc._worker.queue.pending_rows) == (0, 0)
     ran_set = set(ran)
     for t, plan in enumerate(plans):
         for i, (kind, p) in enumerate(plan):

@@ -21,7 +21,7 @@ def test_method_on_a_temporary_instance_works_every_way_in(no_thread_leak):
     # lookup and the call, and its finalizer closed the service (ServiceClosed).
     assert Model(1).predict(1) == 2
     assert Model(1).predict([1, 2]) == [2, 3]
-    assert Model(1).predict.map([1, 2]) == [2, 3]
+    assert list(Model(1).predict.map([1, 2])) == [2, 3]
     assert Model(1).predict.call_rows([1, 2, 3, 4, 5, 6]) == [2, 3, 4, 5, 6, 7]  # split over two batches
     assert asyncio.run(Model(1).predict.acall(1)) == 2
     assert Model(1).predict.submit(1).result(timeout=5) == 2
@@ -39,7 +39,7 @@ def test_one_service_per_instance_closed_when_the_instance_is_collected(no_threa
     assert future.result(timeout=5) == 11
     wait_until(lambda: ref() is None)
     wait_until(lambda: svc.closed)
-    wait_until(lambda: not svc._thread.is_alive())
+    wait_until(lambda: not svc._worker.threads[0].is_alive())
 
 
 def test_fire_and_forget_submits_on_temporaries_run_and_leave_no_thread(no_thread_leak):

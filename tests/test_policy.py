@@ -267,17 +267,17 @@ def test_results_keep_their_version_across_many_updates_and_survive_pickle_and_c
     import copy
     import pickle
 
-    from rlbatch import policy as policy_module
+    from rlbatch.policy import output as policy_module
 
     params = make_params()
     with rlbatch.PolicyService(linear_apply, params, example_obs=np.zeros(4, np.float32), buckets=BUCKETS) as svc:
         kept = [svc(np.ones(4, np.float32))]
-        for _ in range(policy_module._KEEP_CLASSES + 36):  # more versions than classes are cached
+        for _ in range(policy_module.KEEP_CLASSES + 36):  # more versions than classes are cached
             svc.update_params(params)
             kept.append(svc(np.ones(4, np.float32)))
         kept.extend(svc.register()(np.ones((2, 4), np.float32)[i]) for i in range(2))
     assert [out.version for out in kept] == list(range(len(kept) - 2)) + [len(kept) - 3] * 2
-    assert len(policy_module._output_classes) <= policy_module._KEEP_CLASSES
+    assert len(policy_module._classes) <= policy_module.KEEP_CLASSES
     first = kept[0]
     assert first.version == 0 and isinstance(first, rlbatch.PolicyOutput)  # its class outlived the cache
     assert not hasattr(first, "__dict__")  # a bare tuple: nothing allocated per result but the tuple

@@ -1,6 +1,6 @@
-"""How queued requests become batch-function arguments, and outputs become per-request results.
+"""Collation: how queued requests become batch-function arguments, and outputs per-request results.
 
-A codec has four steps, all called by the service:
+A collator has four steps, all called by the service:
 
 - `prepare(args, kwargs, rows)` runs in the caller's thread at submit time: it checks one request
   and puts it in canonical form, raising InvalidRequest so that only that request fails;
@@ -8,13 +8,13 @@ A codec has four steps, all called by the service:
 - `scatter(output, requests, ctx)` splits the function's output into one result per request;
 - `release(ctx)` gives back what `gather` borrowed (preallocated buffers) once results are out.
 
-Three codecs:
-- ListCodec (no buckets): every parameter of the batch function receives a list with one entry per
+Three collators:
+- ListCollator (no buckets): every parameter of the batch function receives a list with one entry per
   row, in request order (uBatch's `f(a_list, mode_list)`); the function returns a sequence of results.
-- ArrayCodec (`buckets=`): items are numpy arrays or pytrees of arrays; rows are stacked into a
+- ArrayCollator (`buckets=`): items are numpy arrays or pytrees of arrays; rows are stacked into a
   preallocated buffer of the smallest bucket >= rows and padded; the function is called as
   `fn(*padded_args, num_valid=n)` and returns arrays (or a pytree) whose leading axis is the bucket.
-- CallCodec (`@service`): one request per call, the function called with the request's own arguments.
+- CallCollator (`@service`): one request per call, the function called with the request's own arguments.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from rlbatch.errors import BatchOutputError, InvalidRequest
 
-__all__ = ["ArgSpec", "ListCodec", "ArrayCodec", "CallCodec", "PAD_MODES"]
+__all__ = ["ArgSpec", "ListCollator", "ArrayCollator", "CallCollator", "PAD_MODES"]
 
 PAD_MODES = ("repeat", "zeros")
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -62,15 +62,15 @@ class ArgSpec:
             self._index = {p.name: i for i, p in enumerate(self.positional + self.keyword_only)
                            if p.kind != inspect.Parameter.POSITIONAL_ONLY}
             self._num_positional = len(self.positional)
-            self._fast = not self.keyword_only
-            if self._fast:
+            self._positional_only = not self.keyword_only
+            if self._positional_only:
                 self.fast_arity = self._num_positional
 
     def canonical(self, args: tuple, kwargs: dict) -> tuple:
         """The request's values, one per parameter, or InvalidRequest saying what is wrong."""
         if self.free:
             return self._canonical_free(args, kwargs)
-        if self._fast and not kwargs and len(args) == self._num_positional:
+        if self._positional_only and not kwargs and len(args) == self._num_positional:
             return args
         if len(args) > self._num_positional:
             raise InvalidRequest(
@@ -108,16 +108,17 @@ class ArgSpec:
         if self.free:
             num_positional, keys = self._layout
             return columns[:num_positional], dict(zip(keys, columns[num_positional:]))
-        if self._fast:
+        if self._positional_only:
             return columns, {}
         n = self._num_positional
         return columns[:n], dict(zip(self.names[n:], columns[n:]))
 
 
-class ListCodec:
+class ListCollator:
     """Each parameter receives a list of values, one per row, in request order."""
 
     results_are_values = False  # the function may return an Exception for a row: it fails that row
+    passes_num_valid = False
 
     def __init__(self, argspec: ArgSpec):
         self.argspec = argspec
@@ -179,10 +180,11 @@ class ListCodec:
         return [x for part in parts for x in part]
 
 
-class CallCodec:
+class CallCollator:
     """No batching: one request per call, with its own arguments (for `@service`)."""
 
     results_are_values = False
+    passes_num_valid = False
 
     def prepare(self, args, kwargs, rows):
         if rows is not None:
@@ -272,7 +274,7 @@ def _first_row(x, rows):
     return a[0]
 
 
-class ArrayCodec:
+class ArrayCollator:
     """Stacks array rows into preallocated per-bucket buffers, pads, and slices outputs back.
 
     The expected structure, shapes and dtypes of each argument come from `example` (one row per
@@ -283,6 +285,7 @@ class ArrayCodec:
     """
 
     results_are_values = True  # rows of arrays, never an Exception in place of one
+    passes_num_valid = True  # the function is called as fn(*padded_args, num_valid=n)
 
     def __init__(self, argspec: ArgSpec, buckets: Sequence[int], pad: Any = "repeat", example: tuple | None = None):
         if argspec.free:
@@ -297,7 +300,9 @@ class ArrayCodec:
         self._specs: list[_LeafSpec] | None = None
         self._spec_lock = threading.Lock()
         self._pools: dict[int, list] = {b: [] for b in self.buckets}
-        self._fast = None  # (shape, dtype) when the function takes one plain array: no tree work
+        # (shape, dtype) when the function takes one plain array: such a request is kept as the bare
+        # array (no lists per request, none to walk per row in gather).
+        self.fast_spec = None
         if example is not None:
             self._set_specs(tuple(example), example_given=True)
 
@@ -318,16 +323,16 @@ class ArrayCodec:
                         raise InvalidRequest(why + "; choose a pad value of that dtype") from None
         self._specs = specs
         if len(specs) == 1 and len(specs[0].shapes) == 1 and specs[0].treedef.num_nodes == 1:
-            self._fast = (specs[0].shapes[0], specs[0].dtypes[0])
+            self.fast_spec = (specs[0].shapes[0], specs[0].dtypes[0])
 
     def bucket_for(self, num_rows: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, num_rows)]
 
     def prepare(self, args, kwargs, rows):
         """A request's rows in canonical form: one list of leaves per argument, or, when the
-        function takes one plain array (`_fast`), that array itself (no lists to build per
+        function takes one plain array (`fast_spec`), that array itself (no lists to build per
         request, and none to walk per row in `gather`)."""
-        fast = self._fast
+        fast = self.fast_spec
         if fast is not None and len(args) == 1 and not kwargs:
             x = args[0]
             if type(x) is np.ndarray and x.dtype == fast[1] and x.shape == (fast[0] if rows is None else (rows,) + fast[0]):
@@ -356,7 +361,7 @@ class ArrayCodec:
                         f"got {leaf.dtype}{list(leaf.shape)}")
                 out.append(leaf)
             prepared.append(out)
-        return prepared[0][0] if self._fast is not None else prepared
+        return prepared[0][0] if self.fast_spec is not None else prepared
 
     def _buffers(self, bucket):
         pool = self._pools[bucket]
@@ -369,7 +374,7 @@ class ArrayCodec:
         bucket = self.bucket_for(num_rows)
         buffers = self._buffers(bucket)
         single = _all_single(requests)
-        if self._fast is not None:  # one plain array per request (see prepare)
+        if self.fast_spec is not None:  # one plain array per request (see prepare)
             buf = buffers[0][0]
             self._fill(buf, [r.values for r in requests], requests, single, num_rows, bucket)
             args, kwargs = self.argspec.split([buf])
@@ -435,7 +440,7 @@ class ArrayCodec:
         self._pools[bucket].append(buffers)
 
     def slice_rows(self, values, start, stop):
-        if self._fast is not None:
+        if self.fast_spec is not None:
             return values[start:stop]
         return [[leaf[start:stop] for leaf in leaves] for leaves in values]
 

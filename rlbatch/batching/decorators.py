@@ -21,7 +21,7 @@ import weakref
 from typing import Any, Callable
 
 from rlbatch.batching.service import BatchedService
-from rlbatch.batching.collate import CallCodec
+from rlbatch.batching.collate import CallCollator
 from rlbatch.errors import ServiceClosed
 
 __all__ = ["batched", "service", "BatchedFunction"]
@@ -36,7 +36,7 @@ class BatchedFunction:
 
     def __call__(self, *args, **kwargs):
         if self._lists_are_batches and len(args) == 1 and not kwargs and isinstance(args[0], list):
-            return self.service.map(args[0])
+            return list(self.service.map(args[0]))
         return self.service(*args, **kwargs)
 
     async def acall(self, *args, **kwargs):
@@ -87,11 +87,21 @@ class _BoundMethod(BatchedFunction):
 
     # Defined here, not reached through __getattr__, which would return the service's own method
     # and let go of this object (and perhaps the instance) before the call.
-    def map(self, items, **kwargs):
-        return self.service.map(items, **kwargs)
+    def map(self, *iterables, **kwargs):
+        return _held(self.service.map(*iterables, **kwargs), self)
+
+    def register(self, **kwargs):
+        # The caller keeps the instance alive until it is closed: `Model().predict.register()`.
+        kwargs.setdefault("keep_alive", self._instance)
+        return self.service.register(**kwargs)
 
     def call_rows(self, *args, **kwargs):
         return self.service.call_rows(*args, **kwargs)
+
+
+def _held(results, owner):
+    """Yields from `results` while keeping `owner` (and so the instance) alive."""
+    yield from results
 
 
 class _Decorated:
@@ -172,7 +182,7 @@ def service(fn: Callable | None = None, *, max_queue: int | None = None, on_full
     def wrap(f):
         def make(g):
             return BatchedService(g, 1, 0.0, max_queue=max_queue, on_full=on_full, setup=setup,
-                                  name=name or f.__name__, _codec=CallCodec())
+                                  name=name or f.__name__, collator=CallCollator())
 
         return _Decorated(f, make, False)
 

@@ -40,11 +40,16 @@ class ServiceStats:
     rejected: int  # submits refused: queue full, or service closed
     pending: int  # requests waiting in the queue at snapshot time
     in_flight: int  # batches dispatched and not yet completed
+    # Why each batch went: "full" (max_batch_size rows), "callers" (every known caller waited:
+    # early flush), "delay" (its oldest request waited max_delay), "closing" (the queue drained).
+    batch_triggers: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    known_callers: int = 0  # callers counted towards early flush at snapshot time
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["batch_size_hist"] = {int(k): int(v) for k, v in self.batch_size_hist.items()}
         d["bucket_hist"] = {int(k): int(v) for k, v in self.bucket_hist.items()}
+        d["batch_triggers"] = dict(self.batch_triggers)
         return d
 
 
@@ -71,6 +76,14 @@ class StatsRecorder:
         self.queue_waits: collections.deque = collections.deque(maxlen=_WINDOW)
         self.run_times: collections.deque = collections.deque(maxlen=_WINDOW)
         self.latencies: collections.deque = collections.deque(maxlen=_WINDOW)
+        self.triggers = {"full": 0, "callers": 0, "delay": 0, "closing": 0}
+
+    def grow(self, max_batch_size: int) -> None:
+        """Makes room in the size histogram for batches of up to max_batch_size rows."""
+        if max_batch_size + 1 > self.size_hist.size:
+            hist = np.zeros(max_batch_size + 1, dtype=np.int64)
+            hist[:self.size_hist.size] = self.size_hist
+            self.size_hist = hist
 
     def record_batch(self, valid: int, padded: int | None, run_time: float) -> None:
         """`padded` is the bucket the batch was padded to, None for a service without buckets."""
@@ -83,7 +96,7 @@ class StatsRecorder:
             self.bucket_hist = hist
         self.run_times.append(run_time)
 
-    def snapshot(self, pending: int, in_flight: int) -> ServiceStats:
+    def snapshot(self, pending: int, in_flight: int, known_callers: int = 0) -> ServiceStats:
         hist = self.size_hist.copy()
         batches = int(hist.sum())
         valid = int((hist * np.arange(hist.size)).sum())
@@ -109,4 +122,6 @@ class StatsRecorder:
             rejected=self.rejected,
             pending=pending,
             in_flight=in_flight,
+            batch_triggers=dict(self.triggers),
+            known_callers=known_callers,
         )
