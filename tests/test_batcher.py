@@ -1,6 +1,7 @@
 """BatchedService, @batched and @service: the seeds' examples, their known faults, and the contract."""
 import asyncio
 import concurrent.futures
+import dataclasses
 import gc
 import sys
 import threading
@@ -134,7 +135,7 @@ def test_batched_single_item_and_list_calls_and_acall():
     assert e.embed([2, 3, 4]) == ["a:4", "a:6", "a:8"]
     assert asyncio.run(e.embed.acall(2)) == "a:4"
     assert asyncio.run(e.embed.acall([2, 3])) == ["a:4", "a:6"]
-    assert e.embed.stats.requests >= 6
+    assert e.embed.stats.requests == 7  # 1 + 3 + 1 + 2
     assert Embedder("b").embed(1) == "b:2"  # one service per instance
     e.embed.close()
 
@@ -641,9 +642,9 @@ def test_stats_snapshot_counts():
     assert (st.requests, st.rows, st.batches) == (10, 10, 3)
     assert st.batch_size_hist == {4: 2, 2: 1}
     assert st.mean_batch_size == pytest.approx(10 / 3)
-    assert st.queue_wait_p99 >= st.queue_wait_p50 >= 0
-    with pytest.raises(Exception):
-        st.requests = 0  # frozen
+    assert st.queue_wait_p99 >= st.queue_wait_p50 > 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        st.requests = 0
     assert set(st.as_dict()) >= {"requests", "batches", "padding_fraction", "rejected", "timed_out"}
     svc.close()
 
@@ -990,3 +991,111 @@ def test_registered_callers_with_deadlines_keep_early_flush_and_get_their_result
     assert not errors and sorted(results) == sorted((i, k) for i in range(4) for k in range(50))
     q = svc._worker.queue
     assert (q.pending, q.special, q.waiting_callers) == (0, 0, 0)
+
+
+# --------------------------------------------------------------------------- executor semantics and more
+
+
+def test_max_delay_counts_from_the_oldest_request_while_requests_keep_arriving():
+    # Futures arrive every max_delay / 4 for 10 * max_delay: batches must go while they keep coming.
+    max_delay = 0.2
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=1000, max_delay=max_delay)
+    futures = []
+    end = time.perf_counter() + 10 * max_delay
+    while time.perf_counter() < end:
+        futures.append(svc.submit(len(futures)))
+        time.sleep(max_delay / 4)
+    assert [f.result(10) for f in futures] == list(range(len(futures)))
+    st = svc.stats
+    svc.close()
+    # Counted from the newest request, no batch would go before the stream stops: one batch.
+    assert st.batches >= 5 and st.batch_triggers["delay"] == st.batches, st
+
+
+def test_one_failed_row_fails_its_multi_row_request_and_only_that_request():
+    def fn(xs):
+        return [ValueError(f"bad {x}") if x == "bad" else x.upper() for x in xs]
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=8, max_delay=0.05)
+    mixed = svc.submit_rows(["a", "bad", "c"])
+    fine = svc.submit_rows(["d", "e"])
+    single = svc.submit("f")
+    with pytest.raises(ValueError, match="bad bad"):
+        mixed.result(10)
+    assert fine.result(10) == ["D", "E"] and single.result(10) == "F"
+    svc.close()
+
+
+def test_map_is_lazy_like_executor_map_zips_iterables_and_raises_where_the_error_is():
+    def fn(xs, ys):
+        return [ZeroDivisionError("y is 0") if y == 0 else x / y for x, y in zip(xs, ys)]
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=8, max_delay=0.01)
+    results = svc.map([1, 2, 3], [1, 0, 3])
+    assert not isinstance(results, list)
+    assert next(results) == 1.0
+    with pytest.raises(ZeroDivisionError, match="y is 0"):
+        next(results)
+    assert list(svc.map([4, 9], [2, 3])) == [2.0, 3.0]
+    svc.close()
+
+
+def test_map_timeout_raises_timeout_error_and_closing_the_iterator_cancels_the_rest():
+    release = threading.Event()
+    ran = []
+
+    def fn(xs):
+        release.wait(10)
+        ran.extend(xs)
+        return xs
+
+    svc = rlbatch.BatchedService(fn, max_batch_size=1, max_delay=0.0)
+    results = svc.map(range(5), timeout=0.05)
+    with pytest.raises(TimeoutError):
+        next(results)
+    results.close()  # the iterator is done: requests not yet run are cancelled
+    release.set()
+    svc.close()
+    assert len(ran) < 5 and svc.stats.cancelled == 5 - len(ran)
+
+
+def test_shutdown_is_close_with_executor_arguments():
+    release = threading.Event()
+    svc = rlbatch.BatchedService(lambda xs: release.wait(10) and xs, max_batch_size=1, max_delay=0.0)
+    running = svc.submit(1)
+    wait_until(lambda: svc.stats.pending == 0)  # request 1 is in the batch function
+    queued = svc.submit(2)
+    threading.Timer(0.05, release.set).start()
+    svc.shutdown(wait=True, cancel_futures=True)
+    assert running.result(0) == 1
+    with pytest.raises(rlbatch.ServiceClosed):
+        queued.result(0)
+    svc.shutdown()  # twice is fine
+    with pytest.raises(rlbatch.ServiceClosed):
+        svc.submit(3)
+
+
+def test_a_split_request_larger_than_max_queue_waits_for_room_when_blocking():
+    svc = rlbatch.BatchedService(lambda xs: [x * 2 for x in xs], max_batch_size=2, max_delay=0.0, max_queue=2)
+    assert svc.submit_rows(list(range(9))).result(10) == [x * 2 for x in range(9)]  # 5 parts, 2 queued at most
+    assert svc.call_rows(list(range(7))) == [x * 2 for x in range(7)]
+    svc.close()
+    strict = rlbatch.BatchedService(lambda xs: xs, max_batch_size=2, max_queue=2, on_full="raise")
+    with pytest.raises(rlbatch.QueueFull):
+        strict.call_rows(list(range(9)))
+    strict.close()
+
+
+def test_max_batch_size_and_max_delay_change_on_a_running_service():
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=2, max_delay=60.0, implicit_callers=False)
+    first = [svc.submit(i) for i in range(2)]  # a full batch of 2
+    assert [f.result(10) for f in first] == [0, 1]
+    svc.max_batch_size = 4
+    svc.max_delay = 0.01  # the queued request must not wait the old 60 s
+    assert [f.result(10) for f in [svc.submit(i) for i in range(3)]] == [0, 1, 2]
+    svc.max_batch_size = 8
+    assert [f.result(10) for f in svc.submit_many(range(8))] == list(range(8))
+    assert svc.stats.batch_size_hist.get(8) == 1
+    with pytest.raises(ValueError, match="max_batch_size must be a positive int, got 0"):
+        svc.max_batch_size = 0
+    svc.close()

@@ -1,5 +1,6 @@
 """@batched methods: one service per instance, which works on a temporary instance and ends with it."""
 import asyncio
+import gc
 import threading
 import weakref
 
@@ -56,3 +57,15 @@ def test_fire_and_forget_submits_on_temporaries_run_and_leave_no_thread(no_threa
         Model(i).predict.submit(i).add_done_callback(record)
     wait_until(lambda: len(results) == 20)
     assert sorted(results) == [2 * i for i in range(20)]
+
+
+def test_register_on_a_temporary_instance_keeps_the_instance_until_the_caller_closes():
+    class Model:
+        @rlbatch.batched(max_batch_size=4, max_delay=0.01)
+        def predict(self, xs):
+            return [x + 1 for x in xs]
+
+    caller = Model().predict.register()
+    gc.collect()
+    assert caller(1) == 2  # the instance (and its service) is still there
+    caller.close()

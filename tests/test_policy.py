@@ -101,7 +101,15 @@ def test_compile_count_equals_buckets_after_many_random_requests_from_many_threa
     svc.close()
     jax.monitoring.unregister_event_duration_listener(listener)
     assert not errors
-    assert stats.requests >= 16 * 150
+    # A request of k > 16 rows (the largest bucket) is split into parts, each queued as a request.
+    expected = 0
+    for s in range(16):
+        rng = np.random.default_rng(s)
+        for _ in range(150):
+            k = int(rng.integers(0, 21))
+            rng.normal(size=(4,) if k == 0 else (k, 4))
+            expected += 1 if k <= 16 else -(-k // 16)
+    assert stats.requests == expected
     assert svc.compile_count == len(BUCKETS)
     assert len(events) == compiled_at_start  # JAX itself compiled nothing after start
 
@@ -405,7 +413,7 @@ def test_stats_report_policy_fields():
         svc(np.zeros((3, 4), np.float32))
         st = svc.stats
     assert st.compile_count == 3 and st.bucket_padding == {4: 0.25}
-    assert st.host_prep_time > 0 and st.device_time >= 0 and st.batches == 1
+    assert st.host_prep_time > 0 and st.device_time > 0 and st.batches == 1
 
 
 def test_pipelining_only_where_dispatch_is_asynchronous():
