@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rlbatch
-from rlbatch.batching.collate import _in_host_memory, to_host
+from rlbatch.batching.arrays import _in_host_memory, to_host
 
 BUCKETS = (4, 8, 16)
 

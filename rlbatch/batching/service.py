@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import jax
-
 from rlbatch.batching.callers import Caller, ThreadCallers
-from rlbatch.batching.collate import ArgSpec, ArrayCollator, ListCollator
+from rlbatch.batching.arrays import ArrayCollator
+from rlbatch.batching.collate import ArgSpec, ListCollator
 from rlbatch.batching.relay import wait_turn
 from rlbatch.batching.request import CANCELLED, PENDING, Request, SplitRequest
 from rlbatch.batching.stats import ServiceStats, StatsRecorder
@@ -128,7 +126,6 @@ class BatchedService:
         argspec = getattr(collator, "argspec", None)
         # Positional arguments a plain list-mode call may pass as they are, unchecked (-1: none).
         self._fast_arity = argspec.fast_arity if isinstance(collator, ListCollator) else -1
-        self._rows_are_arrays = isinstance(collator, ArrayCollator)
         self._stats = StatsRecorder(max_batch_size)
         self._worker = Worker(
             batch_fn, collator, self._stats, max_batch_size=max_batch_size, max_delay=float(max_delay),
@@ -228,7 +225,7 @@ class BatchedService:
         future = concurrent.futures.Future()
         now = _clock()
         try:
-            num_rows = self._num_rows(args, kwargs) if rows else None
+            num_rows = self.collator.count_rows(args, kwargs) if rows else None
             values = self.collator.prepare(args, kwargs, num_rows)
         except InvalidRequest as e:
             self.record_invalid()
@@ -272,22 +269,6 @@ class BatchedService:
                 break
         return futures
 
-    def _num_rows(self, args, kwargs) -> int:
-        first = next(itertools.chain(args, kwargs.values()), None)
-        if first is None:
-            raise InvalidRequest("a multi-row request needs at least one argument")
-        try:
-            if self._rows_are_arrays:  # rows are the leading axis of every leaf
-                n = len(jax.tree_util.tree_leaves(first)[0])
-            else:  # rows are the entries of a list
-                n = len(first)
-        except (TypeError, IndexError):
-            raise InvalidRequest(
-                f"a multi-row request needs sequences or arrays with a leading row axis, got {type(first).__name__}") from None
-        if n < 1:
-            raise InvalidRequest("a multi-row request needs at least one row, got 0")
-        return n
-
     def _enqueue_split(self, values, num_rows, priority, now, timeout, deadline, caller, future) -> None:
         """Queues a request of more than max_batch_size rows as parts of at most that many rows."""
         step = self.max_batch_size
@@ -329,7 +310,7 @@ class BatchedService:
         num_rows = None
         try:
             if rows:
-                num_rows = self._num_rows(args, kwargs)
+                num_rows = self.collator.count_rows(args, kwargs)
                 if num_rows > self.max_batch_size:  # split over several batches: the Future path
                     now = _clock()
                     future = self.submit_request(args, kwargs, rows=True, priority=priority, timeout=timeout,

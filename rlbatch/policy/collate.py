@@ -11,7 +11,8 @@ import time
 import jax
 import numpy as np
 
-from rlbatch.batching.collate import ArgSpec, ArrayCollator, row_selectors, to_host
+from rlbatch.batching.arrays import ArrayCollator, to_host
+from rlbatch.batching.collate import ArgSpec, row_selectors
 from rlbatch.errors import InvalidRequest
 from rlbatch.policy.output import PolicyOutput, output_class
 
