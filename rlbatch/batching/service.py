@@ -76,6 +76,8 @@ class BatchedService:
         front ends that check and stack their own inputs (PolicyService); replaces what `buckets`,
         `pad` and `example` would build.
       name: a name for the worker threads and messages.
+      start: start the worker on the first request (default); False: requests queue until
+        `start()` (or run when the service is closed without cancelling them).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class BatchedService:
         idle_horizon: float = 1.0,
         collator: Any = None,
         name: str | None = None,
+        start: bool = True,
     ):
         if not callable(batch_fn):
             raise TypeError(f"batch_fn must be callable, got {type(batch_fn).__name__}")
@@ -131,7 +134,7 @@ class BatchedService:
             batch_fn, collator, self._stats, max_batch_size=max_batch_size, max_delay=float(max_delay),
             max_queue=max_queue, on_full=on_full, setup=setup, max_in_flight=max_in_flight,
             starvation_timeout=float(starvation_timeout), wake_width=wake_width,
-            idle_horizon=float(idle_horizon), name=self.name)
+            idle_horizon=float(idle_horizon), name=self.name, autostart=start)
         self._thread_callers = ThreadCallers(self) if implicit_callers else None
 
     # ------------------------------------------------------------------ settings
@@ -415,15 +418,22 @@ class BatchedService:
     def closed(self) -> bool:
         return self._worker.closing
 
-    def close(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
+    def start(self) -> "BatchedService":
+        """Starts the worker now (a service made with start=False); idempotent."""
+        self._worker.start()
+        return self
+
+    def close(self, wait: bool = True, *, cancel_pending: bool = False, timeout: float | None = None) -> bool:
         """Stops the service. Safe to call more than once.
 
         Requests already queued run to completion (the queue is drained without waiting for
         max_delay), or with `cancel_pending=True` fail at once with ServiceClosed (except the rest
         of a request split over several batches whose first part already ran). Later submits
-        raise ServiceClosed. With `wait=True` the worker threads are joined before this returns.
+        raise ServiceClosed. With `wait=True` the worker threads are joined before this returns,
+        for at most `timeout` seconds: returns False if they were still running then (True
+        otherwise); once they have ended, any request still queued has failed.
         """
-        self._worker.close(wait, cancel_pending)
+        return self._worker.close(wait, cancel_pending, timeout)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """`close` under `concurrent.futures.Executor.shutdown`'s name and arguments."""

@@ -31,6 +31,8 @@ output that cannot be split back fails its batch with BatchOutputError.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import queue
 import threading
 import time
@@ -39,6 +41,8 @@ from rlbatch.batching.queue import RequestQueue
 from rlbatch.batching.relay import RelayHelpers
 from rlbatch.batching.request import WAS_CANCELLED, complete
 from rlbatch.errors import BatchOutputError, DeadlineExceeded, QueueFull, ServiceClosed
+
+_log = logging.getLogger("rlbatch")
 
 __all__ = ["Worker"]
 
@@ -53,7 +57,7 @@ class Worker:
     """
 
     def __init__(self, batch_fn, collator, stats, *, max_batch_size, max_delay, max_queue, on_full,
-                 setup, max_in_flight, starvation_timeout, wake_width, idle_horizon, name):
+                 setup, max_in_flight, starvation_timeout, wake_width, idle_horizon, name, autostart=True):
         self.batch_fn = batch_fn
         self.collator = collator
         self.stats = stats
@@ -88,6 +92,8 @@ class Worker:
         self.dispatched = 0  # written by the worker only
         self.completed = 0  # written by the completer only
         self.relay_helpers = RelayHelpers(name)
+        self._loop: asyncio.AbstractEventLoop | None = None  # see _event_loop
+        self._autostart = autostart  # start the threads on the first request (else on start())
 
     # ------------------------------------------------------------------ submitting (lock taken here)
 
@@ -106,7 +112,7 @@ class Worker:
             q = self.queue
             if self.max_queue is not None and q.pending >= self.max_queue:
                 self._wait_for_room(1, now, timeout)
-            if self._thread is None:
+            if self._thread is None and self._autostart:
                 self._start()
             c = r.caller
             if c is not None:
@@ -129,7 +135,7 @@ class Worker:
             q = self.queue
             if self.max_queue is not None and q.pending + len(requests) > self.max_queue:
                 self._wait_for_room(len(requests), now, timeout)
-            if self._thread is None:
+            if self._thread is None and self._autostart:
                 self._start()
             for r in requests:
                 if r.caller is not None:
@@ -206,6 +212,14 @@ class Worker:
 
     # ------------------------------------------------------------------ the worker thread
 
+    def start(self) -> None:
+        """Starts the worker threads now (idempotent; ServiceClosed once closed)."""
+        with self.lock:
+            self.check_open()
+            self._autostart = True
+            if self._thread is None:
+                self._start()
+
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"rlbatch-{self.name}", daemon=True)
         if self.max_in_flight > 1:
@@ -265,14 +279,27 @@ class Worker:
             return batch, []
 
     def _run(self) -> None:
-        if self._setup is not None:
-            try:
-                self._context = self._setup()
-            except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
-                self._fail_setup(e)
-                return
+        try:
+            if self._setup is not None:
+                try:
+                    self._context = self._setup()
+                except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
+                    self._fail_setup(e)
+                    return
+            self._serve()
+        finally:
+            if self._loop is not None:
+                self._loop.close()
+            if self._done_queue is not None:
+                self._done_queue.put(None)
+
+    def _serve(self) -> None:
         while True:
-            batch, expired = self._next_batch()
+            try:
+                batch, expired = self._next_batch()
+            except BaseException as e:  # noqa: BLE001 - the worker never dies
+                self._fail_formation(e)
+                continue
             if expired:
                 now = _clock()
                 self._complete(expired, [DeadlineExceeded(
@@ -299,8 +326,20 @@ class Worker:
                     self._done_queue.put(job)
                 else:
                     self._finish(job)
-        if self._done_queue is not None:
-            self._done_queue.put(None)
+
+    def _fail_formation(self, error: BaseException) -> None:
+        """A fault while forming a batch (in rlbatch itself, not in the batch function): the
+        requests queued fail with it. If none were queued, the fault is not in any request but in
+        the machinery: the service closes rather than fail again at every wake-up."""
+        _log.error("rlbatch: service %r failed to form a batch", self.name, exc_info=error)
+        with self.lock:
+            drained = self.queue.drain()
+            if not drained:
+                self.closing = True
+                self.closed_error = error
+            self._cond.notify_all()
+            self._not_full.notify_all()
+        self._complete(drained, [error] * len(drained))
 
     def _fail_setup(self, error: BaseException) -> None:
         with self.lock:
@@ -341,9 +380,9 @@ class Worker:
         return self._call_batch_fn(live, sum([r.num_rows for r in live]), now, False)
 
     def _call_batch_fn(self, live, num_rows, now, plain):
-        self.stats.queue_waits.extend([now - r.t0 for r in live])
         ctx = None
         try:
+            self.stats.queue_waits.extend([now - r.t0 for r in live])
             args, kwargs, ctx, padded = self.collator.gather(live, num_rows)
             if self._pass_num_valid:
                 kwargs["num_valid"] = num_rows
@@ -351,14 +390,26 @@ class Worker:
                 output = self.batch_fn(self._context, *args, **kwargs)
             else:
                 output = self.batch_fn(*args, **kwargs)
+            if asyncio.iscoroutine(output):  # an `async def` batch function
+                output = self._event_loop().run_until_complete(output)
         except BaseException as e:  # noqa: BLE001 - reaches every caller of this batch
             self.stats.errors += len(live)
-            if ctx is not None:
-                self.collator.release(ctx)
-            self.stats.record_batch(num_rows, None, _clock() - now)
+            try:
+                if ctx is not None:
+                    self.collator.release(ctx)
+                self.stats.record_batch(num_rows, None, _clock() - now)
+            except Exception:  # noqa: BLE001 - the callers must still hear of e
+                _log.exception("rlbatch: service %r could not clean up after a failed batch", self.name)
             self._complete(live, [e] * len(live))
             return None
         return live, output, ctx, num_rows, padded, now, plain
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's own event loop for async batch functions: made on first use, in the worker
+        thread, and closed when the worker ends (it is never the callers' loop)."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop
 
     def _complete_loop(self) -> None:
         while True:
@@ -387,8 +438,11 @@ class Worker:
             if self._slots is not None:
                 self._slots.release()
         now = _clock()
-        self.stats.record_batch(num_rows, padded, now - t_start)
-        self.stats.latencies.extend([now - r.t0 for r in live])
+        try:
+            self.stats.record_batch(num_rows, padded, now - t_start)
+            self.stats.latencies.extend([now - r.t0 for r in live])
+        except Exception:  # noqa: BLE001 - statistics never cost a caller its result
+            _log.exception("rlbatch: service %r could not record a batch's statistics", self.name)
         # A plain batch of a collator whose results are always values needs no per-request checks.
         self._complete(live, results, plain and self.collator.results_are_values)
 
@@ -397,12 +451,16 @@ class Worker:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def close(self, wait: bool, cancel_pending: bool) -> None:
+    def close(self, wait: bool, cancel_pending: bool, timeout: float | None = None) -> bool:
+        """Closes; see BatchedService.close. Returns False when `timeout` passed before the worker
+        threads ended."""
         drained = []
         with self.lock:
             self.closing = True
             if cancel_pending:
                 drained = self.queue.drain(keep_started=True)
+            if self._thread is None and self.queue.pending:
+                self._start()  # never started: it runs what is queued, then ends
             self._cond.notify_all()
             self._not_full.notify_all()
         if drained:
@@ -410,12 +468,22 @@ class Worker:
             err = ServiceClosed(f"service {self.name!r} closed before this request ran")
             self._complete(drained, [err] * len(drained))
         me = threading.current_thread()
-        if wait and me is not self._thread and me is not self._completer:
+        if not wait or me is self._thread or me is self._completer:
             # Called from inside the batch function, close cannot wait for its own thread.
-            for t in (self._thread, self._completer):
-                if t is not None:
-                    t.join()
-            self.relay_helpers.join()  # every request is complete now, so each has had its turn
+            return True
+        end = None if timeout is None else _clock() + timeout
+        for t in self.threads:
+            t.join(None if end is None else max(0.0, end - _clock()))
+        if any(t.is_alive() for t in self.threads):
+            return False
+        # Whatever the worker's state, no request is left waiting: anything still queued now (a
+        # worker that ended early) fails.
+        with self.lock:
+            left = self.queue.drain()
+        if left:
+            self._complete(left, [ServiceClosed(f"service {self.name!r} closed before this request ran")] * len(left))
+        self.relay_helpers.join()  # every request is complete now, so each has had its turn
+        return True
 
     @property
     def waiting(self) -> bool:
