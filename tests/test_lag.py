@@ -44,28 +44,31 @@ def test_max_policy_lag_drops_whole_trajectories_with_any_stale_step():
     lag = PolicyLag(version=0, max_policy_lag=1)
     lag.published(1, 1)
     lag.published(2, 2)
-    assert lag.admit(trajectory(0, [1, 2, 2]), updates=2)  # lags 1, 0, 0: exactly the limit is kept
-    assert not lag.admit(trajectory(1, [0, 2, 2]), updates=2)  # one step of lag 2
-    assert not lag.admit(trajectory(2, [[0, 2], [2, 2]]), updates=2)  # k=2: 4 steps dropped
-    assert lag.admit(trajectory(3, [[2, 2], [2, 2]]), updates=2)
-    assert lag.stats == PolicyLagStats(samples=7, min=0.0, mean=1 / 7, max=1.0, stale_trajectories_dropped=2,
-                                       stale_steps_dropped=7)
+    kept = lag.admit(trajectory(0, [1, 2, 2]), updates=2)  # exactly the limit is kept
+    np.testing.assert_array_equal(kept, [1, 0, 0])
+    assert lag.admit(trajectory(1, [0, 2, 2]), updates=2) is None  # one step of lag 2
+    assert lag.admit(trajectory(2, [[0, 2], [2, 2]]), updates=2) is None  # k=2: 4 steps dropped
+    np.testing.assert_array_equal(lag.admit(trajectory(3, [[2, 2], [2, 2]]), updates=2), [[0, 0], [0, 0]])
+    # admitted but not yet trained on: no lag counted
+    assert (lag.stats.samples, lag.stats.stale_trajectories_dropped, lag.stats.stale_steps_dropped) == (0, 2, 7)
 
 
-def test_without_a_limit_every_trajectory_is_admitted_and_counted():
+def test_trained_counts_the_lags_of_the_steps_a_learner_got():
     lag = PolicyLag(version=0)
     lag.published(1, 1)
-    assert lag.admit(trajectory(0, [0, 0, 1]), updates=1)
-    assert lag.admit(trajectory(1, [0, 1, 1]), updates=4)
-    # lags [1, 1, 0] and [4, 3, 3]
-    assert lag.stats == PolicyLagStats(samples=6, min=0.0, mean=12 / 6, max=4.0, stale_trajectories_dropped=0,
+    first = lag.admit(trajectory(0, [0, 0, 1]), updates=1)
+    second = lag.admit(trajectory(1, [[0, 1], [1, 1]]), updates=4)
+    lag.trained([first, second])  # lags [1, 1, 0] and [[4, 3], [3, 3]]
+    assert lag.stats == PolicyLagStats(samples=7, min=0.0, mean=15 / 7, max=4.0, stale_trajectories_dropped=0,
                                        stale_steps_dropped=0)
+    lag.trained([np.array([2, 2])])
+    assert (lag.stats.samples, lag.stats.mean) == (9, 19 / 9)
 
 
-def test_stats_are_nan_before_any_step_is_admitted():
+def test_stats_are_nan_before_any_step_is_trained_on():
     lag = PolicyLag(version=0, max_policy_lag=0)
     lag.published(1, 1)
-    assert not lag.admit(trajectory(0, [0, 1]), updates=1)
+    assert lag.admit(trajectory(0, [0, 1]), updates=1) is None
     stats = lag.stats
     assert stats.samples == 0 and stats.stale_steps_dropped == 2 and stats.stale_trajectories_dropped == 1
     assert math.isnan(stats.min) and math.isnan(stats.mean) and math.isnan(stats.max)

@@ -12,12 +12,13 @@ The trainer tells the tracker which version carries the parameters of how many u
 With `max_policy_lag`, a trajectory holding any step with a larger lag is refused whole: a
 trajectory is the unit a learner consumes, and cutting single steps out of it would break its
 time axis. Refused trajectories count in `stale_trajectories_dropped` and all their steps in
-`stale_steps_dropped`; the lag statistics cover admitted steps only (what the learner trains on).
+`stale_steps_dropped`; the lag statistics cover the steps the learner was given (`trained`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 import numpy as np
 
@@ -28,11 +29,11 @@ __all__ = ["PolicyLag", "PolicyLagStats"]
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLagStats:
-    """Lag over every admitted step so far, in learner updates.
+    """Lag over every step trained on so far, in learner updates.
 
     Attributes:
-      samples: steps admitted (every step of every admitted trajectory).
-      min, mean, max: lag of the admitted steps; nan before any step is admitted.
+      samples: steps counted by `trained` (every step of every trajectory a learner update got).
+      min, mean, max: lag of those steps; nan before any.
       stale_trajectories_dropped: trajectories refused for a step staler than `max_policy_lag`.
       stale_steps_dropped: steps in those trajectories (all of them, not only the stale ones).
     """
@@ -85,18 +86,25 @@ class PolicyLag:
             behind[i] = known
         return (updates - behind)[inverse].reshape(np.shape(trajectory.policy_version))
 
-    def admit(self, trajectory: Trajectory, updates: int) -> bool:
-        """True if `trajectory` may be trained on after `updates` updates; counts it either way."""
+    def admit(self, trajectory: Trajectory, updates: int) -> np.ndarray | None:
+        """The lags of `trajectory`'s steps if trained after `updates` updates (as `lags`), or None
+        if one of them exceeds `max_policy_lag`: the trajectory is then counted as dropped."""
         lag = self.lags(trajectory, updates)
         if self.max_policy_lag is not None and lag.max() > self.max_policy_lag:
             self._dropped_trajectories += 1
             self._dropped_steps += int(np.size(trajectory.reward))
-            return False
-        self._samples += int(lag.size)
-        self._lag_sum += int(lag.sum())
-        self._lag_min = min(self._lag_min, int(lag.min()))
-        self._lag_max = max(self._lag_max, int(lag.max()))
-        return True
+            return None
+        return lag
+
+    def trained(self, lags: Sequence[np.ndarray]) -> None:
+        """Counts the steps a learner update was given, from what `admit` returned for each of its
+        trajectories. Admitted trajectories that never reach an update (a batch left unfinished
+        when the source stops) are not counted."""
+        for lag in lags:
+            self._samples += int(lag.size)
+            self._lag_sum += int(lag.sum())
+            self._lag_min = min(self._lag_min, int(lag.min()))
+            self._lag_max = max(self._lag_max, int(lag.max()))
 
     @property
     def stats(self) -> PolicyLagStats:
