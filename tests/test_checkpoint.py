@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rlbatch
-from tests.test_trainer import catch_setup
+from tests.test_trainer_with_actors import catch_setup
 
 
 def tree():
