@@ -48,9 +48,10 @@ def test_max_policy_lag_drops_whole_trajectories_with_any_stale_step():
     np.testing.assert_array_equal(kept, [1, 0, 0])
     assert lag.admit(trajectory(1, [0, 2, 2]), updates=2) is None  # one step of lag 2
     assert lag.admit(trajectory(2, [[0, 2], [2, 2]]), updates=2) is None  # k=2: 4 steps dropped
-    np.testing.assert_array_equal(lag.admit(trajectory(3, [[2, 2], [2, 2]]), updates=2), [[0, 0], [0, 0]])
+    assert lag.admit(trajectory(3, [2, 2, 0]), updates=2) is None  # the stale step need not be the first
+    np.testing.assert_array_equal(lag.admit(trajectory(4, [[2, 2], [2, 2]]), updates=2), [[0, 0], [0, 0]])
     # admitted but not yet trained on: no lag counted
-    assert (lag.stats.samples, lag.stats.stale_trajectories_dropped, lag.stats.stale_steps_dropped) == (0, 2, 7)
+    assert (lag.stats.samples, lag.stats.stale_trajectories_dropped, lag.stats.stale_steps_dropped) == (0, 3, 10)
 
 
 def test_trained_counts_the_lags_of_the_steps_a_learner_got():
