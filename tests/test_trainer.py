@@ -357,19 +357,22 @@ def interrupt_on_update(n):
     return on_update
 
 
-@pytest.mark.parametrize("way_out, run_kw, learner_kw, reason, updates", [
-    ("budget", dict(total_steps=3 * 2 * T), {}, "budget", 3),
-    ("until", dict(until=lambda p: p.updates == 2), {}, "condition", 2),
-    ("time", dict(max_seconds=2.0), {}, "time", 2),
-    ("source stopped", {}, {}, "pool stopped", 100),
-    ("Ctrl-C in on_update", dict(on_update=interrupt_on_update(2)), {}, "interrupted", 2),
-    ("Ctrl-C in the learner", {}, dict(interrupt_on=4), "interrupted", 3),
+@pytest.mark.parametrize("run_kw, learner_kw, reason, updates", [
+    pytest.param(dict(total_steps=3 * 2 * T), {}, "budget", 3, id="budget"),
+    pytest.param(dict(until=lambda p: p.updates == 2), {}, "condition", 2, id="until"),
+    pytest.param(dict(max_seconds=2.0), {}, "time", 2, id="time"),
+    pytest.param({}, {}, "pool stopped", 100, id="source stopped"),
+    pytest.param(dict(on_update=interrupt_on_update(2)), {}, "interrupted", 2, id="Ctrl-C in on_update"),
+    pytest.param({}, dict(interrupt_on=4), "interrupted", 3, id="Ctrl-C in the learner"),
 ])
-def test_every_way_out_stops_the_source_closes_the_service_and_checkpoints(tmp_path, way_out, run_kw, learner_kw,
-                                                                           reason, updates):
+def test_every_way_out_stops_the_source_closes_the_service_and_checkpoints(tmp_path, run_kw, learner_kw, reason,
+                                                                           updates):
     path = str(tmp_path / "c.npz")
     trainer, source, service, fake = fake_loop(seconds_per_update=1.0, learner_kw=learner_kw, checkpoint_path=path)
-    report = trainer.run(progress=False, **run_kw)
+    try:
+        report = trainer.run(progress=False, **run_kw)
+    except KeyboardInterrupt:  # escaping pytest would end the whole session instead of failing here
+        pytest.fail("Trainer.run let KeyboardInterrupt out; expected a report with stop_reason 'interrupted'")
     assert (report.stop_reason, report.updates) == (reason, updates)
     assert_shut_down_once(source, service)
     assert rlbatch.load_checkpoint(path, FakeLearner.init())[1]["updates"] == updates

@@ -186,6 +186,21 @@ class Trainer:
         finally:
             self.policy.close()
 
+    def _step(self, times: _StageTimes, t_start: float) -> Progress:
+        """One update: a batch from the source, the learner's update, a publish when one is due."""
+        t0 = self.clock()
+        batch, lags = self._take_batch()
+        t1 = self.clock()
+        metrics = self._update(batch, lags)
+        t2 = self.clock()
+        if self.updates % self.publish_every == 0:
+            self._publish()
+        t3 = self.clock()
+        times.waiting += t1 - t0
+        times.update += t2 - t1
+        times.publish += t3 - t2
+        return self._progress(t3 - t_start, metrics)
+
     # ------------------------------------------------------------------ the loop
 
     def run(self, total_steps: int | None = None, until: Callable[[Progress], bool] | None = None,
@@ -198,51 +213,33 @@ class Trainer:
         source or a callback is re-raised after that; KeyboardInterrupt ends the run with
         stop_reason "interrupted".
         """
-        clock = self.clock
         times = _StageTimes()
         bar = _ProgressBar(total_steps, enabled=progress)
-        metrics: dict[str, float] = {}
-        reason, solved_at = StopReason.BUDGET, None
-        t_start = clock()
+        last = solved_at = None
+        t_start = self.clock()
         try:
             if not self.source.started:
                 self.source.start()
             while True:
-                t0 = clock()
                 try:
-                    batch, lags = self._take_batch()
+                    last = self._step(times, t_start)
                 except PoolStopped:
                     reason = StopReason.SOURCE_STOPPED
                     break
-                t1 = clock()
-                metrics = self._update(batch, lags)
-                t2 = clock()
-                if self.updates % self.publish_every == 0:
-                    self._publish()
-                t3 = clock()
-                times.waiting += t1 - t0
-                times.update += t2 - t1
-                times.publish += t3 - t2
-                prog = self._progress(t3 - t_start, metrics)
-                self.history.append(prog)
+                self.history.append(last)
                 if self.checkpoint_every and self.updates % self.checkpoint_every == 0:
                     self.save()
                 if on_update is not None:
-                    on_update(prog)
-                bar.show(prog)
-                if until is not None and until(prog):
-                    reason, solved_at = StopReason.CONDITION, prog
-                    break
-                if total_steps is not None and prog.env_steps >= total_steps:
-                    reason = StopReason.BUDGET
-                    break
-                if max_seconds is not None and prog.elapsed >= max_seconds:
-                    reason = StopReason.TIME
+                    on_update(last)
+                bar.show(last)
+                reason = _stop_reason(last, until, total_steps, max_seconds)
+                if reason is not None:
+                    solved_at = last if reason == StopReason.CONDITION else None
                     break
         except KeyboardInterrupt:
             reason = StopReason.INTERRUPTED
         finally:
-            elapsed = clock() - t_start
+            elapsed = self.clock() - t_start
             bar.close()
             try:
                 if close:
@@ -250,7 +247,7 @@ class Trainer:
             finally:
                 if self.checkpoint_path:
                     self.save()
-        return self._report(reason, solved_at, elapsed, times, metrics)
+        return self._report(reason, solved_at, elapsed, times, {} if last is None else last.metrics)
 
     def _report(self, reason: str, solved_at: Progress | None, elapsed: float, times: _StageTimes,
                 metrics: dict[str, float]) -> TrainReport:
@@ -265,3 +262,14 @@ class Trainer:
             policy_lag_min=lag.min, policy_lag_mean=lag.mean, policy_lag_max=lag.max,
             time_waiting_for_trajectories=times.waiting, time_learner_update=times.update,
             time_publish=times.publish, last_metrics=metrics)
+
+
+def _stop_reason(p: Progress, until, total_steps: int | None, max_seconds: float | None) -> str | None:
+    """Why the run stops after the update `p` describes, or None; checked in this order."""
+    if until is not None and until(p):
+        return StopReason.CONDITION
+    if total_steps is not None and p.env_steps >= total_steps:
+        return StopReason.BUDGET
+    if max_seconds is not None and p.elapsed >= max_seconds:
+        return StopReason.TIME
+    return None
