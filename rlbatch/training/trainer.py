@@ -1,247 +1,275 @@
-"""Trainer: consumes trajectories from an ActorPool, updates a Learner, publishes parameters.
+"""Trainer: takes trajectories from a source, updates a Learner, publishes parameters.
 
     state = learner.init(key, example_obs, action_space)
     policy = PolicyService(learner.policy.apply, learner.params(state), example_obs=example_obs)
     pool = ActorPool(env_id, policy, num_actors=256, unroll_length=32)
     report = Trainer(learner, pool, policy, state=state, batch_size=16).run(total_steps=10**6)
 
-Each iteration takes `batch_size` trajectories from the pool's queue, stacks them time-major
-[T, B, ...], runs the learner's jitted update and publishes the new parameters to the policy
-service (every `publish_every` updates) while the actors keep playing.
+Each update takes `batch_size` trajectories from the source (any `TrajectorySource`, such as an
+`ActorPool`), stacks them time-major [T, B, ...], runs the learner's jitted update and publishes
+the new parameters to the policy service (every `publish_every` updates) while the actors keep
+playing. Trajectories staler than `max_policy_lag` are dropped (`rlbatch.training.lag`).
 
-Policy lag of a sample = learner updates done when it is trained on - learner updates behind the
-parameters that chose its action. With `max_policy_lag`, a trajectory holding any step staler than
-that is dropped whole (a trajectory is the unit a learner consumes: dropping single steps would cut
-it), and its steps are counted in `stale_steps_dropped`.
+After each update, in this order: the checkpoint (every `checkpoint_every` updates), `on_update`,
+then the stopping checks: `until`, then `total_steps`, then `max_seconds`.
 
-`run` always stops the pool and closes the service on the way out: on its budget, on its condition,
-on Ctrl-C and on an exception.
+`run` always stops the source and closes the service on the way out (unless `close=False`): on
+its budget, on its condition, on its time limit, on Ctrl-C and on an exception.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from rlbatch.actors.pool import ActorPool, PoolStopped
+from rlbatch.actors.trajectory import Trajectory, stack_trajectories
+from rlbatch.errors import PoolStopped
 from rlbatch.training.checkpoint import load_checkpoint, save_checkpoint
+from rlbatch.training.interfaces import PolicySink, TrajectorySource
+from rlbatch.training.lag import PolicyLag
 from rlbatch.training.learner import Learner
-from rlbatch.actors.trajectory import stack_trajectories
+from rlbatch.training.results import Progress, StopReason, TrainReport
 
-__all__ = ["Trainer", "TrainReport", "Progress"]
-
-_clock = time.perf_counter
+__all__ = ["Trainer"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Progress:
-    """What a stopping condition sees after each update."""
+@dataclasses.dataclass
+class _StageTimes:
+    """Seconds spent in each stage of the loop, summed over updates."""
 
-    env_steps: int
-    episodes: int
-    recent_return_mean: float
-    updates: int
-    elapsed: float
-    metrics: dict
+    waiting: float = 0.0
+    update: float = 0.0
+    publish: float = 0.0
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainReport:
-    env_steps: int
-    elapsed: float
-    steps_per_sec: float
-    updates: int
-    episodes: int
-    recent_return_mean: float
-    stop_reason: str  # "budget", "condition", "time", "interrupted", "error", "pool stopped"
-    solved_at_steps: int | None  # env steps when `until` first held (None if it never did)
-    solved_at_seconds: float | None
-    samples_trained: int
-    stale_steps_dropped: int
-    policy_lag_min: float
-    policy_lag_mean: float
-    policy_lag_max: float
-    time_waiting_for_trajectories: float
-    time_learner_update: float
-    time_publish: float
-    last_metrics: dict
-    error: str | None = None
+class _ProgressBar:
+    """A tqdm bar over environment steps (drawn nowhere when disabled)."""
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def __init__(self, total_steps: int | None, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total_steps, unit="step", unit_scale=True, disable=not enabled, dynamic_ncols=True)
+        self._shown = 0
+
+    def show(self, p: Progress) -> None:
+        self._bar.update(p.env_steps - self._shown)
+        self._shown = p.env_steps
+        self._bar.set_postfix(sps=f"{p.env_steps / max(p.elapsed, 1e-9):,.0f}", ret=f"{p.recent_return_mean:.1f}",
+                              refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        expected = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"Trainer: {name} must be {expected}, got {value!r}")
 
 
 class Trainer:
-    """Closes the loop between an ActorPool, a Learner and a PolicyService.
+    """Closes the loop between a trajectory source, a Learner and a policy service.
 
     Args:
       learner: the Learner (init/update/params/policy).
-      actor_pool: the ActorPool whose trajectories are consumed (started by `run` if needed).
-      policy_service: the PolicyService the actors play with; receives the new parameters.
+      source: where trajectories come from (an `ActorPool`, or any `TrajectorySource`); `run`
+        starts it if it has not been started.
+      policy_service: the service the actors play with (a `PolicyService`, or any `PolicySink`);
+        receives the new parameters.
       state: the learner state to start from (learner.init(...) or a restored checkpoint).
       batch_size: B, trajectories per update.
       max_policy_lag: drop trajectories with steps staler than this many updates (None: keep all).
       publish_every: publish parameters every n updates.
       checkpoint_path: where `run` saves the learner state every `checkpoint_every` updates and at
         the end (None: no checkpoints).
+      checkpoint_every: save every n updates as well as at the end (None: only at the end); needs
+        `checkpoint_path`.
+      clock: the seconds clock for elapsed times and stage times (tests pass a fake one).
+
+    Attributes read after or during `run`: `state`, `updates`, `samples_trained`,
+    `stale_steps_dropped`, `lag` (the PolicyLag tracker, `lag.stats`) and `history` (the Progress
+    of every update).
     """
 
-    def __init__(self, learner: Learner, actor_pool: ActorPool, policy_service, *, state: Any, batch_size: int,
-                 max_policy_lag: int | None = None, publish_every: int = 1, checkpoint_path: str | None = None,
-                 checkpoint_every: int | None = None):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"Trainer: batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(publish_every, int) or publish_every < 1:
-            raise ValueError(f"Trainer: publish_every must be a positive int, got {publish_every!r}")
-        if max_policy_lag is not None and max_policy_lag < 0:
-            raise ValueError(f"Trainer: max_policy_lag must be >= 0 or None, got {max_policy_lag!r}")
+    def __init__(self, learner: Learner, source: TrajectorySource, policy_service: PolicySink, *, state: Any,
+                 batch_size: int, max_policy_lag: int | None = None, publish_every: int = 1,
+                 checkpoint_path: str | None = None, checkpoint_every: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        _check_positive_int("batch_size", batch_size)
+        _check_positive_int("publish_every", publish_every)
+        _check_positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+        if max_policy_lag is not None and (not isinstance(max_policy_lag, int) or max_policy_lag < 0):
+            raise ValueError(f"Trainer: max_policy_lag must be an int >= 0 or None, got {max_policy_lag!r}")
+        if checkpoint_every is not None and checkpoint_path is None:
+            raise ValueError(f"Trainer: checkpoint_every={checkpoint_every} needs a checkpoint_path, got None")
         self.learner = learner
-        self.pool = actor_pool
+        self.source = source
         self.policy = policy_service
         self.state = state
         self.batch_size = batch_size
-        self.max_policy_lag = max_policy_lag
         self.publish_every = publish_every
         self.checkpoint_path = checkpoint_path
         self.checkpoint_every = checkpoint_every
+        self.clock = clock
         self.updates = 0
-        # service version -> learner updates behind it; version 0 is the starting parameters.
-        self._updates_at_version = {policy_service.version: 0}
-        self._lag_sum = 0.0
-        self._lag_count = 0
-        self._lag_min = float("inf")
-        self._lag_max = float("-inf")
-        self.stale_steps_dropped = 0
         self.samples_trained = 0
-        self.history: list[dict] = []  # one entry per update: env steps, time, metrics
+        self.lag = PolicyLag(policy_service.version, max_policy_lag=max_policy_lag)
+        self.history: list[Progress] = []
+
+    @property
+    def max_policy_lag(self) -> int | None:
+        return self.lag.max_policy_lag
+
+    @property
+    def stale_steps_dropped(self) -> int:
+        return self.lag.stats.stale_steps_dropped
 
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, path: str | None = None) -> str:
+        """Saves the learner state with metadata {"updates", "env_steps"}; returns the path."""
         path = path or self.checkpoint_path
         if path is None:
-            raise ValueError("Trainer.save: no path given and no checkpoint_path set")
+            raise ValueError("Trainer.save: expected a path or a checkpoint_path, got neither")
         return save_checkpoint(path, self.state, {"updates": self.updates,
-                                                 "env_steps": self.pool.stats.env_steps})
+                                                 "env_steps": self.source.stats.env_steps})
 
     def restore(self, path: str) -> dict:
-        """Loads the learner state from `path` and publishes its parameters to the service."""
+        """Loads the learner state from `path`, publishes its parameters; returns the file's metadata."""
         self.state, metadata = load_checkpoint(path, self.state)
         self.updates = int(metadata.get("updates", 0))
-        version = self.policy.update_params(self.learner.params(self.state))
-        self._updates_at_version[version] = self.updates
+        self._publish()
         return metadata
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ one update
 
-    def _take_batch(self):
-        trajectories = []
+    def _take_batch(self) -> tuple[Trajectory, list[np.ndarray]]:
+        """B fresh-enough trajectories stacked [T, B, ...], and the per-step lags of each."""
+        trajectories, lags = [], []
         while len(trajectories) < self.batch_size:
-            traj = self.pool.get()
-            versions, steps = np.unique(traj.policy_version, return_counts=True)
-            lag = np.array([self.updates - self._updates_at_version[int(v)] for v in versions])
-            if self.max_policy_lag is not None and lag.max() > self.max_policy_lag:
-                self.stale_steps_dropped += traj.reward.size
-                continue
-            self._lag_sum += float((lag * steps).sum())
-            self._lag_count += int(steps.sum())
-            self._lag_min = min(self._lag_min, float(lag.min()))
-            self._lag_max = max(self._lag_max, float(lag.max()))
-            trajectories.append(traj)
-        return stack_trajectories(trajectories)
+            trajectory = self.source.get()
+            lag = self.lag.admit(trajectory, self.updates)
+            if lag is not None:
+                trajectories.append(trajectory)
+                lags.append(lag)
+        return stack_trajectories(trajectories), lags
+
+    def _update(self, batch: Trajectory, lags: list[np.ndarray]) -> dict[str, float]:
+        self.state, metrics = self.learner.update(self.state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the update
+        self.updates += 1
+        self.samples_trained += int(batch.reward.size)
+        self.lag.trained(lags)
+        return metrics
+
+    def _publish(self) -> None:
+        version = self.policy.update_params(self.learner.params(self.state))
+        self.lag.published(version, self.updates)
+
+    def _progress(self, elapsed: float, metrics: dict[str, float]) -> Progress:
+        stats = self.source.stats
+        return Progress(env_steps=stats.env_steps, episodes=stats.episodes,
+                        recent_return_mean=stats.recent_return_mean, updates=self.updates, elapsed=elapsed,
+                        metrics=metrics)
+
+    def _shut_down(self) -> None:
+        try:
+            if not self.source.stop():
+                warnings.warn(f"Trainer.run: the trajectory source {self.source!r} did not stop within its "
+                              f"timeout; its threads or processes may still run", RuntimeWarning, stacklevel=3)
+        finally:
+            self.policy.close()
+
+    def _step(self, times: _StageTimes, t_start: float) -> Progress:
+        """One update: a batch from the source, the learner's update, a publish when one is due."""
+        t0 = self.clock()
+        batch, lags = self._take_batch()
+        t1 = self.clock()
+        metrics = self._update(batch, lags)
+        t2 = self.clock()
+        if self.updates % self.publish_every == 0:
+            self._publish()
+        t3 = self.clock()
+        times.waiting += t1 - t0
+        times.update += t2 - t1
+        times.publish += t3 - t2
+        return self._progress(t3 - t_start, metrics)
+
+    # ------------------------------------------------------------------ the loop
 
     def run(self, total_steps: int | None = None, until: Callable[[Progress], bool] | None = None,
             progress: bool = True, max_seconds: float | None = None, close: bool = True,
             on_update: Callable[[Progress], None] | None = None) -> TrainReport:
-        """Trains until `total_steps` env steps, `until(progress)` holds, or `max_seconds` pass."""
-        from tqdm.auto import tqdm
+        """Trains until `total_steps` env steps, `until(progress)` holds, or `max_seconds` pass.
 
-        if not self.pool.started:
-            self.pool.start()
-        t_start = _clock()
-        wait_t = update_t = publish_t = 0.0
-        metrics: dict = {}
-        stop_reason, error = "budget", None
-        solved_steps = solved_seconds = None
-        bar = tqdm(total=total_steps, unit="step", unit_scale=True, disable=not progress, dynamic_ncols=True)
-        shown = 0
+        `on_update(progress)` is called after every update. With `close` (the default) the source
+        is stopped and the service closed on every way out. An exception from the learner, the
+        source or a callback is re-raised after that; KeyboardInterrupt ends the run with
+        stop_reason "interrupted".
+        """
+        times = _StageTimes()
+        bar = _ProgressBar(total_steps, enabled=progress)
+        last = solved_at = None
+        t_start = self.clock()
         try:
+            if not self.source.started:
+                self.source.start()
             while True:
-                t0 = _clock()
                 try:
-                    batch = self._take_batch()
+                    last = self._step(times, t_start)
                 except PoolStopped:
-                    stop_reason = "pool stopped"
+                    reason = StopReason.SOURCE_STOPPED
                     break
-                t1 = _clock()
-                self.state, metrics = self.learner.update(self.state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the update
-                t2 = _clock()
-                self.updates += 1
-                self.samples_trained += int(batch.reward.size)
-                if self.updates % self.publish_every == 0:
-                    version = self.policy.update_params(self.learner.params(self.state))
-                    self._updates_at_version[version] = self.updates
-                t3 = _clock()
-                wait_t += t1 - t0
-                update_t += t2 - t1
-                publish_t += t3 - t2
-                stats = self.pool.stats
-                elapsed = t3 - t_start
-                prog = Progress(stats.env_steps, stats.episodes, stats.recent_return_mean, self.updates, elapsed,
-                                metrics)
-                self.history.append(dict(env_steps=stats.env_steps, elapsed=elapsed, updates=self.updates,
-                                         recent_return_mean=stats.recent_return_mean, **metrics))
-                if on_update is not None:
-                    on_update(prog)
-                bar.update(stats.env_steps - shown)
-                shown = stats.env_steps
-                bar.set_postfix(sps=f"{stats.env_steps / max(elapsed, 1e-9):,.0f}",
-                                ret=f"{stats.recent_return_mean:.1f}", refresh=False)
-                if self.checkpoint_path and self.checkpoint_every and self.updates % self.checkpoint_every == 0:
+                self.history.append(last)
+                if self.checkpoint_every and self.updates % self.checkpoint_every == 0:
                     self.save()
-                if until is not None and until(prog):
-                    stop_reason, solved_steps, solved_seconds = "condition", stats.env_steps, elapsed
-                    break
-                if total_steps is not None and stats.env_steps >= total_steps:
-                    stop_reason = "budget"
-                    break
-                if max_seconds is not None and elapsed >= max_seconds:
-                    stop_reason = "time"
+                if on_update is not None:
+                    on_update(last)
+                bar.show(last)
+                reason = _stop_reason(last, until, total_steps, max_seconds)
+                if reason is not None:
+                    solved_at = last if reason == StopReason.CONDITION else None
                     break
         except KeyboardInterrupt:
-            stop_reason = "interrupted"
-        except Exception as e:  # noqa: BLE001 - reported, and the pool and service still shut down
-            stop_reason, error = "error", repr(e)
-            raise
+            reason = StopReason.INTERRUPTED
         finally:
-            elapsed = _clock() - t_start
+            elapsed = self.clock() - t_start
             bar.close()
-            if close:
-                self.pool.stop()
-                self.policy.close()
-            if self.checkpoint_path:
-                self.save()
-        stats = self.pool.stats
+            try:
+                if close:
+                    self._shut_down()
+            finally:
+                if self.checkpoint_path:
+                    self.save()
+        return self._report(reason, solved_at, elapsed, times, {} if last is None else last.metrics)
+
+    def _report(self, reason: str, solved_at: Progress | None, elapsed: float, times: _StageTimes,
+                metrics: dict[str, float]) -> TrainReport:
+        stats, lag = self.source.stats, self.lag.stats
         return TrainReport(
             env_steps=stats.env_steps, elapsed=elapsed, steps_per_sec=stats.env_steps / max(elapsed, 1e-9),
             updates=self.updates, episodes=stats.episodes, recent_return_mean=stats.recent_return_mean,
-            stop_reason=stop_reason, solved_at_steps=solved_steps, solved_at_seconds=solved_seconds,
-            samples_trained=self.samples_trained, stale_steps_dropped=self.stale_steps_dropped,
-            policy_lag_min=self._lag_min if self._lag_count else float("nan"),
-            policy_lag_mean=self._lag_sum / self._lag_count if self._lag_count else float("nan"),
-            policy_lag_max=self._lag_max if self._lag_count else float("nan"),
-            time_waiting_for_trajectories=wait_t, time_learner_update=update_t, time_publish=publish_t,
-            last_metrics=metrics, error=error)
+            stop_reason=reason,
+            solved_at_steps=None if solved_at is None else solved_at.env_steps,
+            solved_at_seconds=None if solved_at is None else solved_at.elapsed,
+            samples_trained=self.samples_trained, stale_steps_dropped=lag.stale_steps_dropped,
+            policy_lag_min=lag.min, policy_lag_mean=lag.mean, policy_lag_max=lag.max,
+            time_waiting_for_trajectories=times.waiting, time_learner_update=times.update,
+            time_publish=times.publish, last_metrics=metrics)
 
 
-def solved(threshold: float, window: int = 100) -> Callable[[Progress], bool]:
-    """A stopping condition: at least `window` episodes finished and their recent mean >= threshold."""
-
-    def condition(p: Progress) -> bool:
-        return p.episodes >= window and p.recent_return_mean >= threshold
-
-    return condition
+def _stop_reason(p: Progress, until, total_steps: int | None, max_seconds: float | None) -> str | None:
+    """Why the run stops after the update `p` describes, or None; checked in this order."""
+    if until is not None and until(p):
+        return StopReason.CONDITION
+    if total_steps is not None and p.env_steps >= total_steps:
+        return StopReason.BUDGET
+    if max_seconds is not None and p.elapsed >= max_seconds:
+        return StopReason.TIME
+    return None
