@@ -32,15 +32,15 @@ class BatchedFunction:
 
     def __init__(self, service: BatchedService, lists_are_batches: bool):
         self.service = service
-        self._lists_are_batches = lists_are_batches
+        self.lists_are_batches = lists_are_batches
 
     def __call__(self, *args, **kwargs):
-        if self._lists_are_batches and len(args) == 1 and not kwargs and isinstance(args[0], list):
+        if self.lists_are_batches and len(args) == 1 and not kwargs and isinstance(args[0], list):
             return list(self.service.map(args[0]))
         return self.service(*args, **kwargs)
 
     async def acall(self, *args, **kwargs):
-        if self._lists_are_batches and len(args) == 1 and not kwargs and isinstance(args[0], list):
+        if self.lists_are_batches and len(args) == 1 and not kwargs and isinstance(args[0], list):
             import asyncio
 
             return list(await asyncio.gather(*[asyncio.wrap_future(f) for f in self.service.submit_many(args[0])]))
@@ -65,7 +65,7 @@ class _BoundMethod(BatchedFunction):
     """
 
     def __init__(self, function: BatchedFunction, instance):
-        super().__init__(function.service, function._lists_are_batches)
+        super().__init__(function.service, function.lists_are_batches)
         self._instance = instance
 
     def _hold(self, future):
@@ -111,7 +111,7 @@ class _Decorated:
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._make_service = make_service
-        self._lists_are_batches = lists_are_batches
+        self.lists_are_batches = lists_are_batches
         self._attr = None
         self._function = None
 
@@ -120,7 +120,7 @@ class _Decorated:
 
     def _plain(self) -> BatchedFunction:
         if self._function is None:
-            self._function = BatchedFunction(self._make_service(self._fn), self._lists_are_batches)
+            self._function = BatchedFunction(self._make_service(self._fn), self.lists_are_batches)
         return self._function
 
     def __get__(self, instance, owner=None):
@@ -129,7 +129,7 @@ class _Decorated:
         try:
             function = instance.__dict__[self._attr]
         except KeyError:
-            function = BatchedFunction(self._make_service(self._bind(instance)), self._lists_are_batches)
+            function = BatchedFunction(self._make_service(self._bind(instance)), self.lists_are_batches)
             # setdefault: two threads racing on first use get the same service.
             function = instance.__dict__.setdefault(self._attr, function)
             weakref.finalize(instance, function.service.close, False)
