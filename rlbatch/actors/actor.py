@@ -1,14 +1,15 @@
 """Actor: the loop of one actor thread, playing its k environments with the shared policy.
 
 Every step the actor sends its k current observations to the policy as one request, gives each
-environment slot its action, records the step in a `TrajectoryBuilder`, and every T steps puts the
-finished trajectory into the pool's queue. Episodes end inside a step: the slot resets its
+environment slot its action and records the step in a `TrajectoryBuilder`. After T steps, the next
+request, once the policy accepts it, is the trajectory's bootstrap observation obs[T]; then the
+trajectory goes into the pool's queue and the request starts the next one. Episodes end inside a step: the slot resets its
 environment at once, so `obs[t+1]` is the new episode's first observation and `final_obs[t]` the
 old one's last, and the recurrent state of that row (and only that row) starts over.
 
 Faults, and what each costs (each is recorded as an ActorFault with the actor id):
-- an environment raises in step or reset: that environment is rebuilt, the unfinished trajectory
-  dropped and counted, the actor plays on;
+- an environment raises in step or reset: the other environments finish the step, that one is
+  rebuilt, the unfinished trajectory dropped and counted, the actor plays on;
 - the policy refuses an observation (InvalidRequest): the observations that do not fit the policy's
   example are blamed (all k if none can be), their environments reset or rebuilt (see
   `EnvSlot.refused`), the unfinished trajectory dropped and counted, the actor plays on. Only a
@@ -85,6 +86,7 @@ class Actor:
         self._terminated = [False] * k
         self._truncated = [False] * k
         self._episode = [0] * k  # the episode each step belongs to, read before any reset
+        self._faulted: list[EnvFault] = []  # the faults of the step in progress, recovered after it
 
     def run(self) -> None:
         """The thread's body: plays until the pool stops, then closes everything it opened."""
@@ -125,14 +127,12 @@ class Actor:
         builder, t = None, 0
         failures = 0  # policy errors in a row
         while not stop.is_set():
-            if builder is None:
-                builder, t = TrajectoryBuilder(T, k, obs[0], self.actor_id, self._first_env_index), 0
             t0 = _clock()
             try:
                 request = requests.request(obs)
                 out = caller(request) if state is None else caller(request, state)
             except InvalidRequest as refusal:
-                state = self._recover_refused(refusal, state, dropping=t > 0)
+                state = self._recover_refused(refusal, state, dropping=builder is not None)
                 builder = None
                 continue
             except ServiceClosed:
@@ -148,52 +148,65 @@ class Actor:
             action = out[0]
             if to_env is None:
                 to_env = env_actions_fn(self._slots[0].env.action_space, action, k)
+            if builder is None or t == T:
+                if builder is not None:
+                    # Finished only now: its bootstrap observation is this request, which the
+                    # policy has accepted, so no trajectory ends on an observation it would refuse.
+                    self._emit(builder.finish(request), caller)
+                builder, t = TrajectoryBuilder(T, k, obs[0], self.actor_id, self._first_env_index), 0
             builder.record_policy(t, request, action, out[1], out.version)
             if recurrent:
                 state = out[2]
-            try:
-                state = self._step_envs(t, to_env(action), builder, state)
-            except EnvFault as fault:
-                state = self._recover_env(fault, state)
-                builder = None  # never emitted half-filled
-                counters.env_time += _clock() - t1
-                continue
+            state = self._step_envs(t, to_env(action), builder, state)
             now = _clock()
             counters.env_time += now - t1
+            if self._faulted:
+                state = self._recover_envs(state)
+                builder = None  # never emitted half-filled
+                continue
             counters.steps += k
             counters.last_step = now
             t += 1
-            if t == T:
-                self._emit(builder.finish(obs), caller)
-                builder = None
 
     def _step_envs(self, t: int, actions, builder: TrajectoryBuilder, state):
         """Steps every slot with its action and records the step; the recurrent state, with the
-        rows of episodes that ended reset. EnvFault if an environment failed."""
-        slots, obs = self._slots, self._obs
+        rows of episodes that ended reset. The faults of slots that failed go to `_faulted`."""
+        slots, obs, faulted = self._slots, self._obs, self._faulted
         reward, terminated, truncated, episode = self._reward, self._terminated, self._truncated, self._episode
         for j in range(len(slots)):
             slot = slots[j]
             episode[j] = slot.episode
-            next_obs, r, term, trunc, _ = slot.step(actions[j])
-            reward[j], terminated[j], truncated[j] = r, term, trunc
-            if term or trunc:
-                try:
-                    builder.record_final_obs(t, j, next_obs)
-                except ValueError as e:  # a last observation of another shape than the others
-                    raise EnvFault(j, "env.observation", e) from e
-                next_obs = slot.next_episode()
-                state = self._state_rows.reset(state, j)
+            try:
+                next_obs, r, term, trunc, _ = slot.step(actions[j])
+                reward[j], terminated[j], truncated[j] = r, term, trunc
+                if term or trunc:
+                    try:
+                        builder.record_final_obs(t, j, next_obs)
+                    except ValueError as e:  # a last observation of another shape than the others
+                        raise EnvFault(j, "env.observation", e) from e
+                    next_obs = slot.next_episode()
+                    state = self._state_rows.reset(state, j)
+            except EnvFault as fault:
+                # The other slots still step: the policy's new state already counts this step for
+                # every row, so a slot left behind would get a state one step ahead of it.
+                faulted.append(fault)
+                continue
             obs[j] = next_obs
         builder.record_step(t, reward, terminated, truncated, episode)
         return state
 
-    def _recover_env(self, fault: EnvFault, state):
-        """Rebuilds the environment that failed; the recurrent state with its row reset."""
+    def _recover_envs(self, state):
+        """Rebuilds the environments that failed in the last step and drops the trajectory; the
+        recurrent state with their rows reset."""
+        faulted = self._faulted
+        self._counters.steps += len(self._slots) - len(faulted)
         self._counters.dropped_on_error += 1
-        slot = self._slots[fault.column]
-        self._obs[slot.column] = slot.recover(fault)
-        return self._state_rows.reset(state, slot.column)
+        for fault in faulted:
+            slot = self._slots[fault.column]
+            self._obs[slot.column] = slot.recover(fault)
+            state = self._state_rows.reset(state, slot.column)
+        faulted.clear()
+        return state
 
     def _recover_refused(self, refusal: InvalidRequest, state, dropping: bool):
         """Blames the observations that do not fit and moves their environments on; the recurrent

@@ -76,6 +76,7 @@ class TrajectoryBuilder:
 
     Per step t: `record_policy` (the request the policy answered and its outputs), then, for each
     column whose episode ended, `record_final_obs`, then `record_step` (all k columns at once).
+    After T steps, `finish` with the next request as the bootstrap observation.
     """
 
     def __init__(self, unroll_length: int, k: int, obs_example: Any, actor_id: int, first_env_index: int):
@@ -127,14 +128,13 @@ class TrajectoryBuilder:
         self.truncated[t] = truncated
         self.episode[t] = episode
 
-    def finish(self, last_obs: Sequence[Any]) -> Trajectory:
-        """The trajectory, with `last_obs` (item j: column j) as the bootstrap observation obs[T]."""
+    def finish(self, bootstrap_obs: Any) -> Trajectory:
+        """The trajectory, with `bootstrap_obs` (a request, as in `record_policy`) as obs[T]."""
         T = self.unroll_length
-        for column, obs in enumerate(last_obs):
-            if self._plain:
-                self.obs[T, column] = obs
-            else:
-                jax.tree_util.tree_map(lambda buf, x: buf.__setitem__((T, column), x), self.obs, obs)
+        if self._plain:
+            self.obs[T] = bootstrap_obs
+        else:
+            jax.tree_util.tree_map(lambda buf, x: buf.__setitem__(T, x), self.obs, bootstrap_obs)
         # Episode ids are unique across the pool: the environment index in the high 32 bits.
         env_index = self.first_env_index + np.arange(self.k, dtype=np.int64)
         episode_id = (env_index[None, :] << 32) | self.episode
