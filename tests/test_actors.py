@@ -189,7 +189,6 @@ def test_queue_full_blocks_actors_until_consumer_takes():
         with rlbatch.ActorPool(lambda: fakes.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=3, unroll_length=2,
                                max_queue=2) as pool:
             wait_until(lambda: pool.stats.queue_depth == 2)
-            wait_until(lambda: pool.stats.queue_wait_time > 0 or pool.stats.trajectories == 2)
             assert pool.stats.trajectories == 2 and pool.stats.dropped_full == 0
             pool.get(timeout=5)
             wait_until(lambda: pool.stats.trajectories == 3)
@@ -360,7 +359,8 @@ def test_box_actions_are_clipped_for_the_env_but_recorded_as_sampled():
     assert not pool.errors
 
 
-REFUSED = r"expected finite values, got NaN or inf in float32\[2\]|expected an observation float32\[2\], got float32\[3\]"
+REFUSED = (r"expected finite values, got NaN or inf in float32\[2\]"
+           r"|expected an observation float32\[2\], got float32\[3\]")
 
 
 def test_refused_observations_are_env_faults_and_every_actor_plays_on():

@@ -44,7 +44,8 @@ def test_misfit_says_what_was_expected_and_what_came():
     requests = PolicyRequests(EXAMPLE, k=1)
     assert requests.misfit(np.zeros(2, np.float64)) is None  # converted, so it fits
     assert requests.misfit(np.zeros(3, np.float32)) == "expected an observation float32[2], got float32[3]"
-    assert requests.misfit(np.array([0.0, np.nan], np.float32)) == "expected finite values, got NaN or inf in float32[2]"
+    assert requests.misfit(np.array([0.0, np.nan], np.float32)) == \
+        "expected finite values, got NaN or inf in float32[2]"
     assert requests.misfit(np.array([np.inf, 0.0])) == "expected finite values, got NaN or inf in float64[2]"
 
 

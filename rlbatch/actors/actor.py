@@ -3,9 +3,11 @@
 Every step the actor sends its k current observations to the policy as one request, gives each
 environment slot its action and records the step in a `TrajectoryBuilder`. After T steps, the next
 request, once the policy accepts it, is the trajectory's bootstrap observation obs[T]; then the
-trajectory goes into the pool's queue and the request starts the next one. Episodes end inside a step: the slot resets its
-environment at once, so `obs[t+1]` is the new episode's first observation and `final_obs[t]` the
-old one's last, and the recurrent state of that row (and only that row) starts over.
+trajectory goes into the pool's queue and the request starts the next one.
+
+Episodes end inside a step: the slot resets its environment at once, so `obs[t+1]` is the new
+episode's first observation and `final_obs[t]` the old one's last, and the recurrent state of that
+row (and only that row) starts over.
 
 Faults, and what each costs (each is recorded as an ActorFault with the actor id):
 - an environment raises in step or reset: the other environments finish the step, that one is
@@ -149,11 +151,7 @@ class Actor:
             if to_env is None:
                 to_env = env_actions_fn(self._slots[0].env.action_space, action, k)
             if builder is None or t == T:
-                if builder is not None:
-                    # Finished only now: its bootstrap observation is this request, which the
-                    # policy has accepted, so no trajectory ends on an observation it would refuse.
-                    self._emit(builder.finish(request), caller)
-                builder, t = TrajectoryBuilder(T, k, obs[0], self.actor_id, self._first_env_index), 0
+                builder, t = self._start_trajectory(builder, request, caller), 0
             builder.record_policy(t, request, action, out[1], out.version)
             if recurrent:
                 state = out[2]
@@ -237,9 +235,15 @@ class Actor:
         if self._setup.stop.wait(delay):
             raise StopRequested
 
-    def _emit(self, trajectory, caller) -> None:
-        q0 = _clock()
-        if not self._setup.queue.put(trajectory, caller):
-            raise StopRequested
-        self._counters.queue_time += _clock() - q0
-        self._counters.trajectories += 1
+    def _start_trajectory(self, finished: TrajectoryBuilder | None, request, caller) -> TrajectoryBuilder:
+        """A new builder. `finished`, if any, holds T steps: it goes into the queue first, with the
+        request the policy has just accepted as its bootstrap observation, so that no trajectory
+        ends on an observation the policy would refuse. StopRequested if the pool stops first."""
+        if finished is not None:
+            q0 = _clock()
+            if not self._setup.queue.put(finished.finish(request), caller):
+                raise StopRequested
+            self._counters.queue_time += _clock() - q0
+            self._counters.trajectories += 1
+        return TrajectoryBuilder(self._setup.unroll_length, self._setup.envs_per_actor, self._obs[0], self.actor_id,
+                                 self._first_env_index)
