@@ -140,12 +140,12 @@ class Actor:
             except ServiceClosed:
                 raise
             except Exception as e:  # noqa: BLE001 - a policy fault: record, back off, retry
-                counters.policy_time += _clock() - t0
+                counters.policy_wait_time += _clock() - t0
                 failures += 1
                 self._back_off(e, failures)
                 continue
             t1 = _clock()
-            counters.policy_time += t1 - t0
+            counters.policy_wait_time += t1 - t0
             failures = 0
             action = out[0]
             if to_env is None:
@@ -243,7 +243,7 @@ class Actor:
             q0 = _clock()
             if not self._setup.queue.put(finished.finish(request), caller):
                 raise StopRequested
-            self._counters.queue_time += _clock() - q0
+            self._counters.queue_wait_time += _clock() - q0
             self._counters.trajectories += 1
         return TrajectoryBuilder(self._setup.unroll_length, self._setup.envs_per_actor, self._obs[0], self.actor_id,
                                  self._first_env_index)

@@ -72,16 +72,17 @@ class ActorStats:
 
 
 class ActorCounters:
-    """One actor's counters and timers, written by that actor's thread only."""
+    """One actor's counters and timers, written by that actor's thread only (but `running`,
+    which the pool sets before the thread starts)."""
 
     __slots__ = ("steps", "episodes", "trajectories", "dropped_on_error", "env_errors", "env_rebuilds",
-                 "obs_refused", "policy_errors", "env_time", "policy_time", "queue_time", "last_step",
+                 "obs_refused", "policy_errors", "env_time", "policy_wait_time", "queue_wait_time", "last_step",
                  "envs_open", "running")
 
     def __init__(self):
         self.steps = self.episodes = self.trajectories = self.dropped_on_error = 0
         self.env_errors = self.env_rebuilds = self.obs_refused = self.policy_errors = 0
-        self.env_time = self.policy_time = self.queue_time = 0.0
+        self.env_time = self.policy_wait_time = self.queue_wait_time = 0.0
         self.last_step = _clock()
         self.envs_open = 0  # built and not yet closed
         self.running = False
