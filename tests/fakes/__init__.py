@@ -5,15 +5,19 @@
   `hang_seconds` may be passed too.
 - `fakes/Scripted-v0`: `ScriptedEnv(episode_lengths=(3, 5, 2), truncate=(False, True, False),
   obs_dim=2)`; see its docstring for the exact observation, reward and flag formulas.
+
+Not registered: `CorruptObservations(env, p_nan, p_wrong_shape, seed)`, observations that go bad
+in mid-episode (NaN, or the wrong shape), as an unstable simulator's do.
 """
 from __future__ import annotations
 
 import gymnasium
 
 from tests.fakes.faults import FaultInjection, InjectedFault
+from tests.fakes.observations import CorruptObservations
 from tests.fakes.scripted import ScriptedEnv
 
-__all__ = ["FaultInjection", "InjectedFault", "ScriptedEnv", "FAKE_ENV_IDS"]
+__all__ = ["CorruptObservations", "FaultInjection", "InjectedFault", "ScriptedEnv", "FAKE_ENV_IDS"]
 
 _REGISTRATIONS: dict[str, dict] = {
     "fakes/Faulty-v0": dict(

@@ -48,6 +48,9 @@ class FaultInjection(gymnasium.Wrapper, RecordConstructorArgs):
     blocks for `hang_seconds` (`math.inf`: until released) before doing anything else. `release()`
     (or `close()`) ends a hang in progress and disables hanging for good, so a test can show an actor
     stuck and then let it finish without waiting on a timer.
+
+    `faults` lists every fault raised, in order, as `(method, call)`: `("step", n)` or `("reset", n)`
+    with n the call's number for that method.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class FaultInjection(gymnasium.Wrapper, RecordConstructorArgs):
         self._released = threading.Event()
         self.step_calls = 0
         self.reset_calls = 0
+        self.faults: list[tuple[str, int]] = []
 
     def step(self, action: Any):
         self.step_calls += 1
@@ -93,6 +97,7 @@ class FaultInjection(gymnasium.Wrapper, RecordConstructorArgs):
             # An Event rather than time.sleep, so release() can end the hang early.
             self._released.wait(None if math.isinf(self.hang_seconds) else self.hang_seconds)
         if self._step_rng.random() < self.p_step:
+            self.faults.append(("step", self.step_calls))
             raise InjectedFault(
                 f"FaultInjection.step: injected fault on step call {self.step_calls} (p_step={self.p_step})"
             )
@@ -101,6 +106,7 @@ class FaultInjection(gymnasium.Wrapper, RecordConstructorArgs):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         self.reset_calls += 1
         if self._reset_rng.random() < self.p_reset:
+            self.faults.append(("reset", self.reset_calls))
             raise InjectedFault(
                 f"FaultInjection.reset: injected fault on reset call {self.reset_calls} (p_reset={self.p_reset})"
             )
