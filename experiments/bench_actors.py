@@ -20,7 +20,7 @@ samples its actions (jitted), in the same run:
   the ceiling of any design with one thread per environment on this machine. The targets table
   shows the floor's ratio beside each single-env target.
 
-The sync-vector and unbatched loops, the pool measurement and the grouping are experiments.lib.baselines'.
+The sync-vector and unbatched loops, the pool measurement and the grouping are experiments.lib.env_loops'.
 Steps/s are counted over `duration` seconds after a discarded warm-up (ActorPool.stats.env_steps
 for the pools). The main thread consumes the pools' trajectories with pool.get(), as a trainer
 would, so actors never block on a full queue and nothing is dropped. Every pool is stopped and its
@@ -49,7 +49,7 @@ import numpy as np
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_policy import mlp_policy
-from experiments.lib import baselines, cli
+from experiments.lib import calibration, cli, env_loops, policy_step
 from rlbatch import report
 
 _clock = time.perf_counter
@@ -112,7 +112,7 @@ def env_factory(env_id, args):
 
 
 def row(rate):
-    """The table's columns of a baselines.StepRate."""
+    """The table's columns of a env_loops.StepRate."""
     return dict(steps_per_s=rate.steps_per_s, num_actors=rate.num_actors, envs_per_actor=rate.envs_per_actor,
                 mean_batch=rate.mean_batch)
 
@@ -124,12 +124,12 @@ def policy_service(policy, args):
 
 def run_pool(make_env, policy, n, mode, args):
     """Steps/s of an ActorPool; the main thread drains its trajectories with pool.get()."""
-    actors, per_actor = (n, 1) if mode == "pool-single" else baselines.grouping(n, args.group_size)
+    actors, per_actor = (n, 1) if mode == "pool-single" else env_loops.grouping(n, args.group_size)
     with policy_service(policy, args) as svc:
         with rlbatch.ActorPool(make_env, svc, num_actors=actors, unroll_length=args.unroll_length,
                                envs_per_actor=per_actor, seed=args.seed, max_queue=args.max_queue) as pool:
             recorder = report.Recorder(pool, svc, every=None)
-            rate = baselines.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
+            rate = env_loops.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
                                           sample=recorder.sample)
             policy["reports"].append(recorder.finish(config=dict(envs=n, mode=mode, actors=actors,
                                                                  envs_per_actor=per_actor)))
@@ -141,14 +141,14 @@ def measure(mode, make_env, policy, n, args):
         return run_pool(make_env, policy, n, mode, args)
     timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
     if mode == "sync-vector":
-        return row(baselines.run_sync_vector(make_env, policy["act"], n, **timing))
+        return row(env_loops.run_sync_vector(make_env, policy["act"], n, **timing))
     if mode == "unbatched":
-        return row(baselines.run_unbatched(make_env, policy["act"], n, **timing))
+        return row(env_loops.run_unbatched(make_env, policy["act"], n, **timing))
     if mode == "service-threads":
         with policy_service(policy, args) as svc:
-            return row(baselines.run_service_threads(make_env, svc, n, **timing))
+            return row(env_loops.run_service_threads(make_env, svc, n, **timing))
     if mode == "thread-floor":
-        return row(baselines.run_thread_floor(make_env, n, **timing))
+        return row(env_loops.run_thread_floor(make_env, n, **timing))
     raise ValueError(mode)
 
 
@@ -158,7 +158,7 @@ def time_stop(policy, args):
         pool = rlbatch.ActorPool("CartPole-v1", svc, num_actors=args.stop_actors, unroll_length=args.unroll_length,
                                  seed=args.seed, max_queue=args.max_queue)
         pool.start()
-        baselines.drain_until(pool, _clock() + args.stop_after)
+        env_loops.drain_until(pool, _clock() + args.stop_after)
         steps = pool.stats.env_steps
         t0 = _clock()
         joined = pool.stop()
@@ -174,7 +174,7 @@ def time_stop(policy, args):
 def main(args: Args):
     cli.prefer_sync_cpu_dispatch()
     print(cli.pin_python_threads(args.pin_python))
-    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
+    print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, num_envs=(256,), warmup=0.5, duration=0.5, repeats=1, stop_after=1.0)
     devices = [str(d) for d in jax.devices()]
@@ -183,7 +183,7 @@ def main(args: Args):
     key = jax.random.PRNGKey(args.seed)
     params = mlp.init(key, np.zeros(4, np.float32))
     policy = dict(apply=mlp.apply, params=params, reports=[],
-                  act=baselines.policy_act_fn(baselines.jit_policy_step(mlp.apply), params, key))
+                  act=policy_step.policy_act_fn(policy_step.jit_policy_step(mlp.apply), params, key))
     rows = []
     for env_id in args.envs:
         make_env = env_factory(env_id, args)

@@ -6,11 +6,11 @@ delay 2 ms. Beside rlbatch, in the same run:
 
 - seed-style: the design of the seed libraries (a queue.Queue, a worker that gathers up to
   max_batch_size items or waits max_delay after the first, a concurrent.futures.Future per item:
-  experiments.lib.baselines.SeedStyleBatcher);
+  experiments.lib.seed_style.SeedStyleBatcher);
 - unbatched: every thread calls the function itself on a batch of one;
 - full batches: one thread calls the function on full batches of 64 (the function's own limit);
 - thread-floor: each thread's "call" only waits until all N threads wait, released as relays the
-  way rlbatch wakes its callers (experiments.lib.baselines.run_client_floor): no queue, no data, no
+  way rlbatch wakes its callers (experiments.lib.client_load.run_client_floor): no queue, no data, no
   function. The most any service whose callers block for their results can do on this machine.
 
 Prints items/s, mean batch size, p50/p99 latency and CPU seconds per 1000 items (median of
@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 import rlbatch
-from experiments.lib import baselines, cli
+from experiments.lib import calibration, cli, client_load, seed_style
 from rlbatch import report
 
 
@@ -75,7 +75,7 @@ FUNCTIONS = {"trivial": (trivial, lambda i: i), "numpy-mlp": (mlp, lambda i: np.
 
 def run_clients(n, make_call, make_item, duration):
     """n threads calling in a loop for `duration` s: items/s, p50/p99 ms and CPU s per 1000 items."""
-    return _load(baselines.run_clients(n, make_call, make_item, duration))
+    return _load(client_load.run_clients(n, make_call, make_item, duration))
 
 
 def _load(r):
@@ -96,11 +96,11 @@ def measure(mode, fn, make_item, n, args, reports=None):
         r["mean_batch"] = svc.stats.mean_batch_size
         svc.close()
     elif mode == "seed-style":
-        with baselines.SeedStyleBatcher(fn, args.max_batch_size, args.max_delay) as b:
+        with seed_style.SeedStyleBatcher(fn, args.max_batch_size, args.max_delay) as b:
             r = run_clients(n, lambda i: b.__call__, make_item, args.duration)
         r["mean_batch"] = b.mean_batch_size
     elif mode == "thread-floor":
-        r = _load(baselines.run_client_floor(n, args.duration))
+        r = _load(client_load.run_client_floor(n, args.duration))
         r["mean_batch"] = float(n)  # each round releases every thread
     elif mode == "unbatched":
         r = run_clients(n, lambda i: (lambda x: fn([x])[0]), make_item, args.duration)
@@ -136,7 +136,7 @@ TARGETS = {16: 10.0, 256: 5.0}
 
 def main(args: Args):
     print(cli.pin_python_threads(args.pin_python))
-    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
+    print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(1, 16), duration=0.3, repeats=1)
     rows, reports = [], []

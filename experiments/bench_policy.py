@@ -8,14 +8,14 @@ a larger 64-256-256-18 one. In the same run, beside rlbatch (default buckets 8..
 - seed-style: the seed libraries' design (a queue.Queue, a worker that gathers up to 64
   observations or waits 2 ms after the first, np.stack, pads to 64 with the last row, calls the
   jitted policy, one concurrent.futures.Future per item) around the same jitted policy
-  (experiments.lib.baselines.SeedStyleBatcher with a StackedPolicyBatch);
+  (experiments.lib.seed_style.SeedStyleBatcher with a StackedPolicyBatch);
 - no-buckets: the same batcher without padding, up to 256 rows like rlbatch, calling a plain
   jax.jit of the policy on exactly-sized batches, so every batch size not met before compiles
   during the run (the jit's cache is kept across the runs of one policy, as a long-running service
   would keep it). A PolicyService with buckets 1..256 would compile 256 shapes at start; this
   measures what skipping buckets costs without waiting for that;
 - thread-floor: each thread's "call" only waits until all N threads wait, released as relays the
-  way rlbatch wakes its callers (experiments.lib.baselines.run_client_floor): no policy, no data. The most
+  way rlbatch wakes its callers (experiments.lib.client_load.run_client_floor): no policy, no data. The most
   any service whose callers block for their results can do on this machine.
 
 Also measured: the per-request overhead of rlbatch over a bare jitted call (1 caller, max delay 0),
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rlbatch
-from experiments.lib import baselines, cli
+from experiments.lib import calibration, cli, client_load, policy_step, seed_style
 from rlbatch import report
 
 _clock = time.perf_counter
@@ -144,7 +144,7 @@ def run_callers(n, open_caller, observations, duration):
     A caller with a `close` (a registered PolicyCaller) is closed when its thread is done, so the
     service stops counting it for early flush. Returns requests/s and p50/p99 latency in ms.
     """
-    r = baselines.run_clients(n, open_caller, lambda i: observations[i], duration)
+    r = client_load.run_clients(n, open_caller, lambda i: observations[i], duration)
     return dict(requests_per_s=r.items_per_s, p50_ms=r.p50_ms, p99_ms=r.p99_ms)
 
 
@@ -165,8 +165,8 @@ def measure(mode, ctx, n, args, compiles):
             step, size, pad = ctx["seed_step"], args.seed_max_batch_size, True
         else:
             step, size, pad = ctx["exact_step"], max(args.buckets), False
-        batch_fn = baselines.StackedPolicyBatch(step, ctx["params"], ctx["key"], pad_to=size if pad else None)
-        with baselines.SeedStyleBatcher(batch_fn, size, args.max_delay, name=mode) as b:
+        batch_fn = seed_style.StackedPolicyBatch(step, ctx["params"], ctx["key"], pad_to=size if pad else None)
+        with seed_style.SeedStyleBatcher(batch_fn, size, args.max_delay, name=mode) as b:
             r = run_callers(n, lambda i: b.__call__, observations, args.duration)
         r["mean_batch"] = b.mean_batch_size
         # Shapes compiled so far: seed-style its one padded shape (before the runs); no-buckets every
@@ -175,7 +175,7 @@ def measure(mode, ctx, n, args, compiles):
         ctx["shapes"][mode] |= batch_fn.batch_sizes
         r["compile_count"] = len(ctx["shapes"][mode])
     elif mode == "thread-floor":
-        load = baselines.run_client_floor(n, args.duration)
+        load = client_load.run_client_floor(n, args.duration)
         r = dict(requests_per_s=load.items_per_s, p50_ms=load.p50_ms, p99_ms=load.p99_ms,
                  mean_batch=float(n), compile_count=0)  # each round releases every thread
     else:
@@ -230,7 +230,7 @@ def main(args: Args):
     if args.cpu_dispatch == "sync":
         cli.prefer_sync_cpu_dispatch()
     print(cli.pin_python_threads(args.pin_python))
-    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
+    print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(16, 256), duration=0.5, repeats=1, padding_requests=300)
     devices = [str(d) for d in jax.devices()]
@@ -244,10 +244,10 @@ def main(args: Args):
         example_obs = np.zeros(obs_size, np.float32)
         key = jax.random.PRNGKey(args.seed)
         params = policy.init(key, example_obs)
-        seed_step = baselines.jit_policy_step(policy.apply)
+        seed_step = policy_step.jit_policy_step(policy.apply)
         warm = np.zeros((args.seed_max_batch_size, obs_size), np.float32)
         jax.device_get(seed_step(params, warm, key, np.uint32(0)))  # its one shape, compiled before the runs
-        ctx = dict(params=params, key=key, seed_step=seed_step, exact_step=baselines.jit_policy_step(policy.apply),
+        ctx = dict(params=params, key=key, seed_step=seed_step, exact_step=policy_step.jit_policy_step(policy.apply),
                    shapes={"seed-style": set(), "no-buckets": set()}, reports=reports,
                    observations=rng.normal(size=(max(args.threads), obs_size)).astype(np.float32))
         with rlbatch.PolicyService(policy.apply, params, example_obs=example_obs, buckets=args.buckets,
@@ -276,7 +276,7 @@ def main(args: Args):
                                          compiles_during_run=compiles.count - c0, compile_count=svc.compile_count))
                     print(f"{name:18s} padding waste {st.padding_fraction:.1%} over {st.requests} requests",
                           flush=True)
-                bare_step, obs = baselines.jit_policy_step(policy.apply), ctx["observations"][0]
+                bare_step, obs = policy_step.jit_policy_step(policy.apply), ctx["observations"][0]
                 med = median_of([overhead(caller, bare_step, params, key, obs, args.duration)
                                  for _ in range(args.repeats)])
             overheads.append(dict(policy=name, **med))

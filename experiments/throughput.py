@@ -10,7 +10,7 @@ sampled every `sample_every` s for the time series, and the run's throughput rep
 rlbatch.report.summarize(pool, policy service, series).
 
 In the same sweep, for each environment and total number of environments N = num_actors x
-envs_per_actor, the baselines of experiments.lib.baselines with the same jitted policy: a SyncVectorEnv
+envs_per_actor, the baselines of experiments.lib.env_loops with the same jitted policy: a SyncVectorEnv
 loop with one policy call per step on all N observations, and N unbatched actor threads each
 calling the policy on a batch of one.
 
@@ -43,7 +43,7 @@ import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_actors import env_factory
 from experiments.bench_policy import mlp_policy
-from experiments.lib import baselines, cli, tuning
+from experiments.lib import calibration, cli, env_loops, policy_step, tuning
 from rlbatch import report
 
 
@@ -148,7 +148,7 @@ def env_policy(env_id: str, args: Args) -> EnvPolicy:
     key = jax.random.PRNGKey(args.seed)
     example_obs = np.zeros(obs_space.shape, np.float32)
     params = mlp.init(key, example_obs)
-    act = baselines.policy_act_fn(baselines.jit_policy_step(mlp.apply), params, key)
+    act = policy_step.policy_act_fn(policy_step.jit_policy_step(mlp.apply), params, key)
     return EnvPolicy(make_env, example_obs, mlp.apply, params, act)
 
 
@@ -163,7 +163,7 @@ def run_config(cfg: Config, policy: EnvPolicy, args: Args) -> dict:
                                  envs_per_actor=cfg.envs_per_actor, seed=args.seed, max_queue=args.max_queue)
         recorder = report.Recorder(pool, svc, every=None)
         with pool:
-            rate = baselines.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
+            rate = env_loops.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
                                           sample=recorder.sample, sample_every=args.sample_every)
         config = dict(cfg._asdict(), buckets=list(cfg.buckets), num_envs=cfg.num_envs,
                       warmup=args.warmup, duration=args.duration)
@@ -178,7 +178,7 @@ def run_config(cfg: Config, policy: EnvPolicy, args: Args) -> dict:
 
 def run_baseline(mode: str, env_id: str, num_envs: int, policy: EnvPolicy, args: Args) -> dict:
     timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
-    run = baselines.run_sync_vector if mode == "sync-vector" else baselines.run_unbatched
+    run = env_loops.run_sync_vector if mode == "sync-vector" else env_loops.run_unbatched
     rate = run(policy.make_env, policy.act, num_envs, **timing)
     return dict(env=env_id, num_envs=num_envs, mode=mode, steps_per_s=rate.steps_per_s,
                 num_actors=rate.num_actors, envs_per_actor=rate.envs_per_actor, mean_batch=rate.mean_batch)
@@ -190,7 +190,7 @@ def run_baseline(mode: str, env_id: str, num_envs: int, policy: EnvPolicy, args:
 def main(args: Args) -> dict:
     cli.prefer_sync_cpu_dispatch()
     print(cli.pin_python_threads(args.pin_python))
-    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
+    print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, **QUICK)
     bucket_sets = [parse_buckets(b) for b in args.buckets]
