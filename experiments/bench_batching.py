@@ -29,9 +29,10 @@ import statistics
 import time
 
 import numpy as np
+import tyro
 
 import rlbatch
-from experiments.lib import calibration, cli, client_load, seed_style
+from experiments.lib import calibration, client_load, runtime, seed_style
 from rlbatch import report
 
 
@@ -48,8 +49,7 @@ class Args:
     repeats: int = 3
     """runs per configuration; the table shows the median"""
     pin_python: bool = True
-    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
-    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): hand-offs stay on that CPU"""
     quick: bool = False
     """tiny settings for a smoke test (threads 1 and 16, 0.3 s, one repeat)"""
     out: str = "runs/bench_batching"
@@ -135,7 +135,7 @@ TARGETS = {16: 10.0, 256: 5.0}
 
 
 def main(args: Args):
-    print(cli.pin_python_threads(args.pin_python))
+    print(runtime.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(1, 16), duration=0.3, repeats=1)
@@ -189,4 +189,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args))
+    main(tyro.cli(Args, prog="python -m experiments.bench_batching", description=__doc__))

@@ -34,13 +34,15 @@ import json
 import os
 import statistics
 import time
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 import rlbatch
-from experiments.lib import calibration, cli, client_load, policy_step, seed_style
+from experiments.lib import calibration, client_load, policy_step, runtime, seed_style
 from rlbatch import report
 
 _clock = time.perf_counter
@@ -65,19 +67,15 @@ class Args:
     repeats: int = 3
     """runs per configuration; the tables show the median"""
     padding_requests: int = 2000
-    """padding measure: multi-row requests of uniformly random sizes 1..largest bucket, sent by one
-    thread to the first policy"""
+    """padding measure: requests of uniformly random sizes 1..largest bucket, sent by one thread to the first policy"""
     seed: int = 0
     """seeds the parameters, the observations and the policies' key schedule"""
     pin_python: bool = True
-    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
-    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
-    cpu_dispatch: str = "async"
-    """on a CPU: "async" keeps JAX's default asynchronous dispatch (PolicyService then pipelines two
-    batches, as on an accelerator); "sync" runs each computation in the calling thread
-    (cli.prefer_sync_cpu_dispatch; one batch at a time). The same for every mode of the run.
-    Measured at commit a712228 (paired runs, 256 callers): async 2.34x / 2.34x seed-style for the
-    larger policy against 1.76x / 1.85x sync, 2.83x against 2.44x for the CartPole-sized one"""
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): hand-offs stay on that CPU"""
+    # Paired runs with 256 callers: async 2.34x / 2.34x seed-style for the larger policy against
+    # 1.76x / 1.85x sync, 2.83x against 2.44x for the CartPole-sized one.
+    cpu_dispatch: Literal["async", "sync"] = "async"
+    """CPU only, every mode: async pipelines two batches (as on a GPU), sync runs each in the calling thread"""
     quick: bool = False
     """tiny settings for a smoke test (16 and 256 callers, 0.5 s, one repeat, 300 padding requests)"""
     out: str = "runs/bench_policy"
@@ -228,8 +226,8 @@ def main(args: Args):
     if args.cpu_dispatch not in ("sync", "async"):
         raise SystemExit(f'--cpu-dispatch must be "sync" or "async", got {args.cpu_dispatch!r}')
     if args.cpu_dispatch == "sync":
-        cli.prefer_sync_cpu_dispatch()
-    print(cli.pin_python_threads(args.pin_python))
+        runtime.prefer_sync_cpu_dispatch()
+    print(runtime.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(16, 256), duration=0.5, repeats=1, padding_requests=300)
@@ -353,4 +351,4 @@ def render(rows, overheads, paddings, targets, devices, args):
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args))
+    main(tyro.cli(Args, prog="python -m experiments.bench_policy", description=__doc__))

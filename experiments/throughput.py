@@ -37,13 +37,14 @@ from typing import NamedTuple, Optional
 import gymnasium
 import jax
 import numpy as np
+import tyro
 from tqdm import tqdm
 
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_actors import env_factory
 from experiments.bench_policy import mlp_policy
-from experiments.lib import calibration, cli, env_loops, policy_step, tuning
+from experiments.lib import calibration, env_loops, policy_step, runtime, tuning
 from rlbatch import report
 
 
@@ -58,8 +59,7 @@ class Args:
     envs_per_actor: tuple[int, ...] = (1, 4)
     """environments per actor to sweep, each actor sending its environments' observations as one request"""
     buckets: tuple[str, ...] = ("8,16,32,64,128,256", "16,64,256")
-    """bucket sets to sweep, each comma-separated (`--buckets 8,16,32 16,64`); the largest bucket is the
-    service's max_batch_size, and every bucket compiles once per run"""
+    """bucket sets to sweep, each comma-separated (--buckets 8,16,32 16,64); the largest is the max batch size"""
     max_delay: tuple[float, ...] = (0.0005, 0.002)
     """seconds the oldest request of a batch may wait, to sweep"""
     step_latency: float = 0.001
@@ -79,11 +79,9 @@ class Args:
     seed: int = 0
     """seeds the parameters, the policy's key schedule and the environments"""
     latency_budget_ms: Optional[float] = None
-    """with a p99 request latency budget in ms, print and store rlbatch.suggest_settings' suggestion for each
-    environment"""
+    """p99 request latency budget in ms: print and store suggested settings per environment (tuning.suggest_settings)"""
     pin_python: bool = True
-    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
-    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): hand-offs stay on that CPU"""
     quick: bool = False
     """a smoke run: 16 single-env actors, buckets 8,16, max delay 0.5 and 2 ms, 0.2 s warm-up and 0.6 s per run"""
     progress: bool = True
@@ -188,8 +186,8 @@ def run_baseline(mode: str, env_id: str, num_envs: int, policy: EnvPolicy, args:
 
 
 def main(args: Args) -> dict:
-    cli.prefer_sync_cpu_dispatch()
-    print(cli.pin_python_threads(args.pin_python))
+    runtime.prefer_sync_cpu_dispatch()
+    print(runtime.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, **QUICK)
@@ -330,4 +328,4 @@ def draw(rows, base_rows, best, args) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args))
+    main(tyro.cli(Args, prog="python -m experiments.throughput", description=__doc__))
