@@ -89,7 +89,8 @@ def measure(mode, fn, make_item, n, args, reports=None):
         r["mean_batch"] = svc.stats.mean_batch_size
         svc.close()
         if reports is not None:
-            reports.append(report.summarize(policy=svc, config=dict(threads=n, mode=mode, function=fn.__name__)))
+            reports.append(report.summarize(service=svc.stats, config=dict(threads=n, mode=mode,
+                                                                           function=fn.__name__)))
     elif mode == "rlbatch-unregistered":
         svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
         r = run_clients(n, lambda i: svc.__call__, make_item, args.duration)

@@ -157,7 +157,8 @@ def measure(mode, ctx, n, args, compiles):
         after = svc.stats
         r["mean_batch"] = (after.rows - before.rows) / max(after.batches - before.batches, 1)
         r["compile_count"] = svc.compile_count
-        ctx["reports"].append(report.summarize(policy=svc, config=dict(threads=n, mode=mode)))
+        ctx["reports"].append(report.summarize(service=svc.stats, latency_samples=svc.service.latency_samples(),
+                                               config=dict(threads=n, mode=mode)))
     elif mode in ("seed-style", "no-buckets"):
         if mode == "seed-style":
             step, size, pad = ctx["seed_step"], args.seed_max_batch_size, True

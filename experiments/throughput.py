@@ -17,7 +17,7 @@ calling the policy on a batch of one.
 Writes <out>.md (the table: steps/s measured after warm-up, ratios to both baselines, and the
 report's mean batch, padding and latency, which cover the whole run, warm-up included),
 <out>.json (args, devices, every row with its summary, the baselines, the best configuration per
-environment and, with --latency-budget-ms, rlbatch.suggest_settings' suggestion per environment;
+environment and, with --latency-budget-ms, experiments.lib.tuning.suggest_settings' suggestion per environment;
 the summaries leave out their raw latency samples) and, with matplotlib, <out>_steps_per_sec.png (a
 bar per configuration and baseline) and the report's plots of each environment's best
 configuration, <out>_best_<env>_*.png.
@@ -154,7 +154,7 @@ def env_policy(env_id: str, args: Args) -> EnvPolicy:
 
 
 def run_config(cfg: Config, policy: EnvPolicy, args: Args) -> dict:
-    """One ActorPool + PolicyService run: the table's row, with the run's report summary."""
+    """One ActorPool + PolicyService run: the table's row, with the run's report.Summary."""
     with rlbatch.PolicyService(policy.apply, policy.params, example_obs=policy.example_obs, buckets=cfg.buckets,
                                max_delay=cfg.max_delay, seed=args.seed) as svc:
         pool = rlbatch.ActorPool(policy.make_env, svc, num_actors=cfg.num_actors, unroll_length=args.unroll_length,
@@ -166,12 +166,12 @@ def run_config(cfg: Config, policy: EnvPolicy, args: Args) -> dict:
         config = dict(cfg._asdict(), buckets=list(cfg.buckets), num_envs=cfg.num_envs,
                       warmup=args.warmup, duration=args.duration)
         summary = recorder.finish(config=config)
-    b = summary["batching"]
+    b = summary.batching
     return dict(env=cfg.env, num_actors=cfg.num_actors, envs_per_actor=cfg.envs_per_actor, num_envs=cfg.num_envs,
                 buckets=list(cfg.buckets), max_delay=cfg.max_delay, steps_per_s=rate.steps_per_s,
-                mean_batch=b["mean_batch_size"], padding_fraction=b["padding_fraction"],
-                latency_p50_ms=b["latency_p50_ms"], latency_p99_ms=b["latency_p99_ms"],
-                batch_size_hist=b["batch_size_hist"], compile_count=b["compile_count"], summary=summary)
+                mean_batch=b.mean_batch_size, padding_fraction=b.padding_fraction,
+                latency_p50_ms=b.latency_p50_ms, latency_p99_ms=b.latency_p99_ms,
+                batch_size_hist=dict(b.batch_size_hist), compile_count=b.compile_count, summary=summary)
 
 
 def run_baseline(mode: str, env_id: str, num_envs: int, policy: EnvPolicy, args: Args) -> dict:
@@ -233,7 +233,8 @@ def main(args: Args) -> dict:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     plots = draw(rows, base_rows, best, args) if args.plots else []
     for r in rows:  # the raw latency samples stay out of the JSON (they are in the best runs' plots)
-        r["summary"].get("batching", {}).pop("latency_samples_ms", None)
+        r["summary"] = r["summary"].as_json()
+        del r["summary"]["batching"]["latency_samples_ms"]
     result = dict(args=dataclasses.asdict(args), devices=devices, rows=rows, baselines=base_rows,
                   best={env: dict(row_index=i, config=rows[i]["summary"]["config"]) for env, i in best.items()},
                   suggestions=suggestions, plots=plots)
@@ -252,12 +253,12 @@ def main(args: Args) -> dict:
 
 
 def suggest(rows, args) -> dict:
-    """rlbatch.suggest_settings for each environment's rows, or the reason there is none."""
+    """tuning.suggest_settings for each environment's rows, or the reason there is none."""
     out = {}
     for env in args.envs:
-        slim = [{k: v for k, v in r.items() if k != "summary"} for r in rows if r["env"] == env]
+        measured = [tuning.SweepRow.from_json(r, i) for i, r in enumerate(r for r in rows if r["env"] == env)]
         try:
-            out[env] = tuning.suggest_settings(slim, args.latency_budget_ms).as_dict()
+            out[env] = tuning.suggest_settings(measured, args.latency_budget_ms).as_dict()
         except ValueError as e:
             out[env] = {"error": str(e)}
     return out
@@ -283,7 +284,7 @@ def render(rows, base_rows, best, suggestions, devices, args) -> str:
         lines.append(f"| {b['env']} | {b['num_envs']} | {b['mode']} | {b['steps_per_s']:,.0f} |")
     if suggestions is not None:
         lines += ["", f"Suggested settings for a p99 latency budget of {args.latency_budget_ms:g} ms "
-                  "(rlbatch.suggest_settings):", "",
+                  "(experiments.lib.tuning.suggest_settings):", "",
                   "| env | max_batch_size | max delay ms | buckets | expected padding % |", "|---|---:|---:|---|---:|"]
         for env, s in suggestions.items():
             if "error" in s:

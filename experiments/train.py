@@ -88,7 +88,7 @@ def make_learner(args: Args, network):
     raise ValueError(f"--agent: expected ppo or impala, got {args.agent!r}")
 
 
-def main(args: Args) -> dict:
+def main(args: Args) -> report.Summary:
     runtime.prefer_sync_cpu_dispatch()
     print(runtime.pin_python_threads(args.pin_python))
     probe = gymnasium.make(args.env)
@@ -110,7 +110,7 @@ def main(args: Args) -> dict:
                               max_policy_lag=args.max_policy_lag)
     from tqdm.auto import tqdm
 
-    recorder = report.Recorder(pool, policy, trainer, echo=tqdm.write)  # a periodic line above the bar
+    recorder = report.Recorder(pool, policy, echo=tqdm.write)  # a periodic line above the bar
     result = trainer.run(total_steps=args.total_steps, until=rlbatch.solved(threshold), progress=args.progress,
                          max_seconds=args.max_seconds, on_update=recorder.on_update)
     summary = recorder.finish(result, config=dataclasses.asdict(args))

@@ -245,3 +245,22 @@ def test_bench_batching_quick_writes_every_row(tmp_path):
     assert all(t["thread_floor"] > 0 and t["met"] == (t["measured"] >= t["target"]) for t in report["targets"])
     assert pathlib.Path(f"{out}.md").read_text().count("| function | threads | mode |") == 1
     assert_library_reports(out)
+
+
+def test_train_script_runs_as_subprocess_and_writes_json_and_png(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    out = tmp_path / "train"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--env", "rlbatch/Catch-v0", "--num-actors", "8",
+         "--unroll-length", "9", "--batch-size", "4", "--buckets", "8", "--total-steps", "3000",
+         "--no-progress", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rlbatch throughput report" in proc.stdout
+    summary = json.loads((out / "report.jsonl").read_text().splitlines()[-1])
+    assert summary["throughput"]["env_steps"] >= 3000
+    assert summary["learning"]["updates"] > 0 and summary["batching"]["compile_count"] == 1
+    assert list(summary) == ["config", "time", "throughput", "actors", "stages", "batching", "learning"]
+    assert len(summary["stages"]) == 9 and summary["stages"]["learner_update"] > 0
+    assert summary["config"]["num_actors"] == 8 and summary["config"]["buckets"] == [8]
+    assert (out / "report_steps_per_sec.png").exists()
