@@ -99,7 +99,7 @@ def main(args: Args) -> report.Summary:
         threshold = probe.spec.reward_threshold if probe.spec and probe.spec.reward_threshold else float("inf")
     probe.close()
 
-    network = agents.make_actor_critic_fns(action_space, example_obs, hidden=(args.hidden, args.hidden))
+    network = agents.make_actor_critic(action_space, example_obs, hidden=(args.hidden, args.hidden))
     learner = make_learner(args, network)
     state = learner.init(jax.random.PRNGKey(args.seed), example_obs, action_space)
     policy = rlbatch.PolicyService(learner.policy.apply, learner.params(state), example_obs=example_obs,
