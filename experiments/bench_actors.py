@@ -41,6 +41,7 @@ import json
 import os
 import statistics
 import time
+from typing import Any, Callable, NamedTuple
 
 import gymnasium
 import jax
@@ -100,6 +101,15 @@ class Args:
 MODES = ("pool-single", "pool-grouped", "sync-vector", "unbatched", "service-threads", "thread-floor")
 
 
+class ServedPolicy(NamedTuple):
+    """The one policy of the run: served by every pool's PolicyService and called by the baselines."""
+
+    apply: Callable  # apply(params, obs [B, 4], key) -> (action [B], extras)
+    params: Any
+    act: Callable  # the baselines' act_fn(obs [B, 4], i) -> actions: the same jitted step
+    reports: list  # the library's report of every pool run, appended as they finish
+
+
 def env_factory(env_id, args):
     if env_id == "rlbatch/Latency-v0":
         return functools.partial(gymnasium.make, env_id, step_latency=args.step_latency)
@@ -116,7 +126,7 @@ def row(rate):
 
 
 def policy_service(policy, args):
-    return rlbatch.PolicyService(policy["apply"], policy["params"], example_obs=np.zeros(4, np.float32),
+    return rlbatch.PolicyService(policy.apply, policy.params, example_obs=np.zeros(4, np.float32),
                                  buckets=args.buckets, max_delay=args.max_delay, seed=args.seed)
 
 
@@ -129,7 +139,7 @@ def run_pool(make_env, policy, n, mode, args):
             recorder = report.Recorder(pool, svc, every=None)
             rate = env_loops.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
                                           sample=recorder.sample)
-            policy["reports"].append(recorder.finish(config=dict(envs=n, mode=mode, actors=actors,
+            policy.reports.append(recorder.finish(config=dict(envs=n, mode=mode, actors=actors,
                                                                  envs_per_actor=per_actor)))
             return row(rate)
 
@@ -139,15 +149,15 @@ def measure(mode, make_env, policy, n, args):
         return run_pool(make_env, policy, n, mode, args)
     timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
     if mode == "sync-vector":
-        return row(env_loops.run_sync_vector(make_env, policy["act"], n, **timing))
+        return row(env_loops.run_sync_vector(make_env, policy.act, n, **timing))
     if mode == "unbatched":
-        return row(env_loops.run_unbatched(make_env, policy["act"], n, **timing))
+        return row(env_loops.run_unbatched(make_env, policy.act, n, **timing))
     if mode == "service-threads":
         with policy_service(policy, args) as svc:
             return row(env_loops.run_service_threads(make_env, svc, n, **timing))
     if mode == "thread-floor":
         return row(env_loops.run_thread_floor(make_env, n, **timing))
-    raise ValueError(mode)
+    raise ValueError(f"measure: expected a mode of {MODES}, got {mode!r}")
 
 
 def time_stop(policy, args):
@@ -180,8 +190,8 @@ def main(args: Args):
     mlp = mlp_policy(4, (64, 64), 2)
     key = jax.random.PRNGKey(args.seed)
     params = mlp.init(key, np.zeros(4, np.float32))
-    policy = dict(apply=mlp.apply, params=params, reports=[],
-                  act=policy_step.policy_act_fn(policy_step.jit_policy_step(mlp.apply), params, key))
+    policy = ServedPolicy(apply=mlp.apply, params=params, reports=[],
+                          act=policy_step.policy_act_fn(policy_step.jit_policy_step(mlp.apply), params, key))
     rows = []
     for env_id in args.envs:
         make_env = env_factory(env_id, args)
@@ -208,7 +218,7 @@ def main(args: Args):
     with open(args.out + ".json", "w") as f:
         json.dump(dict(args=dataclasses.asdict(args), devices=devices, rows=rows, stop=stop, targets=targets),
                   f, indent=1)
-    report.write_runs(policy["reports"], args.out)  # the library's report of every pool run, and plots
+    report.write_runs(policy.reports, args.out)  # the library's report of every pool run, and plots
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
     return rows

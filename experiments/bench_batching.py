@@ -73,19 +73,20 @@ def mlp(xs):
 FUNCTIONS = {"trivial": (trivial, lambda i: i), "numpy-mlp": (mlp, lambda i: np.full(4, i % 7, np.float32))}
 
 
-def run_clients(n, make_call, make_item, duration):
-    """n threads calling in a loop for `duration` s: items/s, p50/p99 ms and CPU s per 1000 items."""
-    return _load(client_load.run_clients(n, make_call, make_item, duration))
+def measure_clients(n, make_call, make_item, duration):
+    """n threads calling in a loop for `duration` s: the table's columns of their ClientLoad."""
+    return load_row(client_load.run_clients(n, make_call, make_item, duration))
 
 
-def _load(r):
+def load_row(r):
+    """The table's columns of a client_load.ClientLoad: items/s, p50/p99 ms and CPU s per 1000 items."""
     return dict(items_per_s=r.items_per_s, p50_ms=r.p50_ms, p99_ms=r.p99_ms, cpu_per_1k=r.cpu_s_per_1k)
 
 
 def measure(mode, fn, make_item, n, args, reports=None):
     if mode == "rlbatch":
         svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
-        r = run_clients(n, lambda i: svc.register(), make_item, args.duration)
+        r = measure_clients(n, lambda i: svc.register(), make_item, args.duration)
         r["mean_batch"] = svc.stats.mean_batch_size
         svc.close()
         if reports is not None:
@@ -93,21 +94,21 @@ def measure(mode, fn, make_item, n, args, reports=None):
                                                                            function=fn.__name__)))
     elif mode == "rlbatch-unregistered":
         svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
-        r = run_clients(n, lambda i: svc.__call__, make_item, args.duration)
+        r = measure_clients(n, lambda i: svc.__call__, make_item, args.duration)
         r["mean_batch"] = svc.stats.mean_batch_size
         svc.close()
     elif mode == "seed-style":
         with seed_style.SeedStyleBatcher(fn, args.max_batch_size, args.max_delay) as b:
-            r = run_clients(n, lambda i: b.__call__, make_item, args.duration)
+            r = measure_clients(n, lambda i: b.__call__, make_item, args.duration)
         r["mean_batch"] = b.mean_batch_size
     elif mode == "thread-floor":
-        r = _load(client_load.run_client_floor(n, args.duration))
+        r = load_row(client_load.run_client_floor(n, args.duration))
         r["mean_batch"] = float(n)  # each round releases every thread
     elif mode == "unbatched":
-        r = run_clients(n, lambda i: (lambda x: fn([x])[0]), make_item, args.duration)
+        r = measure_clients(n, lambda i: (lambda x: fn([x])[0]), make_item, args.duration)
         r["mean_batch"] = 1.0
     else:
-        raise ValueError(mode)
+        raise ValueError(f"measure: expected a mode of {MODES}, got {mode!r}")
     return r
 
 

@@ -34,7 +34,7 @@ import json
 import os
 import statistics
 import time
-from typing import Literal
+from typing import Any, Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -146,39 +146,54 @@ def run_callers(n, open_caller, observations, duration):
     return dict(requests_per_s=r.items_per_s, p50_ms=r.p50_ms, p99_ms=r.p99_ms)
 
 
-def measure(mode, ctx, n, args, compiles):
-    """One run of `mode` with n callers; ctx holds the policy's service, step, params and observations."""
-    observations = ctx["observations"]
+@dataclasses.dataclass
+class PolicyRuns:
+    """What the runs of every mode with one policy share."""
+
+    params: Any
+    key: Any
+    seed_step: Callable  # jitted step of the seed-style mode, its one padded shape compiled before the runs
+    exact_step: Callable  # jitted step of the no-buckets mode: compiles each batch size it meets
+    observations: np.ndarray  # [max threads, obs size]: caller i sends row i
+    reports: list  # the library's report of every rlbatch run, appended as they finish
+    service: Optional[rlbatch.PolicyService] = None  # set while the policy's service runs
+    # Batch sizes each batcher mode has compiled over this policy's runs (its jit cache is kept).
+    shapes: dict = dataclasses.field(default_factory=lambda: {"seed-style": set(), "no-buckets": set()})
+
+
+def measure(mode, runs: PolicyRuns, n, args, compiles):
+    """One run of `mode` with n callers."""
+    observations = runs.observations
     c0 = compiles.count
     if mode == "rlbatch":
-        svc = ctx["service"]
+        svc = runs.service
         before = svc.stats
         r = run_callers(n, lambda i: svc.register(), observations, args.duration)
         after = svc.stats
         r["mean_batch"] = (after.rows - before.rows) / max(after.batches - before.batches, 1)
         r["compile_count"] = svc.compile_count
-        ctx["reports"].append(report.summarize(service=svc.stats, latency_samples=svc.service.latency_samples(),
-                                               config=dict(threads=n, mode=mode)))
+        runs.reports.append(report.summarize(service=svc.stats, latency_samples=svc.service.latency_samples(),
+                                             config=dict(threads=n, mode=mode)))
     elif mode in ("seed-style", "no-buckets"):
         if mode == "seed-style":
-            step, size, pad = ctx["seed_step"], args.seed_max_batch_size, True
+            step, size, pad = runs.seed_step, args.seed_max_batch_size, True
         else:
-            step, size, pad = ctx["exact_step"], max(args.buckets), False
-        batch_fn = seed_style.StackedPolicyBatch(step, ctx["params"], ctx["key"], pad_to=size if pad else None)
+            step, size, pad = runs.exact_step, max(args.buckets), False
+        batch_fn = seed_style.StackedPolicyBatch(step, runs.params, runs.key, pad_to=size if pad else None)
         with seed_style.SeedStyleBatcher(batch_fn, size, args.max_delay, name=mode) as b:
             r = run_callers(n, lambda i: b.__call__, observations, args.duration)
         r["mean_batch"] = b.mean_batch_size
         # Shapes compiled so far: seed-style its one padded shape (before the runs); no-buckets every
         # batch size it met, in this run or an earlier one with this policy (its jit cache is kept,
         # as a long-running service would keep it).
-        ctx["shapes"][mode] |= batch_fn.batch_sizes
-        r["compile_count"] = len(ctx["shapes"][mode])
+        runs.shapes[mode] |= batch_fn.batch_sizes
+        r["compile_count"] = len(runs.shapes[mode])
     elif mode == "thread-floor":
         load = client_load.run_client_floor(n, args.duration)
         r = dict(requests_per_s=load.items_per_s, p50_ms=load.p50_ms, p99_ms=load.p99_ms,
                  mean_batch=float(n), compile_count=0)  # each round releases every thread
     else:
-        raise ValueError(mode)
+        raise ValueError(f"measure: expected a mode of {MODES}, got {mode!r}")
     r["compiles_during_run"] = compiles.count - c0
     r["wall_us_per_request"] = 1e6 / r["requests_per_s"]
     return r
@@ -192,7 +207,7 @@ def padding_waste(caller, obs_size, args):
         caller(rng.normal(size=(int(k), obs_size)).astype(np.float32))
 
 
-def expected_padding(buckets, largest):
+def uniform_sizes_padding(buckets, largest):
     """Exact padded fraction for request sizes uniform on 1..largest, each in its own batch."""
     padded = sum(min(b for b in buckets if b >= k) for k in range(1, largest + 1))
     return 1.0 - (largest * (largest + 1) / 2) / padded
@@ -246,15 +261,15 @@ def main(args: Args):
         seed_step = policy_step.jit_policy_step(policy.apply)
         warm = np.zeros((args.seed_max_batch_size, obs_size), np.float32)
         jax.device_get(seed_step(params, warm, key, np.uint32(0)))  # its one shape, compiled before the runs
-        ctx = dict(params=params, key=key, seed_step=seed_step, exact_step=policy_step.jit_policy_step(policy.apply),
-                   shapes={"seed-style": set(), "no-buckets": set()}, reports=reports,
-                   observations=rng.normal(size=(max(args.threads), obs_size)).astype(np.float32))
+        runs = PolicyRuns(params=params, key=key, seed_step=seed_step,
+                          exact_step=policy_step.jit_policy_step(policy.apply), reports=reports,
+                          observations=rng.normal(size=(max(args.threads), obs_size)).astype(np.float32))
         with rlbatch.PolicyService(policy.apply, params, example_obs=example_obs, buckets=args.buckets,
                                    max_delay=args.max_delay, seed=args.seed, name=name) as svc:
-            ctx["service"] = svc
+            runs.service = svc
             for n in args.threads:
                 for mode in MODES:
-                    med = median_of([measure(mode, ctx, n, args, compiles) for _ in range(args.repeats)])
+                    med = median_of([measure(mode, runs, n, args, compiles) for _ in range(args.repeats)])
                     rows.append(dict(policy=name, threads=n, mode=mode, **med))
                     print(f"{name:18s} callers={n:4d} {mode:10s} requests/s={med['requests_per_s']:9.0f} "
                           f"batch={med['mean_batch']:6.1f} p50={med['p50_ms']:.3f}ms p99={med['p99_ms']:.3f}ms "
@@ -270,12 +285,12 @@ def main(args: Args):
                     padding_waste(caller, obs_size, args)
                     st = svc.stats
                     paddings.append(dict(policy=name, requests=st.requests, padding_fraction=st.padding_fraction,
-                                         expected_padding_fraction=expected_padding(svc.buckets, max(svc.buckets)),
+                                         expected_padding_fraction=uniform_sizes_padding(svc.buckets, max(svc.buckets)),
                                          bucket_padding={int(b): f for b, f in st.bucket_padding.items()},
                                          compiles_during_run=compiles.count - c0, compile_count=svc.compile_count))
                     print(f"{name:18s} padding waste {st.padding_fraction:.1%} over {st.requests} requests",
                           flush=True)
-                bare_step, obs = policy_step.jit_policy_step(policy.apply), ctx["observations"][0]
+                bare_step, obs = policy_step.jit_policy_step(policy.apply), runs.observations[0]
                 med = median_of([overhead(caller, bare_step, params, key, obs, args.duration)
                                  for _ in range(args.repeats)])
             overheads.append(dict(policy=name, **med))

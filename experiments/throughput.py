@@ -6,8 +6,8 @@ envs_per_actor x buckets x max_delay, a fresh PolicyService (its buckets compile
 serves the same small MLP policy as bench_actors (obs-64-64-actions tanh, sampling its action;
 experiments.bench_policy.mlp_policy) to a fresh ActorPool. Each run is measured for `duration` s
 after `warmup` s while the main thread drains the trajectories, as a trainer would; pool.stats is
-sampled every `sample_every` s for the time series, and the run's throughput report is
-rlbatch.report.summarize(pool, policy service, series).
+sampled every `sample_every` s for the time series, and the run's throughput report is the
+rlbatch.report.Summary its report.Recorder builds.
 
 In the same sweep, for each environment and total number of environments N = num_actors x
 envs_per_actor, the baselines of experiments.lib.env_loops with the same jitted policy: a SyncVectorEnv
@@ -17,8 +17,8 @@ calling the policy on a batch of one.
 Writes <out>.md (the table: steps/s measured after warm-up, ratios to both baselines, and the
 report's mean batch, padding and latency, which cover the whole run, warm-up included),
 <out>.json (args, devices, every row with its summary, the baselines, the best configuration per
-environment and, with --latency-budget-ms, experiments.lib.tuning.suggest_settings' suggestion per environment;
-the summaries leave out their raw latency samples) and, with matplotlib, <out>_steps_per_sec.png (a
+environment and, with --latency-budget-ms, experiments.lib.tuning.suggest_settings' suggestion per
+environment; the summaries leave out their raw latency samples) and, with matplotlib, <out>_steps_per_sec.png (a
 bar per configuration and baseline) and the report's plots of each environment's best
 configuration, <out>_best_<env>_*.png.
 
