@@ -20,7 +20,8 @@ samples its actions (jitted), in the same run:
   the ceiling of any design with one thread per environment on this machine. The targets table
   shows the floor's ratio beside each single-env target.
 
-The sync-vector and unbatched loops, the pool measurement and the grouping are experiments.lib.env_loops'.
+The sync-vector and unbatched loops, the pool measurement and the grouping are
+experiments.lib.env_loops'.
 Steps/s are counted over `duration` seconds after a discarded warm-up (ActorPool.stats.env_steps
 for the pools). The main thread consumes the pools' trajectories with pool.get(), as a trainer
 would, so actors never block on a full queue and nothing is dropped. Every pool is stopped and its

@@ -15,8 +15,8 @@ a larger 64-256-256-18 one. In the same run, beside rlbatch (default buckets 8..
   would keep it). A PolicyService with buckets 1..256 would compile 256 shapes at start; this
   measures what skipping buckets costs without waiting for that;
 - thread-floor: each thread's "call" only waits until all N threads wait, released as relays the
-  way rlbatch wakes its callers (experiments.lib.client_load.run_client_floor): no policy, no data. The most
-  any service whose callers block for their results can do on this machine.
+  way rlbatch wakes its callers (experiments.lib.client_load.run_client_floor): no policy, no
+  data. The most any service whose callers block for their results can do on this machine.
 
 Also measured: the per-request overhead of rlbatch over a bare jitted call (1 caller, max delay 0),
 and the padding waste of the default buckets when one thread sends requests of uniformly random
