@@ -4,7 +4,7 @@ They plug into rlbatch only through its public `Policy`, `Learner` and `Trajecto
 """
 from agents.impala import ImpalaState, make_impala
 from agents.losses import VTraceOutput, bootstrap_values, gae, vtrace
-from agents.networks import ActorCritic, clip_action, make_actor_critic, make_actor_critic_fns
+from agents.networks import ActorCritic, clip_action, make_actor_critic, make_policy
 from agents.ppo import PPOState, make_ppo
 
 __all__ = [
@@ -16,8 +16,8 @@ __all__ = [
     "clip_action",
     "gae",
     "make_actor_critic",
-    "make_actor_critic_fns",
     "make_impala",
+    "make_policy",
     "make_ppo",
     "vtrace",
 ]

@@ -1,6 +1,6 @@
 """IMPALA (Espeholt et al. 2018) as an `rlbatch.Learner`: V-trace actor-critic, one step per batch.
 
-    network = make_actor_critic_fns(env.action_space, example_obs)
+    network = make_actor_critic(env.action_space, example_obs)
     learner = make_impala(network, learning_rate=6e-4)
     state = learner.init(key, example_obs, env.action_space)
     state, metrics = learner.update(state, batch)   # batch: Trajectory [T+1 / T, B, ...]

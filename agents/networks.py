@@ -10,7 +10,7 @@ log-std. `apply` returns the *unclipped* sample and its log-prob, as CleanRL doe
 stepping the environment (`clip_action`, or gymnasium's `ClipAction` wrapper), so that the stored
 action and `extras["log_prob"]` stay consistent with `evaluate`.
 
-    network = make_actor_critic_fns(env.action_space, example_obs)
+    network = make_actor_critic(env.action_space, example_obs)
     params = network.policy.init(key, example_obs)           # example_obs: ONE observation
     action, extras = network.policy.apply(params, obs, key)  # extras: log_prob, value, logits|mean
     log_prob, entropy, value = network.evaluate(params, obs_tb, action_tb)
@@ -27,7 +27,7 @@ import numpy as np
 
 from rlbatch import Policy
 
-__all__ = ["ActorCritic", "clip_action", "make_actor_critic", "make_actor_critic_fns"]
+__all__ = ["ActorCritic", "clip_action", "make_actor_critic", "make_policy"]
 
 # (output channels, kernel size, stride) per conv layer: the first two layers of the Nature CNN.
 # SAME padding keeps them valid for small images too (a 5x5 grid shrinks to 2x2, then 1x1).
@@ -95,7 +95,7 @@ def _mlp(layers: list, x):
 # ---------------------------------------------------------------------------------------- model
 
 
-def make_actor_critic_fns(
+def make_actor_critic(
     action_space: gym.Space,
     example_obs: Any,
     hidden: Sequence[int] = (64, 64),
@@ -226,12 +226,12 @@ def make_actor_critic_fns(
     )
 
 
-def make_actor_critic(
+def make_policy(
     action_space: gym.Space,
     example_obs: Any,
     hidden: Sequence[int] = (64, 64),
     torso: str = "mlp",
     conv_layers: Sequence[tuple[int, int, int]] = DEFAULT_CONV_LAYERS,
 ) -> Policy:
-    """The sampling `rlbatch.Policy` of `make_actor_critic_fns` (same arguments)."""
-    return make_actor_critic_fns(action_space, example_obs, hidden, torso, conv_layers).policy
+    """The sampling `rlbatch.Policy` of `make_actor_critic` (same arguments), for serving without a learner."""
+    return make_actor_critic(action_space, example_obs, hidden, torso, conv_layers).policy

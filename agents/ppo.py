@@ -1,6 +1,6 @@
 """PPO (Schulman et al. 2017) as an `rlbatch.Learner`: clipped objective, GAE, minibatch epochs.
 
-    network = make_actor_critic_fns(env.action_space, example_obs)
+    network = make_actor_critic(env.action_space, example_obs)
     learner = make_ppo(network, learning_rate=2.5e-4)
     state = learner.init(key, example_obs, env.action_space)
     state, metrics = learner.update(state, batch)   # batch: Trajectory [T+1 / T, B, ...]

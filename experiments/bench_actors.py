@@ -20,7 +20,8 @@ samples its actions (jitted), in the same run:
   the ceiling of any design with one thread per environment on this machine. The targets table
   shows the floor's ratio beside each single-env target.
 
-The sync-vector and unbatched loops, the pool measurement and the grouping are experiments.lib.baselines'.
+The sync-vector and unbatched loops, the pool measurement and the grouping are
+experiments.lib.env_loops'.
 Steps/s are counted over `duration` seconds after a discarded warm-up (ActorPool.stats.env_steps
 for the pools). The main thread consumes the pools' trajectories with pool.get(), as a trainer
 would, so actors never block on a full queue and nothing is dropped. Every pool is stopped and its
@@ -41,15 +42,17 @@ import json
 import os
 import statistics
 import time
+from typing import Any, Callable, NamedTuple
 
 import gymnasium
 import jax
 import numpy as np
+import tyro
 
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_policy import mlp_policy
-from experiments.lib import baselines, cli
+from experiments.lib import calibration, env_loops, policy_step, runtime
 from rlbatch import report
 
 _clock = time.perf_counter
@@ -63,10 +66,9 @@ class Args:
     """gymnasium ids of the environments (all with CartPole's [4] observation and 2 actions)"""
     num_envs: tuple[int, ...] = (16, 64, 256)
     """numbers of environments N; grouped pools use N / group_size actors"""
+    # Measured on the 2-core machine with 256 CartPole envs: 16 x 16 38k, 8 x 32 56k, 4 x 64 57k steps/s.
     group_size: int = 32
-    """environments per actor in the grouped pools (N / group_size actors; fewer environments
-    when N is smaller). Measured on the 2-core machine with 256 CartPole envs: 16 x 16 38k,
-    8 x 32 56k, 4 x 64 57k steps/s"""
+    """environments per actor in the grouped pools (N / group_size actors; fewer when N is smaller)"""
     step_latency: float = 0.001
     """seconds rlbatch/Latency-v0 sleeps in every step"""
     unroll_length: int = 32
@@ -90,16 +92,23 @@ class Args:
     seed: int = 0
     """seeds the parameters, the policy's key schedule and the environments"""
     pin_python: bool = True
-    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
-    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): hand-offs stay on that CPU"""
     quick: bool = False
-    """tiny settings for a smoke test (256 environments only, 0.5 s warm-up and measurement, one
-    repeat, stop timed after 1 s)"""
+    """a smoke test: 256 environments only, 0.5 s warm-up and measurement, one repeat, stop timed after 1 s"""
     out: str = "runs/bench_actors"
     """file stem for the JSON and markdown outputs"""
 
 
 MODES = ("pool-single", "pool-grouped", "sync-vector", "unbatched", "service-threads", "thread-floor")
+
+
+class ServedPolicy(NamedTuple):
+    """The one policy of the run: served by every pool's PolicyService and called by the baselines."""
+
+    apply: Callable  # apply(params, obs [B, 4], key) -> (action [B], extras)
+    params: Any
+    act: Callable  # the baselines' act_fn(obs [B, 4], i) -> actions: the same jitted step
+    reports: list  # the library's report of every pool run, appended as they finish
 
 
 def env_factory(env_id, args):
@@ -112,26 +121,26 @@ def env_factory(env_id, args):
 
 
 def row(rate):
-    """The table's columns of a baselines.StepRate."""
+    """The table's columns of a env_loops.StepRate."""
     return dict(steps_per_s=rate.steps_per_s, num_actors=rate.num_actors, envs_per_actor=rate.envs_per_actor,
                 mean_batch=rate.mean_batch)
 
 
 def policy_service(policy, args):
-    return rlbatch.PolicyService(policy["apply"], policy["params"], example_obs=np.zeros(4, np.float32),
+    return rlbatch.PolicyService(policy.apply, policy.params, example_obs=np.zeros(4, np.float32),
                                  buckets=args.buckets, max_delay=args.max_delay, seed=args.seed)
 
 
 def run_pool(make_env, policy, n, mode, args):
     """Steps/s of an ActorPool; the main thread drains its trajectories with pool.get()."""
-    actors, per_actor = (n, 1) if mode == "pool-single" else baselines.grouping(n, args.group_size)
+    actors, per_actor = (n, 1) if mode == "pool-single" else env_loops.grouping(n, args.group_size)
     with policy_service(policy, args) as svc:
         with rlbatch.ActorPool(make_env, svc, num_actors=actors, unroll_length=args.unroll_length,
                                envs_per_actor=per_actor, seed=args.seed, max_queue=args.max_queue) as pool:
             recorder = report.Recorder(pool, svc, every=None)
-            rate = baselines.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
+            rate = env_loops.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
                                           sample=recorder.sample)
-            policy["reports"].append(recorder.finish(config=dict(envs=n, mode=mode, actors=actors,
+            policy.reports.append(recorder.finish(config=dict(envs=n, mode=mode, actors=actors,
                                                                  envs_per_actor=per_actor)))
             return row(rate)
 
@@ -141,15 +150,15 @@ def measure(mode, make_env, policy, n, args):
         return run_pool(make_env, policy, n, mode, args)
     timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
     if mode == "sync-vector":
-        return row(baselines.run_sync_vector(make_env, policy["act"], n, **timing))
+        return row(env_loops.run_sync_vector(make_env, policy.act, n, **timing))
     if mode == "unbatched":
-        return row(baselines.run_unbatched(make_env, policy["act"], n, **timing))
+        return row(env_loops.run_unbatched(make_env, policy.act, n, **timing))
     if mode == "service-threads":
         with policy_service(policy, args) as svc:
-            return row(baselines.run_service_threads(make_env, svc, n, **timing))
+            return row(env_loops.run_service_threads(make_env, svc, n, **timing))
     if mode == "thread-floor":
-        return row(baselines.run_thread_floor(make_env, n, **timing))
-    raise ValueError(mode)
+        return row(env_loops.run_thread_floor(make_env, n, **timing))
+    raise ValueError(f"measure: expected a mode of {MODES}, got {mode!r}")
 
 
 def time_stop(policy, args):
@@ -158,7 +167,7 @@ def time_stop(policy, args):
         pool = rlbatch.ActorPool("CartPole-v1", svc, num_actors=args.stop_actors, unroll_length=args.unroll_length,
                                  seed=args.seed, max_queue=args.max_queue)
         pool.start()
-        baselines.drain_until(pool, _clock() + args.stop_after)
+        env_loops.drain_until(pool, _clock() + args.stop_after)
         steps = pool.stats.env_steps
         t0 = _clock()
         joined = pool.stop()
@@ -172,9 +181,9 @@ def time_stop(policy, args):
 
 
 def main(args: Args):
-    cli.prefer_sync_cpu_dispatch()
-    print(cli.pin_python_threads(args.pin_python))
-    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
+    runtime.prefer_sync_cpu_dispatch()
+    print(runtime.pin_python_threads(args.pin_python))
+    print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, num_envs=(256,), warmup=0.5, duration=0.5, repeats=1, stop_after=1.0)
     devices = [str(d) for d in jax.devices()]
@@ -182,8 +191,8 @@ def main(args: Args):
     mlp = mlp_policy(4, (64, 64), 2)
     key = jax.random.PRNGKey(args.seed)
     params = mlp.init(key, np.zeros(4, np.float32))
-    policy = dict(apply=mlp.apply, params=params, reports=[],
-                  act=baselines.policy_act_fn(baselines.jit_policy_step(mlp.apply), params, key))
+    policy = ServedPolicy(apply=mlp.apply, params=params, reports=[],
+                          act=policy_step.policy_act_fn(policy_step.jit_policy_step(mlp.apply), params, key))
     rows = []
     for env_id in args.envs:
         make_env = env_factory(env_id, args)
@@ -210,7 +219,7 @@ def main(args: Args):
     with open(args.out + ".json", "w") as f:
         json.dump(dict(args=dataclasses.asdict(args), devices=devices, rows=rows, stop=stop, targets=targets),
                   f, indent=1)
-    report.write_runs(policy["reports"], args.out)  # the library's report of every pool run, and plots
+    report.write_runs(policy.reports, args.out)  # the library's report of every pool run, and plots
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
     return rows
@@ -259,4 +268,4 @@ def render(rows, stop, targets, devices, args):
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args))
+    main(tyro.cli(Args, prog="python -m experiments.bench_actors", description=__doc__))

@@ -6,11 +6,11 @@ delay 2 ms. Beside rlbatch, in the same run:
 
 - seed-style: the design of the seed libraries (a queue.Queue, a worker that gathers up to
   max_batch_size items or waits max_delay after the first, a concurrent.futures.Future per item:
-  experiments.lib.baselines.SeedStyleBatcher);
+  experiments.lib.seed_style.SeedStyleBatcher);
 - unbatched: every thread calls the function itself on a batch of one;
 - full batches: one thread calls the function on full batches of 64 (the function's own limit);
 - thread-floor: each thread's "call" only waits until all N threads wait, released as relays the
-  way rlbatch wakes its callers (experiments.lib.baselines.run_client_floor): no queue, no data, no
+  way rlbatch wakes its callers (experiments.lib.client_load.run_client_floor): no queue, no data, no
   function. The most any service whose callers block for their results can do on this machine.
 
 Prints items/s, mean batch size, p50/p99 latency and CPU seconds per 1000 items (median of
@@ -29,9 +29,10 @@ import statistics
 import time
 
 import numpy as np
+import tyro
 
 import rlbatch
-from experiments.lib import baselines, cli
+from experiments.lib import calibration, client_load, runtime, seed_style
 from rlbatch import report
 
 
@@ -48,8 +49,7 @@ class Args:
     repeats: int = 3
     """runs per configuration; the table shows the median"""
     pin_python: bool = True
-    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
-    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): hand-offs stay on that CPU"""
     quick: bool = False
     """tiny settings for a smoke test (threads 1 and 16, 0.3 s, one repeat)"""
     out: str = "runs/bench_batching"
@@ -73,40 +73,42 @@ def mlp(xs):
 FUNCTIONS = {"trivial": (trivial, lambda i: i), "numpy-mlp": (mlp, lambda i: np.full(4, i % 7, np.float32))}
 
 
-def run_clients(n, make_call, make_item, duration):
-    """n threads calling in a loop for `duration` s: items/s, p50/p99 ms and CPU s per 1000 items."""
-    return _load(baselines.run_clients(n, make_call, make_item, duration))
+def measure_clients(n, make_call, make_item, duration):
+    """n threads calling in a loop for `duration` s: the table's columns of their ClientLoad."""
+    return load_row(client_load.run_clients(n, make_call, make_item, duration))
 
 
-def _load(r):
+def load_row(r):
+    """The table's columns of a client_load.ClientLoad: items/s, p50/p99 ms and CPU s per 1000 items."""
     return dict(items_per_s=r.items_per_s, p50_ms=r.p50_ms, p99_ms=r.p99_ms, cpu_per_1k=r.cpu_s_per_1k)
 
 
 def measure(mode, fn, make_item, n, args, reports=None):
     if mode == "rlbatch":
         svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
-        r = run_clients(n, lambda i: svc.register(), make_item, args.duration)
+        r = measure_clients(n, lambda i: svc.register(), make_item, args.duration)
         r["mean_batch"] = svc.stats.mean_batch_size
         svc.close()
         if reports is not None:
-            reports.append(report.summarize(policy=svc, config=dict(threads=n, mode=mode, function=fn.__name__)))
+            reports.append(report.summarize(service=svc.stats, config=dict(threads=n, mode=mode,
+                                                                           function=fn.__name__)))
     elif mode == "rlbatch-unregistered":
         svc = rlbatch.BatchedService(fn, args.max_batch_size, args.max_delay)
-        r = run_clients(n, lambda i: svc.__call__, make_item, args.duration)
+        r = measure_clients(n, lambda i: svc.__call__, make_item, args.duration)
         r["mean_batch"] = svc.stats.mean_batch_size
         svc.close()
     elif mode == "seed-style":
-        with baselines.SeedStyleBatcher(fn, args.max_batch_size, args.max_delay) as b:
-            r = run_clients(n, lambda i: b.__call__, make_item, args.duration)
+        with seed_style.SeedStyleBatcher(fn, args.max_batch_size, args.max_delay) as b:
+            r = measure_clients(n, lambda i: b.__call__, make_item, args.duration)
         r["mean_batch"] = b.mean_batch_size
     elif mode == "thread-floor":
-        r = _load(baselines.run_client_floor(n, args.duration))
+        r = load_row(client_load.run_client_floor(n, args.duration))
         r["mean_batch"] = float(n)  # each round releases every thread
     elif mode == "unbatched":
-        r = run_clients(n, lambda i: (lambda x: fn([x])[0]), make_item, args.duration)
+        r = measure_clients(n, lambda i: (lambda x: fn([x])[0]), make_item, args.duration)
         r["mean_batch"] = 1.0
     else:
-        raise ValueError(mode)
+        raise ValueError(f"measure: expected a mode of {MODES}, got {mode!r}")
     return r
 
 
@@ -135,8 +137,8 @@ TARGETS = {16: 10.0, 256: 5.0}
 
 
 def main(args: Args):
-    print(cli.pin_python_threads(args.pin_python))
-    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
+    print(runtime.pin_python_threads(args.pin_python))
+    print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(1, 16), duration=0.3, repeats=1)
     rows, reports = [], []
@@ -189,4 +191,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args))
+    main(tyro.cli(Args, prog="python -m experiments.bench_batching", description=__doc__))

@@ -8,15 +8,15 @@ a larger 64-256-256-18 one. In the same run, beside rlbatch (default buckets 8..
 - seed-style: the seed libraries' design (a queue.Queue, a worker that gathers up to 64
   observations or waits 2 ms after the first, np.stack, pads to 64 with the last row, calls the
   jitted policy, one concurrent.futures.Future per item) around the same jitted policy
-  (experiments.lib.baselines.SeedStyleBatcher with a StackedPolicyBatch);
+  (experiments.lib.seed_style.SeedStyleBatcher with a StackedPolicyBatch);
 - no-buckets: the same batcher without padding, up to 256 rows like rlbatch, calling a plain
   jax.jit of the policy on exactly-sized batches, so every batch size not met before compiles
   during the run (the jit's cache is kept across the runs of one policy, as a long-running service
   would keep it). A PolicyService with buckets 1..256 would compile 256 shapes at start; this
   measures what skipping buckets costs without waiting for that;
 - thread-floor: each thread's "call" only waits until all N threads wait, released as relays the
-  way rlbatch wakes its callers (experiments.lib.baselines.run_client_floor): no policy, no data. The most
-  any service whose callers block for their results can do on this machine.
+  way rlbatch wakes its callers (experiments.lib.client_load.run_client_floor): no policy, no
+  data. The most any service whose callers block for their results can do on this machine.
 
 Also measured: the per-request overhead of rlbatch over a bare jitted call (1 caller, max delay 0),
 and the padding waste of the default buckets when one thread sends requests of uniformly random
@@ -34,13 +34,15 @@ import json
 import os
 import statistics
 import time
+from typing import Any, Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 import rlbatch
-from experiments.lib import baselines, cli
+from experiments.lib import calibration, client_load, policy_step, runtime, seed_style
 from rlbatch import report
 
 _clock = time.perf_counter
@@ -65,19 +67,15 @@ class Args:
     repeats: int = 3
     """runs per configuration; the tables show the median"""
     padding_requests: int = 2000
-    """padding measure: multi-row requests of uniformly random sizes 1..largest bucket, sent by one
-    thread to the first policy"""
+    """padding measure: requests of uniformly random sizes 1..largest bucket, sent by one thread to the first policy"""
     seed: int = 0
     """seeds the parameters, the observations and the policies' key schedule"""
     pin_python: bool = True
-    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
-    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
-    cpu_dispatch: str = "async"
-    """on a CPU: "async" keeps JAX's default asynchronous dispatch (PolicyService then pipelines two
-    batches, as on an accelerator); "sync" runs each computation in the calling thread
-    (cli.prefer_sync_cpu_dispatch; one batch at a time). The same for every mode of the run.
-    Measured at commit a712228 (paired runs, 256 callers): async 2.34x / 2.34x seed-style for the
-    larger policy against 1.76x / 1.85x sync, 2.83x against 2.44x for the CartPole-sized one"""
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): hand-offs stay on that CPU"""
+    # Paired runs with 256 callers: async 2.34x / 2.34x seed-style for the larger policy against
+    # 1.76x / 1.85x sync, 2.83x against 2.44x for the CartPole-sized one.
+    cpu_dispatch: Literal["async", "sync"] = "async"
+    """CPU only, every mode: async pipelines two batches (as on a GPU), sync runs each in the calling thread"""
     quick: bool = False
     """tiny settings for a smoke test (16 and 256 callers, 0.5 s, one repeat, 300 padding requests)"""
     out: str = "runs/bench_policy"
@@ -144,42 +142,58 @@ def run_callers(n, open_caller, observations, duration):
     A caller with a `close` (a registered PolicyCaller) is closed when its thread is done, so the
     service stops counting it for early flush. Returns requests/s and p50/p99 latency in ms.
     """
-    r = baselines.run_clients(n, open_caller, lambda i: observations[i], duration)
+    r = client_load.run_clients(n, open_caller, lambda i: observations[i], duration)
     return dict(requests_per_s=r.items_per_s, p50_ms=r.p50_ms, p99_ms=r.p99_ms)
 
 
-def measure(mode, ctx, n, args, compiles):
-    """One run of `mode` with n callers; ctx holds the policy's service, step, params and observations."""
-    observations = ctx["observations"]
+@dataclasses.dataclass
+class PolicyRuns:
+    """What the runs of every mode with one policy share."""
+
+    params: Any
+    key: Any
+    seed_step: Callable  # jitted step of the seed-style mode, its one padded shape compiled before the runs
+    exact_step: Callable  # jitted step of the no-buckets mode: compiles each batch size it meets
+    observations: np.ndarray  # [max threads, obs size]: caller i sends row i
+    reports: list  # the library's report of every rlbatch run, appended as they finish
+    service: Optional[rlbatch.PolicyService] = None  # set while the policy's service runs
+    # Batch sizes each batcher mode has compiled over this policy's runs (its jit cache is kept).
+    shapes: dict = dataclasses.field(default_factory=lambda: {"seed-style": set(), "no-buckets": set()})
+
+
+def measure(mode, runs: PolicyRuns, n, args, compiles):
+    """One run of `mode` with n callers."""
+    observations = runs.observations
     c0 = compiles.count
     if mode == "rlbatch":
-        svc = ctx["service"]
+        svc = runs.service
         before = svc.stats
         r = run_callers(n, lambda i: svc.register(), observations, args.duration)
         after = svc.stats
         r["mean_batch"] = (after.rows - before.rows) / max(after.batches - before.batches, 1)
         r["compile_count"] = svc.compile_count
-        ctx["reports"].append(report.summarize(policy=svc, config=dict(threads=n, mode=mode)))
+        runs.reports.append(report.summarize(service=svc.stats, latency_samples=svc.service.latency_samples(),
+                                             config=dict(threads=n, mode=mode)))
     elif mode in ("seed-style", "no-buckets"):
         if mode == "seed-style":
-            step, size, pad = ctx["seed_step"], args.seed_max_batch_size, True
+            step, size, pad = runs.seed_step, args.seed_max_batch_size, True
         else:
-            step, size, pad = ctx["exact_step"], max(args.buckets), False
-        batch_fn = baselines.StackedPolicyBatch(step, ctx["params"], ctx["key"], pad_to=size if pad else None)
-        with baselines.SeedStyleBatcher(batch_fn, size, args.max_delay, name=mode) as b:
+            step, size, pad = runs.exact_step, max(args.buckets), False
+        batch_fn = seed_style.StackedPolicyBatch(step, runs.params, runs.key, pad_to=size if pad else None)
+        with seed_style.SeedStyleBatcher(batch_fn, size, args.max_delay, name=mode) as b:
             r = run_callers(n, lambda i: b.__call__, observations, args.duration)
         r["mean_batch"] = b.mean_batch_size
         # Shapes compiled so far: seed-style its one padded shape (before the runs); no-buckets every
         # batch size it met, in this run or an earlier one with this policy (its jit cache is kept,
         # as a long-running service would keep it).
-        ctx["shapes"][mode] |= batch_fn.batch_sizes
-        r["compile_count"] = len(ctx["shapes"][mode])
+        runs.shapes[mode] |= batch_fn.batch_sizes
+        r["compile_count"] = len(runs.shapes[mode])
     elif mode == "thread-floor":
-        load = baselines.run_client_floor(n, args.duration)
+        load = client_load.run_client_floor(n, args.duration)
         r = dict(requests_per_s=load.items_per_s, p50_ms=load.p50_ms, p99_ms=load.p99_ms,
                  mean_batch=float(n), compile_count=0)  # each round releases every thread
     else:
-        raise ValueError(mode)
+        raise ValueError(f"measure: expected a mode of {MODES}, got {mode!r}")
     r["compiles_during_run"] = compiles.count - c0
     r["wall_us_per_request"] = 1e6 / r["requests_per_s"]
     return r
@@ -193,7 +207,7 @@ def padding_waste(caller, obs_size, args):
         caller(rng.normal(size=(int(k), obs_size)).astype(np.float32))
 
 
-def expected_padding(buckets, largest):
+def uniform_sizes_padding(buckets, largest):
     """Exact padded fraction for request sizes uniform on 1..largest, each in its own batch."""
     padded = sum(min(b for b in buckets if b >= k) for k in range(1, largest + 1))
     return 1.0 - (largest * (largest + 1) / 2) / padded
@@ -228,9 +242,9 @@ def main(args: Args):
     if args.cpu_dispatch not in ("sync", "async"):
         raise SystemExit(f'--cpu-dispatch must be "sync" or "async", got {args.cpu_dispatch!r}')
     if args.cpu_dispatch == "sync":
-        cli.prefer_sync_cpu_dispatch()
-    print(cli.pin_python_threads(args.pin_python))
-    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
+        runtime.prefer_sync_cpu_dispatch()
+    print(runtime.pin_python_threads(args.pin_python))
+    print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, threads=(16, 256), duration=0.5, repeats=1, padding_requests=300)
     devices = [str(d) for d in jax.devices()]
@@ -244,18 +258,18 @@ def main(args: Args):
         example_obs = np.zeros(obs_size, np.float32)
         key = jax.random.PRNGKey(args.seed)
         params = policy.init(key, example_obs)
-        seed_step = baselines.jit_policy_step(policy.apply)
+        seed_step = policy_step.jit_policy_step(policy.apply)
         warm = np.zeros((args.seed_max_batch_size, obs_size), np.float32)
         jax.device_get(seed_step(params, warm, key, np.uint32(0)))  # its one shape, compiled before the runs
-        ctx = dict(params=params, key=key, seed_step=seed_step, exact_step=baselines.jit_policy_step(policy.apply),
-                   shapes={"seed-style": set(), "no-buckets": set()}, reports=reports,
-                   observations=rng.normal(size=(max(args.threads), obs_size)).astype(np.float32))
+        runs = PolicyRuns(params=params, key=key, seed_step=seed_step,
+                          exact_step=policy_step.jit_policy_step(policy.apply), reports=reports,
+                          observations=rng.normal(size=(max(args.threads), obs_size)).astype(np.float32))
         with rlbatch.PolicyService(policy.apply, params, example_obs=example_obs, buckets=args.buckets,
                                    max_delay=args.max_delay, seed=args.seed, name=name) as svc:
-            ctx["service"] = svc
+            runs.service = svc
             for n in args.threads:
                 for mode in MODES:
-                    med = median_of([measure(mode, ctx, n, args, compiles) for _ in range(args.repeats)])
+                    med = median_of([measure(mode, runs, n, args, compiles) for _ in range(args.repeats)])
                     rows.append(dict(policy=name, threads=n, mode=mode, **med))
                     print(f"{name:18s} callers={n:4d} {mode:10s} requests/s={med['requests_per_s']:9.0f} "
                           f"batch={med['mean_batch']:6.1f} p50={med['p50_ms']:.3f}ms p99={med['p99_ms']:.3f}ms "
@@ -271,12 +285,12 @@ def main(args: Args):
                     padding_waste(caller, obs_size, args)
                     st = svc.stats
                     paddings.append(dict(policy=name, requests=st.requests, padding_fraction=st.padding_fraction,
-                                         expected_padding_fraction=expected_padding(svc.buckets, max(svc.buckets)),
+                                         expected_padding_fraction=uniform_sizes_padding(svc.buckets, max(svc.buckets)),
                                          bucket_padding={int(b): f for b, f in st.bucket_padding.items()},
                                          compiles_during_run=compiles.count - c0, compile_count=svc.compile_count))
                     print(f"{name:18s} padding waste {st.padding_fraction:.1%} over {st.requests} requests",
                           flush=True)
-                bare_step, obs = baselines.jit_policy_step(policy.apply), ctx["observations"][0]
+                bare_step, obs = policy_step.jit_policy_step(policy.apply), runs.observations[0]
                 med = median_of([overhead(caller, bare_step, params, key, obs, args.duration)
                                  for _ in range(args.repeats)])
             overheads.append(dict(policy=name, **med))
@@ -353,4 +367,4 @@ def render(rows, overheads, paddings, targets, devices, args):
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args))
+    main(tyro.cli(Args, prog="python -m experiments.bench_policy", description=__doc__))

@@ -6,19 +6,19 @@ envs_per_actor x buckets x max_delay, a fresh PolicyService (its buckets compile
 serves the same small MLP policy as bench_actors (obs-64-64-actions tanh, sampling its action;
 experiments.bench_policy.mlp_policy) to a fresh ActorPool. Each run is measured for `duration` s
 after `warmup` s while the main thread drains the trajectories, as a trainer would; pool.stats is
-sampled every `sample_every` s for the time series, and the run's throughput report is
-rlbatch.report.summarize(pool, policy service, series).
+sampled every `sample_every` s for the time series, and the run's throughput report is the
+rlbatch.report.Summary its report.Recorder builds.
 
 In the same sweep, for each environment and total number of environments N = num_actors x
-envs_per_actor, the baselines of experiments.lib.baselines with the same jitted policy: a SyncVectorEnv
+envs_per_actor, the baselines of experiments.lib.env_loops with the same jitted policy: a SyncVectorEnv
 loop with one policy call per step on all N observations, and N unbatched actor threads each
 calling the policy on a batch of one.
 
 Writes <out>.md (the table: steps/s measured after warm-up, ratios to both baselines, and the
 report's mean batch, padding and latency, which cover the whole run, warm-up included),
 <out>.json (args, devices, every row with its summary, the baselines, the best configuration per
-environment and, with --latency-budget-ms, rlbatch.suggest_settings' suggestion per environment;
-the summaries leave out their raw latency samples) and, with matplotlib, <out>_steps_per_sec.png (a
+environment and, with --latency-budget-ms, experiments.lib.tuning.suggest_settings' suggestion per
+environment; the summaries leave out their raw latency samples) and, with matplotlib, <out>_steps_per_sec.png (a
 bar per configuration and baseline) and the report's plots of each environment's best
 configuration, <out>_best_<env>_*.png.
 
@@ -37,13 +37,14 @@ from typing import NamedTuple, Optional
 import gymnasium
 import jax
 import numpy as np
+import tyro
 from tqdm import tqdm
 
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_actors import env_factory
 from experiments.bench_policy import mlp_policy
-from experiments.lib import baselines, cli, tuning
+from experiments.lib import calibration, env_loops, policy_step, runtime, tuning
 from rlbatch import report
 
 
@@ -58,8 +59,7 @@ class Args:
     envs_per_actor: tuple[int, ...] = (1, 4)
     """environments per actor to sweep, each actor sending its environments' observations as one request"""
     buckets: tuple[str, ...] = ("8,16,32,64,128,256", "16,64,256")
-    """bucket sets to sweep, each comma-separated (`--buckets 8,16,32 16,64`); the largest bucket is the
-    service's max_batch_size, and every bucket compiles once per run"""
+    """bucket sets to sweep, each comma-separated (--buckets 8,16,32 16,64); the largest is the max batch size"""
     max_delay: tuple[float, ...] = (0.0005, 0.002)
     """seconds the oldest request of a batch may wait, to sweep"""
     step_latency: float = 0.001
@@ -79,11 +79,9 @@ class Args:
     seed: int = 0
     """seeds the parameters, the policy's key schedule and the environments"""
     latency_budget_ms: Optional[float] = None
-    """with a p99 request latency budget in ms, print and store rlbatch.suggest_settings' suggestion for each
-    environment"""
+    """p99 request latency budget in ms: print and store suggested settings per environment (tuning.suggest_settings)"""
     pin_python: bool = True
-    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): every thread
-    hand-off stays on one CPU; --no-pin-python leaves them on all CPUs"""
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads): hand-offs stay on that CPU"""
     quick: bool = False
     """a smoke run: 16 single-env actors, buckets 8,16, max delay 0.5 and 2 ms, 0.2 s warm-up and 0.6 s per run"""
     progress: bool = True
@@ -148,7 +146,7 @@ def env_policy(env_id: str, args: Args) -> EnvPolicy:
     key = jax.random.PRNGKey(args.seed)
     example_obs = np.zeros(obs_space.shape, np.float32)
     params = mlp.init(key, example_obs)
-    act = baselines.policy_act_fn(baselines.jit_policy_step(mlp.apply), params, key)
+    act = policy_step.policy_act_fn(policy_step.jit_policy_step(mlp.apply), params, key)
     return EnvPolicy(make_env, example_obs, mlp.apply, params, act)
 
 
@@ -156,29 +154,29 @@ def env_policy(env_id: str, args: Args) -> EnvPolicy:
 
 
 def run_config(cfg: Config, policy: EnvPolicy, args: Args) -> dict:
-    """One ActorPool + PolicyService run: the table's row, with the run's report summary."""
+    """One ActorPool + PolicyService run: the table's row, with the run's report.Summary."""
     with rlbatch.PolicyService(policy.apply, policy.params, example_obs=policy.example_obs, buckets=cfg.buckets,
                                max_delay=cfg.max_delay, seed=args.seed) as svc:
         pool = rlbatch.ActorPool(policy.make_env, svc, num_actors=cfg.num_actors, unroll_length=args.unroll_length,
                                  envs_per_actor=cfg.envs_per_actor, seed=args.seed, max_queue=args.max_queue)
         recorder = report.Recorder(pool, svc, every=None)
         with pool:
-            rate = baselines.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
+            rate = env_loops.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration,
                                           sample=recorder.sample, sample_every=args.sample_every)
         config = dict(cfg._asdict(), buckets=list(cfg.buckets), num_envs=cfg.num_envs,
                       warmup=args.warmup, duration=args.duration)
         summary = recorder.finish(config=config)
-    b = summary["batching"]
+    b = summary.batching
     return dict(env=cfg.env, num_actors=cfg.num_actors, envs_per_actor=cfg.envs_per_actor, num_envs=cfg.num_envs,
                 buckets=list(cfg.buckets), max_delay=cfg.max_delay, steps_per_s=rate.steps_per_s,
-                mean_batch=b["mean_batch_size"], padding_fraction=b["padding_fraction"],
-                latency_p50_ms=b["latency_p50_ms"], latency_p99_ms=b["latency_p99_ms"],
-                batch_size_hist=b["batch_size_hist"], compile_count=b["compile_count"], summary=summary)
+                mean_batch=b.mean_batch_size, padding_fraction=b.padding_fraction,
+                latency_p50_ms=b.latency_p50_ms, latency_p99_ms=b.latency_p99_ms,
+                batch_size_hist=dict(b.batch_size_hist), compile_count=b.compile_count, summary=summary)
 
 
 def run_baseline(mode: str, env_id: str, num_envs: int, policy: EnvPolicy, args: Args) -> dict:
     timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
-    run = baselines.run_sync_vector if mode == "sync-vector" else baselines.run_unbatched
+    run = env_loops.run_sync_vector if mode == "sync-vector" else env_loops.run_unbatched
     rate = run(policy.make_env, policy.act, num_envs, **timing)
     return dict(env=env_id, num_envs=num_envs, mode=mode, steps_per_s=rate.steps_per_s,
                 num_actors=rate.num_actors, envs_per_actor=rate.envs_per_actor, mean_batch=rate.mean_batch)
@@ -188,9 +186,9 @@ def run_baseline(mode: str, env_id: str, num_envs: int, policy: EnvPolicy, args:
 
 
 def main(args: Args) -> dict:
-    cli.prefer_sync_cpu_dispatch()
-    print(cli.pin_python_threads(args.pin_python))
-    print(f"thread hand-off round trip: {baselines.handoff_round_trip_us():.1f} us (machine calibration)")
+    runtime.prefer_sync_cpu_dispatch()
+    print(runtime.pin_python_threads(args.pin_python))
+    print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
         args = dataclasses.replace(args, **QUICK)
     bucket_sets = [parse_buckets(b) for b in args.buckets]
@@ -235,7 +233,8 @@ def main(args: Args) -> dict:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     plots = draw(rows, base_rows, best, args) if args.plots else []
     for r in rows:  # the raw latency samples stay out of the JSON (they are in the best runs' plots)
-        r["summary"].get("batching", {}).pop("latency_samples_ms", None)
+        r["summary"] = r["summary"].as_json()
+        del r["summary"]["batching"]["latency_samples_ms"]
     result = dict(args=dataclasses.asdict(args), devices=devices, rows=rows, baselines=base_rows,
                   best={env: dict(row_index=i, config=rows[i]["summary"]["config"]) for env, i in best.items()},
                   suggestions=suggestions, plots=plots)
@@ -254,12 +253,12 @@ def main(args: Args) -> dict:
 
 
 def suggest(rows, args) -> dict:
-    """rlbatch.suggest_settings for each environment's rows, or the reason there is none."""
+    """tuning.suggest_settings for each environment's rows, or the reason there is none."""
     out = {}
     for env in args.envs:
-        slim = [{k: v for k, v in r.items() if k != "summary"} for r in rows if r["env"] == env]
+        measured = [tuning.SweepRow.from_json(r, i) for i, r in enumerate(r for r in rows if r["env"] == env)]
         try:
-            out[env] = tuning.suggest_settings(slim, args.latency_budget_ms).as_dict()
+            out[env] = tuning.suggest_settings(measured, args.latency_budget_ms).as_dict()
         except ValueError as e:
             out[env] = {"error": str(e)}
     return out
@@ -285,7 +284,7 @@ def render(rows, base_rows, best, suggestions, devices, args) -> str:
         lines.append(f"| {b['env']} | {b['num_envs']} | {b['mode']} | {b['steps_per_s']:,.0f} |")
     if suggestions is not None:
         lines += ["", f"Suggested settings for a p99 latency budget of {args.latency_budget_ms:g} ms "
-                  "(rlbatch.suggest_settings):", "",
+                  "(experiments.lib.tuning.suggest_settings):", "",
                   "| env | max_batch_size | max delay ms | buckets | expected padding % |", "|---|---:|---:|---|---:|"]
         for env, s in suggestions.items():
             if "error" in s:
@@ -330,4 +329,4 @@ def draw(rows, base_rows, best, args) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(cli.parse(Args))
+    main(tyro.cli(Args, prog="python -m experiments.throughput", description=__doc__))

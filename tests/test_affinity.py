@@ -5,7 +5,6 @@ import threading
 import pytest
 
 import rlbatch
-from experiments.lib import cli
 from rlbatch.affinity import pin_threads, thread_cpus
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux-only API")
@@ -75,10 +74,3 @@ def test_bad_cpu_sets_are_refused_with_what_was_given(cpus, match):
         return thread_cpus()
 
     assert in_thread(body) == thread_cpus()  # a refused pin changes nothing
-
-
-def test_cli_helper_pins_only_when_asked():
-    line, cpus = in_thread(lambda: (cli.pin_python_threads(False), thread_cpus()))
-    assert "not pinned" in line and cpus == thread_cpus()
-    line, cpus = in_thread(lambda: (cli.pin_python_threads(True), thread_cpus()))
-    assert "pinned to CPU" in line and cpus == {min(thread_cpus())}

@@ -7,7 +7,7 @@ import pytest
 
 from agents.custom import make_linear_actor_critic, make_linear_impala
 from agents.impala import ImpalaState, make_impala
-from agents.networks import ActorCritic, make_actor_critic, make_actor_critic_fns
+from agents.networks import ActorCritic, make_actor_critic, make_policy
 from agents.ppo import PPOState, make_ppo
 from rlbatch import Learner, Policy, Trajectory, stack_trajectories
 
@@ -32,7 +32,7 @@ def _random_obs(example_obs, shape, seed=0):
 
 def _network(name):
     action_space, example_obs, torso = NETWORKS[name]
-    network = make_actor_critic_fns(action_space, example_obs, hidden=(32, 32), torso=torso)
+    network = make_actor_critic(action_space, example_obs, hidden=(32, 32), torso=torso)
     return network, network.policy.init(jax.random.key(0), example_obs), action_space, example_obs
 
 
@@ -86,14 +86,16 @@ def test_continuous_actions_are_unclipped_samples():
     np.testing.assert_array_equal(greedy, greedy_extras["mean"])
 
 
-def test_make_actor_critic_returns_a_policy_and_rejects_unknown_spaces():
-    assert isinstance(make_actor_critic(DISCRETE, VECTOR_OBS), Policy)
+def test_make_policy_returns_the_sampling_policy_and_rejects_unknown_spaces():
+    policy = make_policy(DISCRETE, VECTOR_OBS)
+    assert isinstance(policy, Policy) and not isinstance(policy, ActorCritic)
+    assert isinstance(make_actor_critic(DISCRETE, VECTOR_OBS), ActorCritic)
     with pytest.raises(ValueError, match="expected a Discrete or 1-D Box action space"):
-        make_actor_critic(gym.spaces.MultiDiscrete([2, 2]), VECTOR_OBS)
+        make_policy(gym.spaces.MultiDiscrete([2, 2]), VECTOR_OBS)
     with pytest.raises(ValueError, match="expected torso 'mlp' or 'cnn', got 'rnn'"):
-        make_actor_critic(DISCRETE, VECTOR_OBS, torso="rnn")
+        make_policy(DISCRETE, VECTOR_OBS, torso="rnn")
     with pytest.raises(ValueError, match=r"expected ONE observation of shape \(4,\) \(no batch axis\), got shape \(2, 4\)"):
-        make_actor_critic(DISCRETE, VECTOR_OBS).init(jax.random.key(0), np.zeros((2, 4), np.float32))
+        make_policy(DISCRETE, VECTOR_OBS).init(jax.random.key(0), np.zeros((2, 4), np.float32))
 
 
 # ------------------------------------------------------------------------------------- learners
@@ -284,7 +286,7 @@ def _cartpole_returns(learner, state, num_envs, unroll_length, num_updates, seed
 def test_ppo_learns_cartpole():
     env = gym.make("CartPole-v1")
     example_obs, _ = env.reset(seed=0)
-    network = make_actor_critic_fns(env.action_space, example_obs)
+    network = make_actor_critic(env.action_space, example_obs)
     learner = make_ppo(network, learning_rate=2e-3)
     state = learner.init(jax.random.key(0), example_obs, env.action_space)
     returns, _ = _cartpole_returns(learner, state, num_envs=16, unroll_length=32, num_updates=25, seed=0)

@@ -1,18 +1,14 @@
 """Throughput report: numbers checked against a scripted run whose counts are known."""
 import json
+import math
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 
-import envs
 from tests import fakes
 import rlbatch
 from rlbatch import report
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_report_counts_match_a_scripted_run(tmp_path):
@@ -30,47 +26,50 @@ def test_report_counts_match_a_scripted_run(tmp_path):
             recorder.sample()
     summary = recorder.finish(config={"name": "scripted"})
     policy.close()
-    steps = summary["throughput"]["env_steps"]
-    b = summary["batching"]
-    assert steps >= 30
-    assert b["requests"] == b["batches"] == steps  # one request and one batch per step
-    assert b["batch_size_hist"] == {"1": steps}
-    assert b["padding_fraction"] == 0.75 and b["bucket_fill"] == {"4": {"batches": steps, "fill": 0.25}}
-    assert b["compile_count"] == 1
-    a = summary["actors"]
+    steps = summary.throughput.env_steps
+    b = summary.batching
+    assert steps >= 30 and summary.learning is None
+    assert b.requests == b.batches == steps  # one request and one batch per step
+    assert b.batch_size_hist == {1: steps}
+    assert b.padding_fraction == 0.75 and b.bucket_fill == {4: report.BucketFill(batches=steps, fill=0.25)}
+    assert b.compile_count == 1 and b.params_version == 0 and len(b.latency_samples_ms) == steps
+    a = summary.actors
     # scripted episodes of lengths 3, 5, 2, 3, 5, 2, ...: episodes finished within `steps` steps
     lengths, done, total = [3, 5, 2], 0, 0
     while total + lengths[done % 3] <= steps:
         total += lengths[done % 3]
         done += 1
-    assert a["episodes"] == done and a["trajectories"] >= 3 and a["env_errors"] == 0
-    assert summary["stages"]["env_step"] > 0 and summary["stages"]["actor_wait_for_action"] > 0
+    assert a.episodes == done and a.trajectories >= 3 and a.env_errors == 0
+    assert summary.stages.env_step > 0 and summary.stages.actor_wait_for_action > 0
+    assert summary.stages.learner_update is None  # no trainer in this run
     text = report.format_table(summary)
-    assert f"{steps:,}" in text and "padding 75.0%" in text
+    assert f"{steps:,}" in text and "padding 75.0%" in text and "4: %d batches 25%% full" % steps in text
+    assert "learner_update" not in text and "learning:" not in text
     path = report.write(summary, str(tmp_path), plots=True)
     line = json.loads(open(path).read().splitlines()[-1])
+    assert list(line) == ["config", "time", "throughput", "actors", "stages", "batching"]  # no learning section
     assert line["batching"]["requests"] == steps and line["config"] == {"name": "scripted"}
+    assert line["batching"]["batch_size_hist"] == {"1": steps}
+    assert line["batching"]["bucket_fill"] == {"4": {"batches": steps, "fill": 0.25}}
+    assert list(line["stages"]) == ["env_step", "actor_wait_for_action", "actor_blocked_on_full_queue",
+                                    "request_queue_wait_p50_per_request", "host_prep", "device_compute"]
     assert os.path.exists(tmp_path / "report_batch_sizes.png") and os.path.exists(tmp_path / "report_latency.png")
 
 
-def test_train_script_runs_as_subprocess_and_writes_json_and_png(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
-    out = tmp_path / "train"
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "--env", "rlbatch/Catch-v0", "--num-actors", "8",
-         "--unroll-length", "9", "--batch-size", "4", "--buckets", "8", "--total-steps", "3000",
-         "--no-progress", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "rlbatch throughput report" in proc.stdout
-    summary = json.loads((out / "report.jsonl").read_text().splitlines()[-1])
-    assert summary["throughput"]["env_steps"] >= 3000
-    assert summary["learning"]["updates"] > 0 and summary["batching"]["compile_count"] == 1
-    assert (out / "report_steps_per_sec.png").exists()
-
-
-def test_args_help_lists_field_docstrings():
-    proc = subprocess.run([sys.executable, "-m", "experiments.train", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0
-    assert "--num-actors" in proc.stdout and "actor threads" in proc.stdout
+def test_a_batched_service_alone_reports_its_batches_without_policy_figures(tmp_path, no_thread_leak):
+    with rlbatch.BatchedService(lambda xs: [2 * x for x in xs], max_batch_size=4, max_delay=0.0) as svc:
+        assert svc.map(range(3)) == [0, 2, 4]
+        summary = report.summarize(service=svc.stats, config={"mode": "alone"})
+    assert summary.throughput is summary.actors is summary.learning is None
+    b = summary.batching
+    assert b.requests == 3 and b.rows == 3 and sum(b.batch_size_hist.values()) == b.batches >= 1
+    assert b.compile_count is None and b.params_version is None and b.bucket_fill == {}
+    assert b.latency_samples_ms == ()  # none were passed
+    assert math.isnan(summary.stages.host_prep) and math.isnan(summary.stages.device_compute)
+    path = report.write_runs([summary, summary], str(tmp_path / "x"), plots=False)
+    lines = [json.loads(line) for line in open(path).read().splitlines()]
+    assert len(lines) == 2 and list(lines[0]) == ["config", "time", "stages", "batching"]
+    assert list(lines[0]["stages"]) == ["request_queue_wait_p50_per_request", "host_prep", "device_compute"]
+    assert lines[0]["batching"]["compile_count"] is None and lines[0]["config"] == {"mode": "alone"}
+    text = report.format_table(summary)
+    assert "batching: 3 requests" in text and "compiles None" in text and "actors:" not in text

@@ -1,15 +1,18 @@
 """suggest_settings: hand-made sweep rows whose right answer is worked out by hand."""
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
 import rlbatch
-from experiments.lib.tuning import expected_padding, suggest_settings
+from experiments.lib.tuning import SweepRow, expected_padding, suggest_settings
 
 
 def row(steps_per_s, p99_ms, max_delay, hist, buckets=(8, 16, 32, 64), **extra):
     total = sum(hist.values())
-    return dict(steps_per_s=steps_per_s, latency_p99_ms=p99_ms, max_delay=max_delay, buckets=buckets,
-                mean_batch=sum(int(k) * v for k, v in hist.items()) / total, batch_size_hist=hist, **extra)
+    return SweepRow(steps_per_s=steps_per_s, latency_p99_ms=p99_ms, max_delay=max_delay, buckets=buckets,
+                    mean_batch=sum(int(k) * v for k, v in hist.items()) / total, batch_size_hist=hist, **extra)
 
 
 ROWS = [
@@ -30,8 +33,8 @@ def padded_fraction(hist, buckets, max_batch_size):
     return (padded - valid) / padded
 
 
-def test_exported_from_rlbatch():
-    assert "suggest_settings" not in rlbatch.__all__  # sweep tooling lives with the experiments
+def test_sweep_tooling_is_not_part_of_the_library():
+    assert "suggest_settings" not in rlbatch.__all__ and not hasattr(rlbatch, "suggest_settings")
 
 
 def test_budget_excludes_the_fastest_row():
@@ -85,9 +88,16 @@ def test_padding_bound_holds_for_random_histograms():
 
 
 def test_rows_from_json_have_string_keys():
-    s = suggest_settings([row(100, 1.0, 0.001, {"16": 10, "8": 2})], 5.0)
+    record = dict(steps_per_s=100, latency_p99_ms=1.0, max_delay=0.001, buckets=[8, 16], mean_batch=14.7,
+                  batch_size_hist={"16": 10, "8": 2}, env="E", padding_fraction=0.0)  # other keys are ignored
+    measured = SweepRow.from_json(record)
+    assert measured == SweepRow(max_delay=0.001, buckets=(8, 16), mean_batch=14.7, latency_p99_ms=1.0,
+                                steps_per_s=100.0, batch_size_hist={16: 10, 8: 2}, env="E")
+    s = suggest_settings([measured], 5.0)
     assert s.max_batch_size == 16 and s.buckets == (8, 16) and s.expected_padding == 0.0
-    assert s.as_dict()["buckets"] == [8, 16]
+    d = s.as_dict()
+    assert d["buckets"] == [8, 16] and d["row"]["env"] == "E" and d["row"]["batch_size_hist"] == {16: 10, 8: 2}
+    assert json.loads(json.dumps(d))["row"]["batch_size_hist"] == {"16": 10, "8": 2}
 
 
 def test_no_row_fits_names_the_smallest_p99():
@@ -97,8 +107,12 @@ def test_no_row_fits_names_the_smallest_p99():
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match="row 0 lacks batch_size_hist"):
-        suggest_settings([{k: v for k, v in ROWS[0].items() if k != "batch_size_hist"}], 5.0)
+    record = dataclasses.asdict(ROWS[0])
+    del record["batch_size_hist"]
+    with pytest.raises(ValueError, match="row 3 lacks batch_size_hist"):
+        SweepRow.from_json(record, 3)
+    with pytest.raises(TypeError, match=r"row 1: expected a SweepRow .* got dict"):
+        suggest_settings([ROWS[0], dataclasses.asdict(ROWS[1])], 5.0)
     with pytest.raises(ValueError, match="at least one measured row"):
         suggest_settings([], 5.0)
     with pytest.raises(ValueError, match="latency_budget_ms must be a positive number"):

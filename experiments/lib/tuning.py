@@ -1,19 +1,14 @@
 """Settings from a short measured sweep: max_batch_size, max_delay and buckets for a p99 budget.
 
-    rows = [...]  # one per measured configuration, e.g. the rows of experiments/throughput.py's JSON
-    s = rlbatch.suggest_settings(rows, latency_budget_ms=5.0)
+    rows = [SweepRow.from_json(r, i) for i, r in enumerate(json.load(f)["rows"])]  # throughput.py's JSON
+    s = suggest_settings(rows, latency_budget_ms=5.0)
     PolicyService(apply, params, example_obs=obs, buckets=s.buckets, max_delay=s.max_delay,
                   max_batch_size=s.max_batch_size)
     print(s.reason)
 
-A row is a mapping with at least:
-  max_delay        seconds (float) the configuration ran with;
-  buckets          its bucket sizes;
-  mean_batch       mean valid rows per batch;
-  latency_p99_ms   p99 request latency, milliseconds;
-  steps_per_s      the throughput it reached;
-  batch_size_hist  {valid rows per batch: batches}; keys may be strings, as JSON writes them.
-Other keys (env, num_actors, envs_per_actor, ...) are kept and named in the reasoning.
+A `SweepRow` is one measured configuration: the max_delay and buckets it ran with, and what it
+reached (steps/s, p99 latency, mean batch and the batch-size histogram); env, num_actors and
+envs_per_actor, when given, are named in the reasoning.
 
 The rule: among the rows whose p99 latency fits the budget, take the one with the most steps/s
 (ties: the lower p99) and keep its max_delay. max_batch_size is the `quantile` (0.99) of its batch
@@ -31,11 +26,43 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
-__all__ = ["Suggestion", "expected_padding", "suggest_settings"]
+__all__ = ["SweepRow", "Suggestion", "expected_padding", "suggest_settings"]
 
 _REQUIRED = ("max_delay", "buckets", "mean_batch", "latency_p99_ms", "steps_per_s", "batch_size_hist")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRow:
+    """One measured configuration of a sweep (a row of experiments/throughput.py's JSON)."""
+
+    max_delay: float  # seconds the configuration ran with
+    buckets: tuple[int, ...]
+    mean_batch: float  # mean valid rows per batch
+    latency_p99_ms: float  # p99 request latency
+    steps_per_s: float  # the throughput it reached
+    batch_size_hist: Mapping[int, int] = dataclasses.field(hash=False)  # valid rows per batch -> batches
+    env: Optional[str] = None
+    num_actors: Optional[int] = None
+    envs_per_actor: Optional[int] = None
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any], index: int = 0) -> "SweepRow":
+        """The row of a JSON record (row `index` of its file, for messages); other keys are ignored.
+
+        JSON writes the histogram's sizes as strings; they become ints here.
+        """
+        missing = [k for k in _REQUIRED if k not in record]
+        if missing:
+            raise ValueError(f"SweepRow.from_json: row {index} lacks {', '.join(missing)} (a row needs "
+                             f"{', '.join(_REQUIRED)})")
+        return cls(max_delay=float(record["max_delay"]), buckets=tuple(int(b) for b in record["buckets"]),
+                   mean_batch=float(record["mean_batch"]), latency_p99_ms=float(record["latency_p99_ms"]),
+                   steps_per_s=float(record["steps_per_s"]),
+                   batch_size_hist={int(k): int(v) for k, v in dict(record["batch_size_hist"]).items()},
+                   env=record.get("env"), num_actors=record.get("num_actors"),
+                   envs_per_actor=record.get("envs_per_actor"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +74,7 @@ class Suggestion:
     buckets: tuple[int, ...]
     expected_padding: float  # padded rows / rows, for the chosen row's batch sizes and these buckets
     row_index: int  # which row of the input was chosen
-    row: Mapping[str, Any] = dataclasses.field(hash=False)  # that row (a dict: not hashed)
+    row: SweepRow = dataclasses.field(hash=False)  # that row (its histogram is a dict: not hashed)
     steps_per_s: float  # the chosen row's throughput
     latency_p99_ms: float  # the chosen row's p99 latency
     latency_budget_ms: float
@@ -58,7 +85,6 @@ class Suggestion:
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["buckets"] = list(self.buckets)
-        d["row"] = dict(self.row)
         return d
 
 
@@ -115,19 +141,19 @@ def _rows(n: int) -> str:
     return f"{n} row" if n == 1 else f"{n} rows"
 
 
-def _describe(row: Mapping) -> str:
-    parts = [f"{k} {row[k]}" for k in ("env", "num_actors", "envs_per_actor") if k in row]
-    parts.append(f"max_delay {1e3 * float(row['max_delay']):g} ms")
-    parts.append(f"buckets {tuple(int(b) for b in row['buckets'])}")
+def _describe(row: SweepRow) -> str:
+    parts = [f"{k} {getattr(row, k)}" for k in ("env", "num_actors", "envs_per_actor") if getattr(row, k) is not None]
+    parts.append(f"max_delay {1e3 * row.max_delay:g} ms")
+    parts.append(f"buckets {tuple(int(b) for b in row.buckets)}")
     return ", ".join(parts)
 
 
-def suggest_settings(rows: Sequence[Mapping], latency_budget_ms: float, *, max_padding: float = 0.25,
+def suggest_settings(rows: Sequence[SweepRow], latency_budget_ms: float, *, max_padding: float = 0.25,
                      quantile: float = 0.99, smallest_bucket: int = 8) -> Suggestion:
     """max_batch_size, max_delay and buckets for a p99 latency budget, from measured rows.
 
-    Raises ValueError when a row lacks a key, or when no row's p99 latency fits the budget (the
-    message names the smallest p99 seen).
+    Raises TypeError for a row that is not a SweepRow, ValueError when no row's p99 latency fits
+    the budget (the message names the smallest p99 seen).
     """
     if not (isinstance(latency_budget_ms, (int, float)) and latency_budget_ms > 0 and math.isfinite(latency_budget_ms)):
         raise ValueError(f"suggest_settings: latency_budget_ms must be a positive number of milliseconds, "
@@ -140,12 +166,11 @@ def suggest_settings(rows: Sequence[Mapping], latency_budget_ms: float, *, max_p
     if not rows:
         raise ValueError("suggest_settings: expected at least one measured row, got none")
     for i, row in enumerate(rows):
-        missing = [k for k in _REQUIRED if k not in row]
-        if missing:
-            raise ValueError(f"suggest_settings: row {i} lacks {', '.join(missing)} (a row needs "
-                             f"{', '.join(_REQUIRED)})")
+        if not isinstance(row, SweepRow):
+            raise TypeError(f"suggest_settings: row {i}: expected a SweepRow (SweepRow.from_json reads a JSON "
+                            f"record), got {type(row).__name__}")
 
-    p99s = [float(r["latency_p99_ms"]) for r in rows]
+    p99s = [r.latency_p99_ms for r in rows]
     fits = [i for i, p in enumerate(p99s) if p <= latency_budget_ms]  # NaN (no requests) never fits
     if not fits:
         seen = [(p, i) for i, p in enumerate(p99s) if not math.isnan(p)]
@@ -154,9 +179,9 @@ def suggest_settings(rows: Sequence[Mapping], latency_budget_ms: float, *, max_p
         raise ValueError(f"suggest_settings: no configuration's p99 latency fits the budget of "
                          f"{latency_budget_ms:g} ms; {smallest}. Raise the budget, or measure smaller "
                          f"max_delay values or fewer environments per batch")
-    best = max(fits, key=lambda i: (float(rows[i]["steps_per_s"]), -p99s[i]))
+    best = max(fits, key=lambda i: (rows[i].steps_per_s, -p99s[i]))
     row = rows[best]
-    hist = _hist(best, row["batch_size_hist"])
+    hist = _hist(best, row.batch_size_hist)
     if not hist:
         raise ValueError(f"suggest_settings: row {best} ({_describe(row)}) has no batches in its batch_size_hist")
 
@@ -176,17 +201,17 @@ def suggest_settings(rows: Sequence[Mapping], latency_budget_ms: float, *, max_p
     buckets_t = tuple(sorted(buckets))
 
     over = len(rows) - len(fits)
-    fastest = max(range(len(rows)), key=lambda i: float(rows[i]["steps_per_s"]))
+    fastest = max(range(len(rows)), key=lambda i: rows[i].steps_per_s)
     excluded = ""
     if fastest not in fits:
-        excluded = (f"; the fastest row overall, row {fastest} ({float(rows[fastest]['steps_per_s']):,.0f} steps/s), "
+        excluded = (f"; the fastest row overall, row {fastest} ({rows[fastest].steps_per_s:,.0f} steps/s), "
                     f"is over the budget at p99 {p99s[fastest]:.3g} ms")
-    reason = (f"row {best} ({_describe(row)}) has the most steps/s ({float(row['steps_per_s']):,.0f}) of the "
+    reason = (f"row {best} ({_describe(row)}) has the most steps/s ({row.steps_per_s:,.0f}) of the "
               f"{_rows(len(fits))} whose p99 latency fits {latency_budget_ms:g} ms (p99 {p99s[best]:.3g} ms; "
               f"{_rows(over)} over the budget{excluded}). Its {quantile:.0%} batch size is {size_q} rows (mean "
-              f"{float(row['mean_batch']):.1f}), rounded up to max_batch_size {max_batch_size}; buckets "
+              f"{row.mean_batch:.1f}), rounded up to max_batch_size {max_batch_size}; buckets "
               f"{buckets_t} pad {padding:.1%} of rows for its batch sizes (bound {max_padding:.0%}).")
-    return Suggestion(max_batch_size=max_batch_size, max_delay=float(row["max_delay"]), buckets=buckets_t,
-                      expected_padding=padding, row_index=best, row=row, steps_per_s=float(row["steps_per_s"]),
+    return Suggestion(max_batch_size=max_batch_size, max_delay=row.max_delay, buckets=buckets_t,
+                      expected_padding=padding, row_index=best, row=row, steps_per_s=row.steps_per_s,
                       latency_p99_ms=p99s[best], latency_budget_ms=float(latency_budget_ms),
                       batch_size_quantile=size_q, rows_over_budget=over, reason=reason)

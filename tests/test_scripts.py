@@ -1,17 +1,80 @@
-"""Smoke tests of the benchmark scripts: each runs as a subprocess with --quick and writes its tables.
+"""Smoke tests of the experiment scripts: each runs as a subprocess with tiny settings and writes its
+tables and reports; their command lines take the flags their users type.
 
 They check what the scripts report, never how fast anything was: timings belong to the benchmarks.
 """
+import ast
+import importlib
+import inspect
 import itertools
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
+import tyro
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+SCRIPTS = ("train", "throughput", "bench_actors", "bench_batching", "bench_policy")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_option_with_its_docstring(script):
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{script}", "--help"], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", COLUMNS="200"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"usage: python -m experiments.{script}" in proc.stdout
+    module = importlib.import_module(f"experiments.{script}")
+    assert module.__doc__.splitlines()[0] in proc.stdout  # the module docstring describes the script
+    for field, doc in field_docstrings(module.Args).items():
+        flag = "--" + field.replace("_", "-")
+        assert flag in proc.stdout, flag
+        assert doc in " ".join(proc.stdout.replace("│", " ").split()), (flag, doc)
+
+
+def field_docstrings(cls):
+    """The string literal under each field of a dataclass, whitespace collapsed; every field has one."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {node.target.id: " ".join(nxt.value.value.split()) for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
+    assert set(docs) == set(cls.__dataclass_fields__), set(cls.__dataclass_fields__) - set(docs)
+    return docs
+
+
+def test_train_takes_the_flags_its_users_type():
+    from experiments.train import Args
+
+    args = tyro.cli(Args, args=["--env", "rlbatch/Catch-v0", "--agent", "impala", "--num-actors", "8",
+                                "--buckets", "8", "16", "32", "--no-pin-python", "--no-progress", "--no-plots",
+                                "--solve-return", "0.9", "--max-policy-lag", "3", "--max-delay", "0.001"])
+    assert args == Args(env="rlbatch/Catch-v0", agent="impala", num_actors=8, buckets=(8, 16, 32), pin_python=False,
+                        progress=False, plots=False, solve_return=0.9, max_policy_lag=3, max_delay=0.001)
+    assert tyro.cli(Args, args=[]) == Args()
+    with pytest.raises(SystemExit):
+        tyro.cli(Args, args=["--agent", "dqn"])
+
+
+def test_benchmarks_take_the_flags_their_users_type():
+    from experiments import bench_actors, bench_batching, bench_policy, throughput
+
+    args = tyro.cli(throughput.Args, args=["--quick", "--envs", "CartPole-v1", "--buckets", "8,16,32", "16,64",
+                                           "--max-delay", "0.0005", "0.002", "--latency-budget-ms", "5",
+                                           "--no-pin-python", "--num-actors", "16", "64"])
+    assert (args.quick, args.envs, args.buckets, args.max_delay, args.latency_budget_ms, args.pin_python,
+            args.num_actors) == (True, ("CartPole-v1",), ("8,16,32", "16,64"), (0.0005, 0.002), 5.0, False, (16, 64))
+    args = tyro.cli(bench_policy.Args, args=["--cpu-dispatch", "sync", "--threads", "16", "256",
+                                             "--seed-max-batch-size", "32"])
+    assert (args.cpu_dispatch, args.threads, args.seed_max_batch_size) == ("sync", (16, 256), 32)
+    args = tyro.cli(bench_actors.Args, args=["--num-envs", "64", "--group-size", "16", "--stop-actors", "8"])
+    assert (args.num_envs, args.group_size, args.stop_actors) == ((64,), 16, 8)
+    args = tyro.cli(bench_batching.Args, args=["--threads", "1", "16", "--max-batch-size", "32", "--repeats", "1"])
+    assert (args.threads, args.max_batch_size, args.repeats) == ((1, 16), 32, 1)
 
 
 def run_quick(module, out):
@@ -182,3 +245,22 @@ def test_bench_batching_quick_writes_every_row(tmp_path):
     assert all(t["thread_floor"] > 0 and t["met"] == (t["measured"] >= t["target"]) for t in report["targets"])
     assert pathlib.Path(f"{out}.md").read_text().count("| function | threads | mode |") == 1
     assert_library_reports(out)
+
+
+def test_train_script_runs_as_subprocess_and_writes_json_and_png(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    out = tmp_path / "train"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--env", "rlbatch/Catch-v0", "--num-actors", "8",
+         "--unroll-length", "9", "--batch-size", "4", "--buckets", "8", "--total-steps", "3000",
+         "--no-progress", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rlbatch throughput report" in proc.stdout
+    summary = json.loads((out / "report.jsonl").read_text().splitlines()[-1])
+    assert summary["throughput"]["env_steps"] >= 3000
+    assert summary["learning"]["updates"] > 0 and summary["batching"]["compile_count"] == 1
+    assert list(summary) == ["config", "time", "throughput", "actors", "stages", "batching", "learning"]
+    assert len(summary["stages"]) == 9 and summary["stages"]["learner_update"] > 0
+    assert summary["config"]["num_actors"] == 8 and summary["config"]["buckets"] == [8]
+    assert (out / "report_steps_per_sec.png").exists()

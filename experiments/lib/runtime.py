@@ -1,0 +1,54 @@
+"""Process-wide runtime settings that the experiment scripts choose at start, never the library.
+
+Both change the whole process (JAX's dispatch mode, the CPUs of this thread and of every thread it
+starts afterwards), so a script makes them once, before it builds any service or pool, and prints
+what it did in its report.
+"""
+from __future__ import annotations
+
+import os
+
+__all__ = ["pin_python_threads", "prefer_sync_cpu_dispatch"]
+
+
+def prefer_sync_cpu_dispatch() -> bool:
+    """On a CPU-only JAX, runs computations in the calling thread (`jax_cpu_enable_async_dispatch`
+    off). Returns whether it changed the setting.
+
+    The policy service's computations are tiny on a CPU; dispatching each to an XLA worker thread
+    and waiting for it costs two thread hand-offs per batch, which with hundreds of actor threads
+    wanting the GIL take longer than the computation (measured with 16 callers: 24.6k requests/s
+    asynchronous, 34k synchronous). The GIL is still released while a computation runs. The actor
+    and training scripts call this at start; `experiments.bench_policy` calls it only with
+    `--cpu-dispatch sync`, since at 256 callers its paired runs favour asynchronous dispatch, which
+    lets PolicyService pipeline two batches (see README, policy service): measure both for your
+    own policy.
+    """
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
+
+
+def pin_python_threads(pin: bool) -> str:
+    """Starts JAX, then (when `pin`) confines this thread and the threads it starts afterwards to
+    one CPU (`rlbatch.pin_threads`); returns a line saying what was done, for the script's report.
+
+    JAX starts first so that XLA's thread pools keep every CPU. Where the platform has no thread
+    affinity (Linux has it), the threads stay unpinned and the line says so: the scripts pin by
+    default and must still run there.
+    """
+    import jax
+
+    from rlbatch.affinity import pin_threads, thread_cpus
+
+    jax.devices()
+    if not hasattr(os, "sched_setaffinity"):
+        return "Python threads not pinned: this platform has no thread CPU affinity (os.sched_setaffinity)"
+    if not pin:
+        return f"Python threads on CPUs {sorted(thread_cpus())} (not pinned)"
+    before = pin_threads()
+    return (f"Python threads pinned to CPU {sorted(thread_cpus())} of {sorted(before)} "
+            f"(rlbatch.pin_threads; --no-pin-python to compare)")
