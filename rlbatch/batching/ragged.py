@@ -24,8 +24,9 @@ returns an array, or a pytree of arrays, with leading axis B. Row i goes back to
 With both kinds of bucket a jitted function meets at most len(buckets) * len(length_buckets)
 shapes, so it compiles once per (B, L) pair it meets and never again.
 
-Requests: `svc(item)` or `svc(**features)` for one item; `svc.submit_rows(items)` (a list of k
-items) for several, whose result is a list of k row results.
+Requests: `svc(item)` or `svc(**features)` for one item (keywords: no feature may then be named
+`timeout` or `priority`, which the service's calls take themselves); `svc.submit_rows(items)` (a
+list of k items) for several, whose result is a list of k row results.
 """
 from __future__ import annotations
 
@@ -112,7 +113,10 @@ class RaggedCollator:
       length_buckets: length buckets; an item longer than the largest fails alone with
         InvalidRequest. None: L is the longest item of the batch.
       example: one item fixing the features, trailing shapes and dtypes (default: the first
-        request's first item fixes them). Its length does not matter.
+        request's first item fixes them); give numpy arrays of the model's dtypes (a list of
+        Python ints would fix int64). Its length does not matter. Later items must match: an
+        array of another dtype is refused; a list is converted (into an integer or
+        bool dtype only when no value changes).
       pass_lengths: call the function with `lengths=` (int32 [B]).
       pass_mask: call the function with `mask=` (bool [B, L]).
       trim_outputs: cut each row of each output to the item's own length (outputs must then be
