@@ -1,12 +1,13 @@
 """rlbatch: an actor-inference harness for reinforcement learning in Python."""
-from rlbatch.actors import ActorError, ActorPool, ActorStats, PoolStopped, Trajectory, stack_trajectories
+from rlbatch.actors import ActorError, ActorFault, ActorPool, ActorStats, Trajectory, stack_trajectories
 from rlbatch.affinity import pin_threads
-from rlbatch.batching import BatchedFunction, BatchedService, Caller, ServiceStats, batched, service
+from rlbatch.batching import BatchedFunction, BatchedService, Caller, RaggedCollator, ServiceStats, batched, service
 from rlbatch.errors import (
     BatchOutputError,
     DeadlineExceeded,
     InvalidRequest,
     ParamsMismatch,
+    PoolStopped,
     QueueFull,
     RLBatchError,
     ServiceClosed,
@@ -31,6 +32,7 @@ __all__ = [
     "BatchedFunction",
     "BatchedService",
     "Caller",
+    "RaggedCollator",
     "ServiceStats",
     "batched",
     "service",
@@ -43,6 +45,7 @@ __all__ = [
     "PolicyStats",
     # actors
     "ActorError",
+    "ActorFault",
     "ActorPool",
     "ActorStats",
     "Trajectory",

@@ -6,7 +6,7 @@ one thread to another (a request to the batcher's worker, a result back to its c
 two threads sit on different CPUs, a hand-off wakes a CPU that went idle, which on a virtual machine
 is an inter-processor interrupt through the hypervisor: on the 2-core machine of the README it cost
 about 100 us per round trip, against 17 us for the same round trip with both threads on one CPU
-(`experiments.lib.baselines.handoff_round_trip_us`). Confining the Python threads to one CPU turns every
+(`experiments.lib.calibration.handoff_round_trip_us`). Confining the Python threads to one CPU turns every
 hand-off into a plain context switch and leaves the other CPUs to the work that runs without the
 GIL: XLA's own threads, the kernel, other processes.
 

@@ -82,7 +82,7 @@ def catch_setup(num_actors=16, seed=0, **learner_kw):
     env = gymnasium.make("rlbatch/Catch-v0")
     example_obs, space = np.asarray(env.observation_space.sample()), env.action_space
     env.close()
-    network = agents.make_actor_critic_fns(space, example_obs, hidden=(32, 32))
+    network = agents.make_actor_critic(space, example_obs, hidden=(32, 32))
     # ent_coef 0.05, not PPO's usual 0.01: with 0.01 one run in six collapsed to a deterministic paddle
     # that misses a column and never recovered in 60 s (CI failed on it); 0.05 solved 28 runs of 28,
     # each in under 7 s on the 2-core VM (seeds 0-27).
