@@ -1,5 +1,6 @@
 """Known callers: threads that make blocking calls count by themselves; register() is exact."""
 import threading
+import time
 
 import pytest
 
@@ -91,7 +92,8 @@ def test_a_thread_that_stops_calling_holds_the_others_back_at_most_once_past_the
 
 
 def test_a_forgotten_thread_counts_again_when_it_calls_again():
-    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=64, max_delay=0.05, idle_horizon=0.0)
+    horizon = 1.0
+    svc = rlbatch.BatchedService(lambda xs: xs, max_batch_size=64, max_delay=0.05, idle_horizon=horizon)
     answered, release, finish = threading.Semaphore(0), threading.Event(), threading.Event()
 
     def caller(i):
@@ -105,7 +107,8 @@ def test_a_forgotten_thread_counts_again_when_it_calls_again():
     threads = run_threads(2, caller)
     for _ in threads:
         assert answered.acquire(timeout=10)
-    svc.submit(99).result(10)  # a batch by delay while both threads are silent: both forgotten
+    time.sleep(horizon * 1.1)  # both threads silent past the horizon
+    svc.submit(99).result(10)  # a batch by delay: both forgotten
     assert svc.stats.known_callers == 0
     release.set()
     for _ in threads:

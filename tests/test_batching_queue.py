@@ -87,6 +87,8 @@ def test_known_callers_all_waiting_only_while_each_has_a_request_queued():
     q.take(2, 0.0, 1.0)  # takes a's request and b's first: b still waits
     assert (q.waiting_callers, a.outstanding, b.outstanding) == (1, 0, 1)
     assert not q.all_callers_waiting
+    q.take(2, 0.0, 1.0)  # b's last request: nobody waits
+    assert (q.waiting_callers, b.outstanding) == (0, 0)
     q.check(callers=[a, b])
 
 
@@ -148,3 +150,91 @@ def test_check_names_a_broken_counter():
     q.pending_rows += 1
     with pytest.raises(AssertionError, match="pending_rows is 2, expected 1"):
         q.check()
+
+
+def test_plain_requests_at_two_priority_levels_are_all_taken_highest_first():
+    q = RequestQueue()
+    q.push(blocking("low"), special=False)
+    q.push(blocking("high", priority=5), special=False)
+    taken, rows, plain = q.take(8, 0.0, 1.0)
+    assert (values(taken), rows, plain) == (["high", "low"], 2, True)
+    q.check()
+
+
+def test_a_blocking_call_with_a_deadline_is_not_plain():
+    q = RequestQueue()
+    q.push(blocking("a", deadline=9.0), special=True)
+    assert q.take(8, 0.0, 1.0)[2] is False
+
+
+def test_a_level_starves_only_past_the_starvation_timeout_and_the_oldest_starving_level_goes_first():
+    q = RequestQueue()
+    q.push_many([future("low", t0=100.0), future("high", t0=100.5, priority=5)])
+    assert values(q.take(1, now=101.0, starvation_timeout=50.0)[0]) == ["high"]  # 1 s < 50 s: no starvation
+    q.take(1, 101.0, 50.0)
+    q.push_many([future("mid-older", t0=-1.0, priority=1), future("low-old", t0=0.0), future("top", t0=5.0, priority=9)])
+    # Both lower levels starve; the one whose oldest request is older goes first, then the other.
+    assert values(q.take(3, now=10.0, starvation_timeout=2.0)[0]) == ["mid-older", "low-old", "top"]
+
+
+def test_a_request_expires_at_its_deadline_exactly_and_equal_deadlines_are_not_earlier():
+    q = RequestQueue()
+    assert q.push(future("a", deadline=2.0), special=True) is True
+    assert q.push(future("b", deadline=2.0), special=True) is False
+    assert values(q.expire(now=2.0)) == ["a", "b"]
+
+
+def test_the_rest_of_a_split_request_that_started_does_not_expire_and_survives_a_drain():
+    q = RequestQueue()
+    started = SplitRequest(concurrent.futures.Future(), 2, join=list)
+    started.claim_part()
+    part = future("part", deadline=1.0)
+    part.future, part.parent, part.index = None, started, 1
+    q.push(part, special=True)
+    assert q.expire(now=5.0) == [] and q.pending == 1
+    assert q.drain(keep_started=True) == [] and q.pending == 1  # a level holding only that part
+    q.check()
+
+
+def test_taking_the_last_requests_of_callers_paused_or_not_keeps_the_counts():
+    q = RequestQueue()
+    a, b = counted_caller(q), counted_caller(q)
+    q.push(blocking(1, caller=a), special=False)
+    q.push(blocking(2, caller=b), special=False)
+    q.set_active(b, False)  # paused with a request queued
+    q.take(8, 0.0, 1.0)
+    assert (q.waiting_callers, a.outstanding, b.outstanding) == (0, 0, 0)
+    q.check(callers=[a, b])
+
+
+def test_several_callers_leaving_in_one_batch_of_futures_all_stop_waiting():
+    q = RequestQueue()
+    a, b, c = counted_caller(q), counted_caller(q), counted_caller(q)
+    q.push_many([future(1, caller=a), future(2, caller=b), future(3, caller=c), future(4, caller=c)])
+    assert q.waiting_callers == 3
+    q.take(3, 0.0, 1.0)
+    assert (q.waiting_callers, c.outstanding) == (1, 1)
+    q.set_active(c, False)
+    q.take(3, 0.0, 1.0)  # a paused caller's last request: it was not counted as waiting
+    assert q.waiting_callers == 0
+    q.check(callers=[a, b, c])
+
+
+def test_push_many_says_whether_any_request_has_the_earliest_deadline():
+    q = RequestQueue()
+    q.push(future("x", deadline=3.0), special=True)
+    assert q.push_many([future("a", deadline=5.0), future("b", deadline=1.0)]) is True
+    assert q.push_many([future("c", deadline=7.0), future("d")]) is False
+
+
+def test_expire_looks_past_entries_of_requests_already_taken():
+    q = RequestQueue()
+    q.push_many([future("first", deadline=1.0), future("second", deadline=2.0)])
+    q.take(1, 0.0, 1.0)  # "first" leaves its heap entry on top
+    expired = q.expire(now=3.0)
+    assert values(expired) == ["second"]
+    drained_queue = RequestQueue()
+    kept = future("kept")
+    drained_queue.push(kept, special=True)
+    drained_queue.drain()
+    assert kept.state == TAKEN  # off the queue: a later expire or take must not see it as queued

@@ -58,7 +58,7 @@ def test_report_counts_match_a_scripted_run(tmp_path):
 
 def test_a_batched_service_alone_reports_its_batches_without_policy_figures(tmp_path, no_thread_leak):
     with rlbatch.BatchedService(lambda xs: [2 * x for x in xs], max_batch_size=4, max_delay=0.0) as svc:
-        assert svc.map(range(3)) == [0, 2, 4]
+        assert list(svc.map(range(3))) == [0, 2, 4]
         summary = report.summarize(service=svc.stats, config={"mode": "alone"})
     assert summary.throughput is summary.actors is summary.learning is None
     b = summary.batching

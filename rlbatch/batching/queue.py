@@ -12,7 +12,8 @@ Invariants, after every method (`check()` verifies them):
 - `pending` is the number of queued requests and `pending_rows` the sum of their rows;
 - `special` is the number of queued requests that are not plain (see `request.is_special`);
 - every queued request with a deadline has an entry in the deadline heap (entries of requests no
-  longer queued are dropped when they reach the top);
+  longer queued are dropped when they reach the top), except the rest of a split request that has
+  started running, whose deadline no longer applies (see SplitRequest.abandon);
 - for every caller c, `c.outstanding` is the number of c's requests queued;
 - `active_callers` is the number of active callers (registered, or known implicitly, and not
   paused), and `waiting_callers` the number of active callers with a request queued; so
@@ -233,7 +234,8 @@ class RequestQueue:
         _expect("pending_rows", self.pending_rows, sum(r.num_rows for r in queued))
         _expect("special", self.special, sum(map(is_special, queued)))
         in_heap = {id(entry[2]) for entry in self._deadlines}
-        missing = [r for r in queued if is_special(r) and r.deadline is not None and id(r) not in in_heap]
+        missing = [r for r in queued if r.deadline is not None and id(r) not in in_heap
+                   and not (r.parent is not None and r.parent.started)]
         _expect("queued requests with a deadline missing from the heap", len(missing), 0)
         for c in callers:
             _expect(f"outstanding of caller {c!r}", c.outstanding, sum(r.caller is c for r in queued))
