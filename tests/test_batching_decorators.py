@@ -21,7 +21,7 @@ def test_method_on_a_temporary_instance_works_every_way_in(no_thread_leak):
     # Nothing but the call itself holds the instance: it used to be collected between the attribute
     # lookup and the call, and its finalizer closed the service (ServiceClosed).
     assert Model(1).predict(1) == 2
-    assert Model(1).predict([1, 2]) == [2, 3]
+    assert list(Model(1).predict.map([1, 2])) == [2, 3]
     assert list(Model(1).predict.map([1, 2])) == [2, 3]
     assert Model(1).predict.call_rows([1, 2, 3, 4, 5, 6]) == [2, 3, 4, 5, 6, 7]  # split over two batches
     assert asyncio.run(Model(1).predict.acall(1)) == 2
@@ -69,3 +69,20 @@ def test_register_on_a_temporary_instance_keeps_the_instance_until_the_caller_cl
     gc.collect()
     assert caller(1) == 2  # the instance (and its service) is still there
     caller.close()
+
+
+def test_a_list_argument_is_one_input_for_the_decorator_as_for_the_class():
+    @rlbatch.batched(max_batch_size=4, max_delay=0.01)
+    def lengths(items):
+        return [len(x) for x in items]
+
+    @rlbatch.batched(max_batch_size=4, max_delay=0.01)
+    def total(items):
+        return [sum(x) for x in items]
+
+    svc = rlbatch.BatchedService(lambda items: [len(x) for x in items], max_batch_size=4, max_delay=0.01)
+    assert lengths(["ab", "cde"]) == 2 and svc(["ab", "cde"]) == 2
+    assert total([1, 2, 3]) == 6
+    assert list(lengths.map(["ab", "cde"])) == [2, 3]  # many inputs: map
+    for f in (lengths, total, svc):
+        f.close()

@@ -223,7 +223,8 @@ def test_several_callers_leaving_in_one_batch_of_futures_all_stop_waiting():
 def test_push_many_says_whether_any_request_has_the_earliest_deadline():
     q = RequestQueue()
     q.push(future("x", deadline=3.0), special=True)
-    assert q.push_many([future("a", deadline=5.0), future("b", deadline=1.0)]) is True
+    assert q.push_many([future("b", deadline=1.0), future("a", deadline=5.0)]) is True
+    assert RequestQueue().next_deadline() is None
     assert q.push_many([future("c", deadline=7.0), future("d")]) is False
 
 
@@ -238,3 +239,23 @@ def test_expire_looks_past_entries_of_requests_already_taken():
     drained_queue.push(kept, special=True)
     drained_queue.drain()
     assert kept.state == TAKEN  # off the queue: a later expire or take must not see it as queued
+
+
+def test_two_callers_leaving_in_one_batch_of_plain_calls_both_stop_waiting():
+    q = RequestQueue()
+    a, b = counted_caller(q), counted_caller(q)
+    q.push(blocking(1, caller=a), special=False)
+    q.push(blocking(2, caller=b), special=False)
+    assert q.take(8, 0.0, 1.0)[2] is True and q.waiting_callers == 0
+    q.check(callers=[a, b])
+
+
+def test_expire_looks_past_a_started_split_part_whose_deadline_has_passed():
+    q = RequestQueue()
+    started = SplitRequest(concurrent.futures.Future(), 2, join=list)
+    started.claim_part()
+    part = future("part", deadline=1.0)
+    part.future, part.parent, part.index = None, started, 1
+    q.push(part, special=True)
+    q.push(future("due", deadline=2.0), special=True)
+    assert values(q.expire(now=3.0)) == ["due"] and q.pending == 1

@@ -132,10 +132,9 @@ def test_batched_single_item_and_list_calls_and_acall():
 
     e = Embedder("a")
     assert e.embed(2) == "a:4"
-    assert e.embed([2, 3, 4]) == ["a:4", "a:6", "a:8"]
+    assert list(e.embed.map([2, 3, 4])) == ["a:4", "a:6", "a:8"]
     assert asyncio.run(e.embed.acall(2)) == "a:4"
-    assert asyncio.run(e.embed.acall([2, 3])) == ["a:4", "a:6"]
-    assert e.embed.stats.requests == 7  # 1 + 3 + 1 + 2
+    assert e.embed.stats.requests == 5  # 1 + 3 + 1
     assert Embedder("b").embed(1) == "b:2"  # one service per instance
     e.embed.close()
 
@@ -1099,3 +1098,21 @@ def test_max_batch_size_and_max_delay_change_on_a_running_service():
     with pytest.raises(ValueError, match="max_batch_size must be a positive int, got 0"):
         svc.max_batch_size = 0
     svc.close()
+
+
+def test_small_calls_go_before_larger_calls_of_the_same_priority_with_small_batch_threshold():
+    order = []
+    svc = rlbatch.BatchedService(lambda xs: order.extend(xs) or xs, max_batch_size=4, max_delay=0.0,
+                                 small_batch_threshold=2, start=False)
+    bulk = svc.submit_many(range(10, 16))  # a call of 6 inputs: large
+    small = svc.submit(1)  # a call of 1: small, queued after the bulk
+    urgent = svc.submit_many([100], priority=1)  # a higher priority goes first whatever its size
+    svc.start()
+    assert [f.result(10) for f in bulk] == list(range(10, 16)) and small.result(10) == 1
+    assert urgent[0].result(10) == 100
+    assert order == [100, 1, 10, 11, 12, 13, 14, 15]
+    st = svc.stats
+    svc.close()
+    assert st.processing_time_total > 0 and st.processing_time_mean == pytest.approx(st.processing_time_total / st.batches)
+    with pytest.raises(ValueError, match="small_batch_threshold must be an int >= 0 or None, got -1"):
+        rlbatch.BatchedService(lambda xs: xs, small_batch_threshold=-1)

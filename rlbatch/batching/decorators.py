@@ -5,8 +5,13 @@
         return [x * x for x in xs]
 
     square(3)                       # 9: one input, blocks until its batch ran
-    square([1, 2, 3])               # [1, 4, 9]: a list is many inputs (as in `batched`)
-    square.submit(3).result()       # also .submit_many, .map, .acall, .stats, .close, .register
+    list(square.map([1, 2, 3]))     # [1, 4, 9]: many inputs (also submit_many, call_rows)
+    square.submit(3).result()       # also .acall, .stats, .close, .register
+
+One rule for arguments, the same as BatchedService's: each call is one input, whatever its type
+(`square([1, 2])` passes the list [1, 2] as one input). Many inputs go through `map`,
+`submit_many` or `call_rows`. (rlbatch.compat.batched keeps that library's rule, a list being
+many inputs.)
 
 Decorating a method gives every instance its own service (and worker thread), created on first
 use. The service holds the instance only weakly, and is closed when the instance is collected,
@@ -167,7 +172,7 @@ def batched(fn: Callable | None = None, *, max_batch_size: int | None = None, ma
     """Makes a batch function a drop-in single-input callable. Options as for BatchedService."""
 
     def wrap(f):
-        return _Decorated(f, lambda g: BatchedService(g, max_batch_size, max_delay, **options), True)
+        return _Decorated(f, lambda g: BatchedService(g, max_batch_size, max_delay, **options), False)
 
     return wrap if fn is None else wrap(fn)
 

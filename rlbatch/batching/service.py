@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from rlbatch.batching.callers import Caller, ThreadCallers
 from rlbatch.batching.arrays import ArrayCollator
 from rlbatch.batching.collate import ArgSpec, ListCollator
+from rlbatch.batching.options import check_max_batch_size, check_options, check_seconds
 from rlbatch.batching.relay import wait_turn
 from rlbatch.batching.request import CANCELLED, PENDING, Request, SplitRequest
 from rlbatch.batching.stats import ServiceStats, StatsRecorder
@@ -31,19 +32,6 @@ from rlbatch.errors import DeadlineExceeded, InvalidRequest, QueueFull, ServiceC
 __all__ = ["BatchedService", "Caller"]
 
 _clock = time.perf_counter
-
-
-def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        more = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be a positive int{more}, got {value!r}")
-
-
-def _check_seconds(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
 
 
 class BatchedService:
@@ -75,6 +63,10 @@ class BatchedService:
       collator: how requests become arguments and outputs results (rlbatch.batching.collate), for
         front ends that check and stack their own inputs (PolicyService); replaces what `buckets`,
         `pad` and `example` would build.
+      small_batch_threshold: calls of at most this many inputs (one `submit` or blocking call is
+        one; `submit_many`/`map` of n items or a request of n rows is n) are served before larger
+        calls of the same priority, so a lone request is not stuck behind a bulk job (batched's
+        rule). Default None: FIFO within a priority.
       name: a name for the worker threads and messages.
       start: start the worker on the first request (default); False: requests queue until
         `start()` (or run when the service is closed without cancelling them).
@@ -98,6 +90,7 @@ class BatchedService:
         implicit_callers: bool = True,
         idle_horizon: float = 1.0,
         collator: Any = None,
+        small_batch_threshold: int | None = None,
         name: str | None = None,
         start: bool = True,
     ):
@@ -111,17 +104,11 @@ class BatchedService:
         buckets = getattr(collator, "buckets", None)
         if max_batch_size is None:
             max_batch_size = max(buckets) if buckets else 32
-        _check_positive_int("max_batch_size", max_batch_size)
-        if buckets and max(buckets) < max_batch_size:
-            raise ValueError(f"the largest bucket must hold max_batch_size={max_batch_size} rows, got buckets {tuple(buckets)}")
-        _check_seconds("max_delay", max_delay)
-        if on_full not in ("block", "raise"):
-            raise ValueError(f'on_full must be "block" or "raise", got {on_full!r}')
-        _check_positive_int("max_queue", max_queue, allow_none=True)
-        _check_positive_int("max_in_flight", max_in_flight)
-        _check_positive_int("wake_width", wake_width, allow_none=True)
-        _check_seconds("starvation_timeout", starvation_timeout)
-        _check_seconds("idle_horizon", idle_horizon)
+        check_options(max_batch_size=max_batch_size, buckets=buckets, max_delay=max_delay, on_full=on_full,
+                      max_queue=max_queue, max_in_flight=max_in_flight, wake_width=wake_width,
+                      starvation_timeout=starvation_timeout, idle_horizon=idle_horizon,
+                      small_batch_threshold=small_batch_threshold)
+        self.small_batch_threshold = small_batch_threshold
 
         self.batch_fn = batch_fn
         self.name = name or getattr(batch_fn, "__name__", "batch_fn")
@@ -146,10 +133,7 @@ class BatchedService:
     @max_batch_size.setter
     def max_batch_size(self, value: int) -> None:
         """Changeable while the service runs: the next batch takes at most this many rows."""
-        _check_positive_int("max_batch_size", value)
-        buckets = getattr(self.collator, "buckets", None)
-        if buckets and max(buckets) < value:
-            raise ValueError(f"the largest bucket must hold max_batch_size={value} rows, got buckets {tuple(buckets)}")
+        check_max_batch_size(value, getattr(self.collator, "buckets", None))
         with self._worker.lock:
             self._worker.max_batch_size = value
             self._stats.grow(value)
@@ -162,7 +146,7 @@ class BatchedService:
     @max_delay.setter
     def max_delay(self, value: float) -> None:
         """Changeable while the service runs: queued requests wait by the new delay at once."""
-        _check_seconds("max_delay", value)
+        check_seconds("max_delay", value)
         self._worker.max_delay = float(value)
         self._worker.wake()
 
@@ -222,6 +206,12 @@ class BatchedService:
         """`await svc.acall(x)`: the result without blocking the event loop."""
         return await asyncio.wrap_future(self.submit_request(args, kwargs, priority=priority, timeout=timeout))
 
+    def _level(self, priority: int, call_size: int) -> int:
+        """The queue level of a request: its priority, split by small_batch_threshold when set
+        (twice the priority, plus one for a small call: higher priorities still go first)."""
+        threshold = self.small_batch_threshold
+        return priority if threshold is None else 2 * priority + (call_size <= threshold)
+
     def submit_request(self, args: tuple, kwargs: dict, *, rows: bool = False, priority: int = 0,
                        timeout: float | None = None, caller: Caller | None = None) -> concurrent.futures.Future:
         """The general form of `submit` (and `submit_rows` with rows=True), on behalf of `caller`."""
@@ -234,6 +224,7 @@ class BatchedService:
             self.record_invalid()
             future.set_exception(e)
             return future
+        priority = self._level(priority, num_rows or 1)
         deadline = None if timeout is None else now + timeout
         if num_rows is not None and num_rows > self.max_batch_size:
             self._enqueue_split(values, num_rows, priority, now, timeout, deadline, caller, future)
@@ -243,6 +234,7 @@ class BatchedService:
         return future
 
     def _submit_all(self, arg_tuples: list, priority: int, timeout: float | None) -> list:
+        priority = self._level(priority, len(arg_tuples))
         now = _clock()
         deadline = None if timeout is None else now + timeout
         futures, requests = [], []
@@ -330,6 +322,8 @@ class BatchedService:
         except InvalidRequest:
             self.record_invalid()
             raise  # a blocking caller gets its InvalidRequest at once
+        if self.small_batch_threshold is not None:
+            priority = self._level(priority, num_rows or 1)
         return self.call_prepared(values, num_rows, timeout, priority, caller)
 
     def call_prepared(self, values, rows: int | None = None, timeout: float | None = None, priority: int = 0,

@@ -44,6 +44,8 @@ class ServiceStats:
     # early flush), "delay" (its oldest request waited max_delay), "closing" (the queue drained).
     batch_triggers: Mapping[str, int] = dataclasses.field(default_factory=dict)
     known_callers: int = 0  # callers counted towards early flush at snapshot time
+    processing_time_total: float = 0.0  # seconds in batches: collation, the function, the split
+    processing_time_mean: float = 0.0  # per batch
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -77,6 +79,7 @@ class StatsRecorder:
         self.run_times: collections.deque = collections.deque(maxlen=_WINDOW)
         self.latencies: collections.deque = collections.deque(maxlen=_WINDOW)
         self.triggers = {"full": 0, "callers": 0, "delay": 0, "closing": 0}
+        self.processing_time = 0.0
 
     def grow(self, max_batch_size: int) -> None:
         """Makes room in the size histogram for batches of up to max_batch_size rows."""
@@ -95,6 +98,7 @@ class StatsRecorder:
             hist[padded] = hist.get(padded, 0) + 1
             self.bucket_hist = hist
         self.run_times.append(run_time)
+        self.processing_time += run_time
 
     def snapshot(self, pending: int, in_flight: int, known_callers: int = 0) -> ServiceStats:
         hist = self.size_hist.copy()
@@ -124,4 +128,6 @@ class StatsRecorder:
             in_flight=in_flight,
             batch_triggers=dict(self.triggers),
             known_callers=known_callers,
+            processing_time_total=self.processing_time,
+            processing_time_mean=self.processing_time / batches if batches else 0.0,
         )
