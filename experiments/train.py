@@ -12,7 +12,6 @@ threshold) or at the step or time budget, then prints the throughput report and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Literal, Optional
 

@@ -14,6 +14,24 @@ def wait_until(predicate, timeout=10.0):
         time.sleep(0.001)
 
 
+def in_thread(fn):
+    """Runs fn in a fresh thread (pinning it never touches pytest's own thread); returns its result."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 @pytest.fixture
 def no_thread_leak():
     """Asserts that the test leaves no thread behind."""

@@ -1,31 +1,13 @@
 """rlbatch.pin_threads: per-thread CPU affinity, inherited by threads started afterwards."""
 import os
-import threading
 
 import pytest
 
 import rlbatch
 from rlbatch.affinity import pin_threads, thread_cpus
+from tests.conftest import in_thread
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux-only API")
-
-
-def in_thread(fn):
-    """Runs fn in a fresh thread (pinning it never touches pytest's own thread); returns its result."""
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            out["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def test_exported_from_rlbatch():

@@ -6,7 +6,6 @@ import pytest
 
 import rlbatch
 from rlbatch.batching.collate import ListCollator
-from tests.conftest import wait_until
 
 
 class Boom(Exception):

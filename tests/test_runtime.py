@@ -1,28 +1,10 @@
 """The process-wide settings the scripts choose at start: thread pinning and JAX's CPU dispatch."""
-import threading
 
 import jax
 
 from experiments.lib import runtime
+from tests.conftest import in_thread
 from rlbatch.affinity import thread_cpus
-
-
-def in_thread(fn):
-    """Runs fn in a fresh thread (pinning it never touches pytest's own thread); returns its result."""
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            out["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def test_pin_python_threads_pins_only_when_asked():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import threading
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from rlbatch.errors import BatchOutputError, InvalidRequest
 
