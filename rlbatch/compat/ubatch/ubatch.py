@@ -36,6 +36,7 @@ from typing import Callable, Generic, List, Optional, TypeVar
 from rlbatch.batching.collate import ArgSpec, ListCollator
 from rlbatch.batching.options import check_positive_int, check_seconds
 from rlbatch.batching.service import BatchedService
+from rlbatch.batching.stats import ServiceStats
 from rlbatch.errors import BatchOutputError, RLBatchError, ServiceClosed
 
 __all__ = ["BadBatchOutputSize", "HandlerAlreadySet", "HandlerNotSet", "UBatch", "S", "T"]
@@ -172,6 +173,12 @@ class UBatch(Generic[T, S]):
             service = self._service
             self._running = False
         service.close(wait=True)
+
+    @property
+    def stats(self) -> ServiceStats:
+        """rlbatch's statistics of the current run (not in uBatch): batches, sizes, why each
+        batch went, inputs pending."""
+        return self._service.stats
 
     # ------------------------------------------------------------------ calls
 
