@@ -172,6 +172,10 @@ class UBatch(Generic[T, S]):
         with self._lock:
             service = self._service
             self._running = False
+            # Closed under the lock, so that a start() racing with this one makes a new service
+            # instead of reviving this one; joined outside it, so that a handler that calls
+            # start() or stop() does not deadlock with the thread waiting for it.
+            service.close(wait=False)
         service.close(wait=True)
 
     @property
