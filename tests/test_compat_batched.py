@@ -145,7 +145,7 @@ def test_a_small_call_goes_before_the_items_of_a_larger_one():
     f.shutdown()
 
 
-def test_a_call_after_shutdown_starts_a_new_worker_and_stats_keep_counting():
+def test_a_call_after_shutdown_starts_a_new_worker_and_stats_keep_counting(no_thread_leak):
     f = batched.BatchProcessor(recording([]), batch_size=2, timeout_ms=NEVER_MS)
     f.start()
     assert f._running
