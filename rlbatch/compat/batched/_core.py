@@ -54,6 +54,9 @@ class ServiceSlot:
             with self._lock:
                 if self._service is None:
                     self._service = self._make()
+                    # Started here, under the lock, so that thread start-up happens before the
+                    # first item's delay starts: callers that arrive together still batch together.
+                    self._service.start()
                     # A processor that is dropped without shutdown() closes its service; the
                     # worker holds the service, not the processor, so the processor can be collected.
                     weakref.finalize(self, self._service.close, False)
