@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
