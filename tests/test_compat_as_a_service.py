@@ -20,6 +20,7 @@ from rlbatch.compat.as_a_service import BatchedService, ServiceClosing, as_batch
 from rlbatch.errors import BatchOutputError, ServiceClosed
 
 LONG = 60.0
+pytestmark = pytest.mark.usefixtures("no_thread_leak")  # every service is stopped and its worker joined
 
 
 def recording(batches, fn=lambda xs: xs):
@@ -141,11 +142,10 @@ def test_notebook_64_threads_each_get_their_own_row_of_probabilities(style):
 
 
 def test_a_2d_array_result_gives_each_item_its_row():
-    service = BatchedService(lambda xs: np.stack(xs) * 2, batch_size=4, max_delay=LONG, start=False)
+    service = BatchedService(lambda xs: np.stack(xs) * 2, batch_size=2, max_delay=LONG)
     futures = service.submit_many([np.array([1, 2]), np.array([3, 4])])
-    service.start()
-    service.stop()  # the two items run now, without waiting out the delay
-    results = [f.result() for f in futures]
+    results = [f.result(LONG) for f in futures]  # a full batch goes without the delay
+    service.stop()
     assert len(results) == 2
     np.testing.assert_array_equal(results[0], [2, 4])
     np.testing.assert_array_equal(results[1], [6, 8])
@@ -204,9 +204,6 @@ def test_submitting_after_stop_raises_assertion_error():
     for submit in (service.submit, service, lambda x: service.submit_many([x])):
         with pytest.raises(AssertionError, match="Service is closing, no new requests can be submitted"):
             submit(1)
-    with pytest.raises(ServiceClosed):  # rlbatch's own error too
-        service.submit(1)
-    assert issubclass(ServiceClosing, AssertionError) and issubclass(ServiceClosing, ServiceClosed)
 
 
 def test_batch_size_changed_on_a_running_service_forms_the_next_batches():
@@ -225,20 +222,11 @@ def test_batch_size_changed_on_a_running_service_forms_the_next_batches():
     assert batches == [["a"], [0, 1, 2], [3, 4, 5]]
 
 
-def test_max_delay_changed_on_a_running_service_applies_to_waiting_items():
-    service = BatchedService(lambda xs: xs, batch_size=10, max_delay=LONG)
-    future = service.submit("waiting")
-    service.max_delay = 0.01
-    assert service.max_delay == 0.01
-    assert future.result(LONG) == "waiting"
-    service.stop()
-
-
 @pytest.mark.parametrize("max_delay", [0, -1.0])
 def test_max_delay_must_be_positive(max_delay):
-    with pytest.raises(AssertionError, match=r"max_delay must be a number of seconds > 0 .*got"):
+    with pytest.raises(AssertionError, match=r"delay must be non-negative\. Please set some small number"):
         BatchedService(lambda xs: xs, batch_size=2, max_delay=max_delay)
-    with pytest.raises(ValueError):
+    with pytest.raises(AssertionError, match="delay must be non-negative"):
         as_batched_service(batch_size=2, max_delay=max_delay)(lambda xs: xs)
 
 
@@ -255,8 +243,19 @@ def test_max_queued_bounds_the_backlog():
     service = BatchedService(lambda xs: xs, batch_size=2, max_delay=LONG, max_queued=2, start=False)
     futures = service.submit_many([1, 2])
     assert service.queue.full() and service.queue.maxsize == 2
+    service.start()
+    assert [f.result(LONG) for f in futures] == [1, 2]
     service.stop()
-    assert [f.result() for f in futures] == [1, 2]
+
+
+def test_extra_results_are_ignored_and_any_iterable_is_read():
+    # The original paired futures and results with zip: a padded output or a generator works.
+    padded = BatchedService(lambda xs: list(xs) + ["pad"] * 3, batch_size=2, max_delay=LONG)
+    assert [f.result(LONG) for f in padded.submit_many([1, 2])] == [1, 2]
+    padded.stop()
+    generated = BatchedService(lambda xs: (x * 10 for x in xs), batch_size=2, max_delay=LONG)
+    assert [f.result(LONG) for f in generated.submit_many([1, 2])] == [10, 20]
+    generated.stop()
 
 
 # ---------------------------------------------------------------------- the original's faults, fixed
@@ -341,22 +340,18 @@ def test_a_cancelled_future_is_skipped():
     assert batches == [["a", "c"]]
 
 
-def test_too_few_results_fail_the_batch_and_extra_results_are_ignored():
-    # The original left callers without a result waiting forever; extra results it ignored (zip).
-    short = BatchedService(lambda xs: xs[:-1], batch_size=2, max_delay=LONG, start=False)
+def test_too_few_results_fail_the_batch():
+    # The original left the callers without a result waiting forever.
+    short = BatchedService(lambda xs: xs[:-1], batch_size=2, max_delay=LONG)
     futures = short.submit_many([1, 2])
-    short.stop()
     for f in futures:
-        with pytest.raises(BatchOutputError, match="returned 1 results for a batch of 2 items"):
-            f.result()
-    padded = BatchedService(lambda xs: list(xs) + ["pad"] * 3, batch_size=2, max_delay=LONG, start=False)
-    futures = padded.submit_many([1, 2])
-    padded.stop()
-    assert [f.result() for f in futures] == [1, 2]
-    generated = BatchedService(lambda xs: (x * 10 for x in xs), batch_size=2, max_delay=LONG, start=False)
-    futures = generated.submit_many([1, 2])
-    generated.stop()
-    assert [f.result() for f in futures] == [10, 20]
+        with pytest.raises(BatchOutputError, match="returned 1 results for a batch of 2 items; expected one per item"):
+            f.result(LONG)
+    not_iterable = BatchedService(lambda xs: None, batch_size=1, max_delay=LONG)
+    with pytest.raises(BatchOutputError, match="must return an iterable of 1 results .*got NoneType"):
+        not_iterable(1)
+    short.stop()
+    not_iterable.stop()
 
 
 def test_a_script_that_never_calls_stop_exits():
@@ -376,3 +371,46 @@ def test_a_script_that_never_calls_stop_exits():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "42\n"
+
+
+# ---------------------------------------------------------------------- rlbatch's own, beyond the original
+
+def test_a_submit_after_stop_is_also_rlbatchs_service_closed():
+    service = BatchedService(lambda xs: xs, batch_size=2, max_delay=0.01)
+    service.stop()
+    with pytest.raises(ServiceClosed, match=r"Service is closing.*expected submits before stop\(\)"):
+        service.submit(1)
+    assert issubclass(ServiceClosing, AssertionError) and issubclass(ServiceClosing, ServiceClosed)
+
+
+def test_invalid_settings_are_value_errors_naming_what_came():
+    with pytest.raises(ValueError, match="Expected max_delay > 0 seconds, got 0"):
+        BatchedService(lambda xs: xs, batch_size=2, max_delay=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 'two'"):
+        BatchedService(lambda xs: xs, batch_size="two", max_delay=0.01)
+    service = BatchedService(lambda xs: xs, batch_size=np.int64(2), max_delay=np.float32(0.5), start=False)
+    assert service.batch_size == 2 and isinstance(service.batch_size, int)
+    with pytest.raises(ValueError, match="max_batch_size must be a positive int, got 0"):
+        service.batch_size = 0  # the original's worker spun without serving anyone
+    service.stop()
+
+
+def test_max_delay_changed_on_a_running_service_applies_to_items_already_waiting():
+    # The original read max_delay when its worker began gathering, so an item already waiting
+    # kept the old (here: LONG) window.
+    service = BatchedService(lambda xs: xs, batch_size=10, max_delay=LONG)
+    future = service.submit("waiting")
+    service.max_delay = 0.01
+    assert service.max_delay == 0.01
+    assert future.result(LONG) == "waiting"
+    service.stop()
+
+
+def test_rlbatch_stats_are_there_too():
+    service = BatchedService(lambda xs: xs, batch_size=3, max_delay=LONG, start=False)
+    futures = service.submit_many(range(6))
+    service.start()
+    assert [f.result(LONG) for f in futures] == list(range(6))
+    service.stop()
+    stats = service.stats
+    assert (stats.requests, stats.batches, stats.pending) == (6, 2, 0)

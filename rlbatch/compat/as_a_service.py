@@ -98,8 +98,9 @@ class BatchedService(rlbatch.BatchedService):
         if not callable(batch_process_func):
             raise TypeError(f"batch_process_func must be callable, got {type(batch_process_func).__name__}")
         if isinstance(max_delay, bool) or not isinstance(max_delay, numbers.Real) or not max_delay > 0:
-            raise InvalidDelay(f"max_delay must be a number of seconds > 0 (a small one such as 1e-5 "
-                               f"for almost no wait), got {max_delay!r}")
+            # The original's assertion message first, for code that matches it.
+            raise InvalidDelay("delay must be non-negative. Please set some small number (e.g. 1e-5) instead. "
+                               f"Expected max_delay > 0 seconds, got {max_delay!r}")
         try:
             batch_size = operator.index(batch_size)  # numpy ints too, as the original's range() took
         except TypeError:
