@@ -31,7 +31,6 @@ output that cannot be split back fails its batch with BatchOutputError.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
@@ -39,8 +38,8 @@ import time
 
 from rlbatch.batching.queue import RequestQueue
 from rlbatch.batching.relay import RelayHelpers
-from rlbatch.batching.request import WAS_CANCELLED, complete
-from rlbatch.errors import BatchOutputError, DeadlineExceeded, QueueFull, ServiceClosed
+from rlbatch.batching.runner import BatchRunner
+from rlbatch.errors import DeadlineExceeded, QueueFull, ServiceClosed
 
 _log = logging.getLogger("rlbatch")
 
@@ -58,8 +57,7 @@ class Worker:
 
     def __init__(self, batch_fn, collator, stats, *, max_batch_size, max_delay, max_queue, on_full,
                  setup, max_in_flight, starvation_timeout, wake_width, idle_horizon, name, autostart=True):
-        self.batch_fn = batch_fn
-        self.collator = collator
+        self.runner = BatchRunner(batch_fn, collator, stats, setup=setup, wake_width=wake_width, name=name)
         self.stats = stats
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay
@@ -69,9 +67,6 @@ class Worker:
         self.wake_width = wake_width
         self.idle_horizon = idle_horizon
         self.name = name
-        self._setup = setup
-        self._context = None
-        self._pass_num_valid = collator.passes_num_valid
         # An RLock, because a garbage-collected instance may close its service from a finalizer
         # that runs in whichever thread dropped the last reference, possibly while holding it.
         self.lock = threading.RLock()
@@ -92,7 +87,6 @@ class Worker:
         self.dispatched = 0  # written by the worker only
         self.completed = 0  # written by the completer only
         self.relay_helpers = RelayHelpers(name)
-        self._loop: asyncio.AbstractEventLoop | None = None  # see _event_loop
         self._autostart = autostart  # start the threads on the first request (else on start())
 
     # ------------------------------------------------------------------ submitting (lock taken here)
@@ -280,16 +274,13 @@ class Worker:
 
     def _run(self) -> None:
         try:
-            if self._setup is not None:
-                try:
-                    self._context = self._setup()
-                except BaseException as e:  # noqa: BLE001 - every waiting caller must hear of it
-                    self._fail_setup(e)
-                    return
+            error = self.runner.set_up()
+            if error is not None:
+                self._fail_setup(error)
+                return
             self._serve()
         finally:
-            if self._loop is not None:
-                self._loop.close()
+            self.runner.tear_down()
             if self._done_queue is not None:
                 self._done_queue.put(None)
 
@@ -314,7 +305,7 @@ class Worker:
                 slots.acquire()  # bounds the batches dispatched and not yet completed
             job = None
             try:
-                job = self._dispatch(*batch)
+                job = self.runner.dispatch(*batch)
             except BaseException as e:  # noqa: BLE001 - the worker never dies
                 self._complete(requests, [e] * len(requests))
             finally:
@@ -353,64 +344,6 @@ class Worker:
         if self._done_queue is not None:
             self._done_queue.put(None)
 
-    def _dispatch(self, requests, num_rows, plain):
-        """Drops cancelled and expired requests, then calls the batch function on the rest.
-        Returns the job to finish, or None when nothing was left to run (or the call failed)."""
-        now = _clock()
-        if plain:  # the common case: blocking calls, no deadline, none cancelled
-            return self._call_batch_fn(requests, num_rows, now, True)
-        live, dead, dead_results = [], [], []
-        for r in requests:
-            if r.deadline is not None and now > r.deadline and (r.parent is None or not r.parent.started):
-                # (the rest of a split request whose first part ran runs too: see SplitRequest.abandon)
-                dead.append(r)
-                dead_results.append(DeadlineExceeded(
-                    f"request waited {now - r.t0:.4f} s in service {self.name!r}, past its deadline; it was not run"))
-                self.stats.timed_out += 1
-            elif r.claim():
-                live.append(r)
-            else:
-                dead.append(r)
-                dead_results.append(WAS_CANCELLED)
-                self.stats.cancelled += 1
-        if dead:
-            self._complete(dead, dead_results)
-        if not live:
-            return None
-        return self._call_batch_fn(live, sum([r.num_rows for r in live]), now, False)
-
-    def _call_batch_fn(self, live, num_rows, now, plain):
-        ctx = None
-        try:
-            self.stats.queue_waits.extend([now - r.t0 for r in live])
-            args, kwargs, ctx, padded = self.collator.gather(live, num_rows)
-            if self._pass_num_valid:
-                kwargs["num_valid"] = num_rows
-            if self._setup is not None:
-                output = self.batch_fn(self._context, *args, **kwargs)
-            else:
-                output = self.batch_fn(*args, **kwargs)
-            if asyncio.iscoroutine(output):  # an `async def` batch function
-                output = self._event_loop().run_until_complete(output)
-        except BaseException as e:  # noqa: BLE001 - reaches every caller of this batch
-            self.stats.errors += len(live)
-            try:
-                if ctx is not None:
-                    self.collator.release(ctx)
-                self.stats.record_batch(num_rows, None, _clock() - now)
-            except Exception:  # noqa: BLE001 - the callers must still hear of e
-                _log.exception("rlbatch: service %r could not clean up after a failed batch", self.name)
-            self._complete(live, [e] * len(live))
-            return None
-        return live, output, ctx, num_rows, padded, now, plain
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The worker's own event loop for async batch functions: made on first use, in the worker
-        thread, and closed when the worker ends (it is never the callers' loop)."""
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-        return self._loop
-
     def _complete_loop(self) -> None:
         while True:
             job = self._done_queue.get()
@@ -420,34 +353,10 @@ class Worker:
             self.completed += 1
 
     def _finish(self, job) -> None:
-        live, output, ctx, num_rows, padded, t_start, plain = job
-        try:
-            try:
-                results = self.collator.scatter(output, live, num_rows, ctx)
-                if len(results) != len(live):
-                    raise BatchOutputError(f"the batch output split into {len(results)} results for "
-                                           f"{len(live)} requests ({num_rows} rows); expected one per request")
-            except BaseException as e:  # noqa: BLE001 - a bad output fails its batch only
-                self.stats.errors += len(live)
-                results = [e] * len(live)
-                plain = False
-            finally:
-                if ctx is not None:
-                    self.collator.release(ctx)
-        finally:
-            if self._slots is not None:
-                self._slots.release()
-        now = _clock()
-        try:
-            self.stats.record_batch(num_rows, padded, now - t_start)
-            self.stats.latencies.extend([now - r.t0 for r in live])
-        except Exception:  # noqa: BLE001 - statistics never cost a caller its result
-            _log.exception("rlbatch: service %r could not record a batch's statistics", self.name)
-        # A plain batch of a collator whose results are always values needs no per-request checks.
-        self._complete(live, results, plain and self.collator.results_are_values)
+        self.runner.finish(job, self._slots.release if self._slots is not None else None)
 
-    def _complete(self, requests, results, plain: bool = False) -> None:
-        complete(requests, results, self.wake_width, plain, self.name)
+    def _complete(self, requests, results) -> None:
+        self.runner.complete(requests, results)
 
     # ------------------------------------------------------------------ lifecycle
 
