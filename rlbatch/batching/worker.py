@@ -200,7 +200,7 @@ class Worker:
     def _forget_idle_callers(self, now: float) -> None:
         # Lock held; a batch goes by its delay while some known caller is not waiting.
         horizon = now - self.idle_horizon
-        for c in self.implicit_callers:
+        for c in list(self.implicit_callers):  # a copy: a thread may end and close its caller meanwhile
             if c.active and not c.outstanding and c.last_call < horizon:
                 self.queue.set_active(c, False)
 
