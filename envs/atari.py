@@ -20,6 +20,7 @@ its package until it is called, so `import envs` works on a core install without
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import gymnasium
@@ -33,6 +34,15 @@ FRAME_SKIP = 4
 SCREEN_SIZE = 84
 STACK_SIZE = 4
 STICKY_ACTION_PROB = 0.25
+
+
+def _import_extra(module: str, extra: str):
+    """Imports an extra's package when a factory is called, so that `import envs` does not need it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise gymnasium.error.DependencyNotInstalled(
+            f"{module} is not installed: install the {extra!r} extra (pip install -e \".[{extra}]\")") from e
 
 
 class EpisodicLifeWrapper(gymnasium.Wrapper):
@@ -79,8 +89,7 @@ def make_atari_env(env_id: str = "ALE/Breakout-v5", *, seed: int | None = None, 
     otherwise left to the caller's `reset(seed=...)`, which ActorPool passes). `make_kwargs` (e.g.
     `full_action_space`) go to `gymnasium.make`. Entry point of `rlbatch/Atari-v0`.
     """
-    import ale_py  # the `atari` extra; imported here so that `import envs` does not need it
-
+    ale_py = _import_extra("ale_py", "atari")
     gymnasium.register_envs(ale_py)
     make_kwargs = {"repeat_action_probability": STICKY_ACTION_PROB, **make_kwargs, "frameskip": 1}
     env = gymnasium.make(env_id, **make_kwargs)
@@ -107,8 +116,7 @@ def make_envpool_atari(task_id: str = "Breakout-v5", num_envs: int = 1, *, seed:
     4 stacked frames and 27,000 steps per episode; this sets sticky actions 0.25 and the training
     options. `envpool_kwargs` go to `envpool.make` (e.g. `batch_size`, `num_threads`).
     """
-    import envpool  # the `envpool` extra; imported here so that `import envs` does not need it
-
+    envpool = _import_extra("envpool", "envpool")
     settings = dict(repeat_action_probability=STICKY_ACTION_PROB, noop_max=NOOP_MAX, frame_skip=FRAME_SKIP,
                     img_height=SCREEN_SIZE, img_width=SCREEN_SIZE, stack_num=STACK_SIZE, gray_scale=True)
     settings.update(envpool_kwargs)

@@ -4,6 +4,8 @@ CI installs the `atari`, `mujoco` and `envpool` extras, so nothing here is skipp
 """
 from __future__ import annotations
 
+import sys
+
 import gymnasium
 import jax.numpy as jnp
 import numpy as np
@@ -203,6 +205,14 @@ def test_mujoco_half_cheetah_resets_and_steps():
     obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
     assert obs.shape == (17,) and np.isfinite(reward) and not terminated
     env.close()
+
+
+@pytest.mark.parametrize("module, extra, factory", [("ale_py", "atari", make_atari_env),
+                                                    ("envpool", "envpool", make_envpool_atari)])
+def test_a_missing_extra_is_named_when_a_factory_is_called(monkeypatch, module, extra, factory):
+    monkeypatch.setitem(sys.modules, module, None)  # as if the extra were not installed
+    with pytest.raises(gymnasium.error.DependencyNotInstalled, match=rf'pip install -e "\.\[{extra}\]"'):
+        factory()
 
 
 def test_envs_package_exports_the_atari_factories():
