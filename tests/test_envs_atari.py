@@ -197,7 +197,10 @@ def test_actor_pool_on_ale_keeps_uint8_trajectories():
 # ---------------------------------------------------------------- mujoco extra
 
 
-def test_mujoco_half_cheetah_resets_and_steps():
+def test_mujoco_half_cheetah_resets_and_steps(monkeypatch, tmp_path):
+    # MuJoCo writes its model warnings (a deprecated attribute of HalfCheetah's XML) to
+    # MUJOCO_LOG.TXT in the working directory: keep that out of the checkout.
+    monkeypatch.chdir(tmp_path)
     env = gymnasium.make("HalfCheetah-v5")
     obs, _ = env.reset(seed=0)
     assert obs.shape == (17,)
