@@ -6,6 +6,9 @@ Registered ids (`gymnasium.make(id, **overrides)`; defaults shown):
   can take the [50] observation directly; episodes last exactly rows - 1 = 9 steps, so no time limit.
 - `rlbatch/Latency-v0`: `LatencyWrapper(gymnasium.make(env_id), step_latency, reset_latency)` with
   `env_id="CartPole-v1"`, `step_latency=0.001`, `reset_latency=0.0` (seconds, slept each call).
+- `rlbatch/Atari-v0`: `make_atari_env(env_id="ALE/Breakout-v5", episodic_life=False, clip_rewards=False)`,
+  an ALE game with the standard preprocessing, uint8 [4, 84, 84] (see envs.atari; needs the `atari`
+  extra when made, not when registered). `make_envpool_atari` is EnvPool's counterpart (`envpool` extra).
 
 This package is plain gymnasium code: it does not import rlbatch.
 """
@@ -13,12 +16,15 @@ from __future__ import annotations
 
 import gymnasium
 
+from envs.atari import make_atari_env, make_envpool_atari
 from envs.catch import CatchEnv
 from envs.latency import LatencyWrapper
 
 __all__ = [
     "CatchEnv",
     "LatencyWrapper",
+    "make_atari_env",
+    "make_envpool_atari",
     "ENV_IDS",
 ]
 
@@ -27,6 +33,11 @@ _REGISTRATIONS: dict[str, dict] = {
     "rlbatch/Latency-v0": dict(
         entry_point="envs.latency:make_latency_env",
         kwargs={"env_id": "CartPole-v1", "step_latency": 0.001, "reset_latency": 0.0},
+    ),
+    # make_atari_env imports ale_py when called, so registering needs no extra.
+    "rlbatch/Atari-v0": dict(
+        entry_point="envs.atari:make_atari_env",
+        kwargs={"env_id": "ALE/Breakout-v5", "episodic_life": False, "clip_rewards": False},
     ),
 }
 

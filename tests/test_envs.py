@@ -21,6 +21,7 @@ from tests.fakes import FaultInjection, InjectedFault, ScriptedEnv
 # are CartPole's business, not the wrappers'.
 _CARTPOLE_IDS = {"rlbatch/Latency-v0", "fakes/Faulty-v0"}
 _OVERRIDES = {"fakes/Faulty-v0": {"p_step": 0.0}}  # check_env must not hit a random fault
+_OBS_DTYPES = {"rlbatch/Atari-v0": np.uint8}  # frames stay uint8 (scaled in the policy); the rest float32
 
 
 # ---------------------------------------------------------------- registration and the API checker
@@ -30,7 +31,7 @@ _ALL_IDS = envs.ENV_IDS + fakes.FAKE_ENV_IDS
 
 
 def test_importing_registers_every_id():
-    assert set(envs.ENV_IDS) == {"rlbatch/Catch-v0", "rlbatch/Latency-v0"}
+    assert set(envs.ENV_IDS) == {"rlbatch/Catch-v0", "rlbatch/Latency-v0", "rlbatch/Atari-v0"}
     assert set(fakes.FAKE_ENV_IDS) == {"fakes/Faulty-v0", "fakes/Scripted-v0"}
     for env_id in _ALL_IDS:
         assert env_id in gymnasium.registry
@@ -68,7 +69,7 @@ def test_check_env_made(env_id):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # check_env warns that a made env is wrapped
         check_env(env, skip_render_check=env_id in _CARTPOLE_IDS)
-    assert env.observation_space.dtype == np.float32
+    assert env.observation_space.dtype == _OBS_DTYPES.get(env_id, np.float32)
 
 
 def test_registered_defaults():
