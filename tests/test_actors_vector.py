@@ -1,0 +1,191 @@
+"""ActorPool with vector environments (rlbatch/actors/vector_slot.py): gymnasium's SyncVectorEnv in
+its NEXT_STEP and SAME_STEP autoreset modes and AsyncVectorEnv give exactly the trajectories k single
+environments give; seeding; faults; vector environments the actor cannot play."""
+import functools
+import threading
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.vector import AutoresetMode
+
+import rlbatch
+from tests import fakes
+from tests.test_actors import counter_service, rotated, rotated_scripts, scripted_service, scripted_steps
+
+T, K = 4, 3
+
+
+def scripted_vector(kind="sync", mode=AutoresetMode.NEXT_STEP, wrap=lambda env, j: env):
+    """vector_env_fn: k ScriptedEnvs, sub-environment j following `rotated(j)`, so the columns end
+    their episodes at different steps."""
+
+    def make_sub(j):
+        return wrap(fakes.ScriptedEnv(*rotated(j)), j)
+
+    def make(k):
+        fns = [functools.partial(make_sub, j) for j in range(k)]
+        if kind == "sync":
+            return gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+        return gymnasium.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="fork")
+
+    return make
+
+
+def run_pool(n, T=T, k=K, service=scripted_service, **pool_kw):
+    pool_kw.setdefault("env_fn", None)
+    with service() as svc:
+        pool = rlbatch.ActorPool(policy_service=svc, num_actors=1, unroll_length=T, envs_per_actor=k, **pool_kw)
+        with pool:
+            trajs = [pool.get(timeout=30) for _ in range(n)]
+    return trajs, pool
+
+
+def expected_episodes(k, steps):
+    """(return, length) of the episodes the k rotated scripts finish in `steps` steps, in the order
+    an actor logs them: step by step, column by column."""
+    scripts = [scripted_steps(*rotated(j)) for j in range(k)]
+    returns, lengths, out = [0.0] * k, [0] * k, []
+    for _ in range(steps):
+        for j in range(k):
+            e = next(scripts[j])
+            returns[j] += e["reward"]
+            lengths[j] += 1
+            if e["terminated"] or e["truncated"]:
+                out.append((returns[j], lengths[j]))
+                returns[j], lengths[j] = 0.0, 0
+    return out
+
+
+def assert_matches_scripts(trajs, k=K):
+    for j in range(k):
+        steps = scripted_steps(*rotated(j))
+        for traj in trajs:
+            expected = [next(steps) for _ in range(T)]
+            np.testing.assert_array_equal(traj.obs[:T, j], [e["obs"] for e in expected])
+            np.testing.assert_array_equal(traj.obs[T, j], expected[-1]["next_obs"])
+            np.testing.assert_array_equal(traj.reward[:, j], [e["reward"] for e in expected])
+            np.testing.assert_array_equal(traj.terminated[:, j], [e["terminated"] for e in expected])
+            np.testing.assert_array_equal(traj.truncated[:, j], [e["truncated"] for e in expected])
+            np.testing.assert_array_equal(traj.final_obs[:, j], [e["final_obs"] for e in expected])
+            np.testing.assert_array_equal(traj.extras["tag"][:, j], [e["obs"][0] * 100 + e["obs"][1] for e in expected])
+            np.testing.assert_array_equal(traj.episode_id[:, j] & 0xFFFFFFFF, [e["episode"] for e in expected])
+            assert (traj.episode_id[:, j] >> 32 == j).all()
+
+
+@pytest.mark.parametrize("kind, mode", [("sync", AutoresetMode.NEXT_STEP), ("sync", AutoresetMode.SAME_STEP),
+                                        ("async", AutoresetMode.NEXT_STEP), ("async", AutoresetMode.SAME_STEP)])
+def test_vector_env_trajectories_match_the_scripts_and_k_single_envs_exactly(kind, mode):
+    n = 6
+    trajs, pool = run_pool(n, vector_env_fn=scripted_vector(kind, mode))
+    assert_matches_scripts(trajs)
+    ends = np.concatenate([traj.terminated | traj.truncated for traj in trajs])
+    assert (ends[:, 0] != ends[:, 1]).any() and (ends[:, 1] != ends[:, 2]).any()  # a column mix-up shows
+    assert ends.sum() >= 8 and np.concatenate([traj.truncated for traj in trajs]).any()
+    # Episode returns are the environment's own, logged in the order k single slots log them.
+    episodes = pool.episodes
+    assert len(episodes) >= ends.sum()
+    assert episodes == expected_episodes(K, 2000)[:len(episodes)]
+    assert pool.stats.episodes == len(episodes) and pool.stats.env_errors == 0
+    assert pool.envs_open == 0
+    singles, _ = run_pool(n, env_fn=rotated_scripts())
+    for vector_traj, single_traj in zip(trajs, singles):
+        for name in rlbatch.Trajectory._fields:
+            a, b = getattr(vector_traj, name), getattr(single_traj, name)
+            if name == "extras":
+                assert a.keys() == b.keys()
+                a, b = list(a.values()), list(b.values())
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_recurrent_rows_reset_with_their_columns_episodes():
+    trajs, _ = run_pool(3, T=T, service=counter_service, vector_env_fn=scripted_vector())
+    for traj in trajs:  # the counter is the step index within each column's episode
+        np.testing.assert_array_equal(traj.extras["count"], traj.obs[:-1, :, 1])
+
+
+def test_one_sub_environment_per_actor_drops_the_column_axis():
+    trajs, _ = run_pool(3, k=1, vector_env_fn=scripted_vector())
+    steps = scripted_steps(*rotated(0))
+    for traj in trajs:
+        expected = [next(steps) for _ in range(T)]
+        assert traj.obs.shape == (T + 1, 2) and traj.reward.shape == (T,)
+        np.testing.assert_array_equal(traj.obs[:T], [e["obs"] for e in expected])
+        np.testing.assert_array_equal(traj.final_obs, [e["final_obs"] for e in expected])
+
+
+def test_sub_environment_i_is_seeded_seed_plus_i():
+    seeds, lock = [], threading.Lock()
+
+    class Recording(fakes.ScriptedEnv):
+        def reset(self, *, seed=None, options=None):
+            if seed is not None:
+                with lock:
+                    seeds.append(seed)
+            return super().reset(seed=seed, options=options)
+
+    vector_env_fn = lambda k: gymnasium.vector.SyncVectorEnv([Recording] * k)  # noqa: E731
+    with scripted_service() as svc:
+        with rlbatch.ActorPool(None, svc, num_actors=3, unroll_length=2, envs_per_actor=2, seed=100,
+                               vector_env_fn=vector_env_fn) as pool:
+            pool.get(timeout=30)
+    assert sorted(seeds) == [100, 101, 102, 103, 104, 105]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_failing_vector_env_is_rebuilt_and_its_unfinished_trajectory_dropped(kind):
+    made, lock = [], threading.Lock()
+
+    def wrap(env, j):
+        env = fakes.FaultInjection(env, p_step=0.03, p_reset=0.03, seed=int(np.random.default_rng().integers(1 << 30)))
+        with lock:
+            made.append(env)
+        return env
+
+    if kind == "async":  # the sub-environments live in subprocesses: count the faults there by their errors
+        trajs, pool = run_pool(15, vector_env_fn=scripted_vector("async", wrap=lambda env, j: fakes.FaultInjection(
+            env, p_step=0.03, seed=int(np.random.default_rng().integers(1 << 30)))))
+        stats = pool.stats
+        assert stats.env_errors == stats.env_rebuilds == stats.dropped_on_error >= 1
+        assert all("InjectedFault" in e.error and e.where == "env.step" for e in pool.errors)
+    else:
+        trajs, pool = run_pool(30, vector_env_fn=scripted_vector("sync", wrap=wrap))
+        stats = pool.stats
+        faults = [fault for env in made for fault in env.faults]
+        # One fault stops the whole vector step or reset: each fault is one rebuild. A fault in the
+        # first (seeded) reset is a failed build: no trajectory to drop.
+        build_faults = faults.count(("reset", 1))
+        assert stats.env_errors == stats.env_rebuilds == len(faults) >= 2
+        assert stats.dropped_on_error == len(faults) - build_faults >= 1
+        assert all("InjectedFault" in e.traceback and e.where in ("env.step", "env.reset") for e in pool.errors)
+    assert all(e.actor_id == 0 and e.env_index == 0 for e in pool.errors)
+    assert stats.obs_refused == 0 and stats.policy_errors == 0
+    for traj in trajs:  # every emitted trajectory is whole and consistent with the scripts
+        np.testing.assert_array_equal(traj.reward, 10 * traj.obs[:-1, :, 0] + traj.obs[:-1, :, 1] + 1)
+        ended = traj.terminated | traj.truncated
+        np.testing.assert_array_equal(traj.final_obs[..., 0], np.where(ended, traj.obs[:-1, :, 0], 0))
+        np.testing.assert_array_equal(traj.obs[1:, :, 1], np.where(ended, 0, traj.obs[:-1, :, 1] + 1))
+    assert pool.envs_open == 0
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda k: gymnasium.vector.SyncVectorEnv([fakes.ScriptedEnv] * (k + 1)), "expected a vector environment of 3"),
+    (lambda k: gymnasium.vector.SyncVectorEnv([fakes.ScriptedEnv] * k, autoreset_mode=AutoresetMode.DISABLED),
+     "autoreset mode NEXT_STEP or SAME_STEP"),
+    (lambda k: gymnasium.vector.AsyncVectorEnv([fakes.ScriptedEnv] * k, shared_memory=False, context="fork"),
+     "shared_memory=True"),
+])
+def test_a_vector_env_the_actor_cannot_play_stops_the_pool(make, match):
+    with scripted_service() as svc:
+        with rlbatch.ActorPool(None, svc, num_actors=1, unroll_length=T, envs_per_actor=K,
+                               vector_env_fn=make) as pool:
+            with pytest.raises(rlbatch.PoolStopped, match=match):
+                pool.get(timeout=30)
+        assert pool.envs_open == 0
+
+
+def test_env_fn_and_vector_env_fn_are_exclusive():
+    with pytest.raises(ValueError, match="exactly one of env_fn and vector_env_fn, got both"):
+        rlbatch.ActorPool("CartPole-v1", object(), 1, 4, vector_env_fn=scripted_vector())
+    with pytest.raises(ValueError, match="got neither"):
+        rlbatch.ActorPool(None, object(), 1, 4)
