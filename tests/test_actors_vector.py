@@ -23,7 +23,7 @@ def scripted_vector(kind="sync", mode=AutoresetMode.NEXT_STEP, wrap=lambda env, 
     def make_sub(j):
         return wrap(fakes.ScriptedEnv(*rotated(j)), j)
 
-    def make(k):
+    def make(k, seed):
         fns = [functools.partial(make_sub, j) for j in range(k)]
         if kind == "sync":
             return gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=mode)
@@ -124,12 +124,19 @@ def test_sub_environment_i_is_seeded_seed_plus_i():
                     seeds.append(seed)
             return super().reset(seed=seed, options=options)
 
-    vector_env_fn = lambda k: gymnasium.vector.SyncVectorEnv([Recording] * k)  # noqa: E731
+    made_with = []
+
+    def vector_env_fn(k, seed):
+        with lock:
+            made_with.append((k, seed))
+        return gymnasium.vector.SyncVectorEnv([Recording] * k)
+
     with scripted_service() as svc:
         with rlbatch.ActorPool(None, svc, num_actors=3, unroll_length=2, envs_per_actor=2, seed=100,
                                vector_env_fn=vector_env_fn) as pool:
             pool.get(timeout=30)
     assert sorted(seeds) == [100, 101, 102, 103, 104, 105]
+    assert sorted(made_with) == [(2, 100), (2, 102), (2, 104)]  # each actor's sub-environment 0
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -169,10 +176,10 @@ def test_a_failing_vector_env_is_rebuilt_and_its_unfinished_trajectory_dropped(k
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda k: gymnasium.vector.SyncVectorEnv([fakes.ScriptedEnv] * (k + 1)), "expected a vector environment of 3"),
-    (lambda k: gymnasium.vector.SyncVectorEnv([fakes.ScriptedEnv] * k, autoreset_mode=AutoresetMode.DISABLED),
+    (lambda k, seed: gymnasium.vector.SyncVectorEnv([fakes.ScriptedEnv] * (k + 1)), r"vector_env_fn\(3, seed\): expected a vector environment of 3"),
+    (lambda k, seed: gymnasium.vector.SyncVectorEnv([fakes.ScriptedEnv] * k, autoreset_mode=AutoresetMode.DISABLED),
      "autoreset mode NEXT_STEP or SAME_STEP"),
-    (lambda k: gymnasium.vector.AsyncVectorEnv([fakes.ScriptedEnv] * k, shared_memory=False, context="fork"),
+    (lambda k, seed: gymnasium.vector.AsyncVectorEnv([fakes.ScriptedEnv] * k, shared_memory=False, context="fork"),
      "shared_memory=True"),
 ])
 def test_a_vector_env_the_actor_cannot_play_stops_the_pool(make, match):

@@ -61,7 +61,7 @@ class ActorSetup:
     stop: threading.Event
     halt: Callable[[str], None]  # stops the whole pool at once, with this reason for its consumer
     exited: Callable[[str], None]  # each actor calls it once as it exits, with why
-    make_vector_env: Callable[[int], Any] | None = None  # k -> a vector environment (VectorActor)
+    make_vector_env: Callable[[int, int], Any] | None = None  # (k, seed) -> a vector environment (VectorActor)
 
 
 class _Misconfigured(Exception):
@@ -267,7 +267,7 @@ class Actor:
 
 class VectorActor(Actor):
     """An actor whose k columns are the k sub-environments of one vector environment (a VectorSlot,
-    see rlbatch.actors.vector_slot), built by `setup.make_vector_env(k)`, instead of k EnvSlots.
+    see rlbatch.actors.vector_slot), built by `setup.make_vector_env(k, seed)`, instead of k EnvSlots.
 
     The loop is Actor's; only the environment side differs. The current observations are the vector
     environment's batched [k, ...] array. A fault in the vector environment (or a refused

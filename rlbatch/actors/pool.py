@@ -22,7 +22,7 @@ actors; with one actor and one policy caller they are.
 
 Vector environments: with `vector_env_fn` each actor owns one vector environment of k
 sub-environments (gymnasium's SyncVectorEnv or AsyncVectorEnv, in its NEXT_STEP or SAME_STEP
-autoreset mode) in place of k environments; its trajectories follow the same contract, column j
+autoreset mode, or an EnvPool in synchronous mode) in place of k environments; its trajectories follow the same contract, column j
 being sub-environment j. A failing vector environment is rebuilt whole.
 
 Faults: an environment that raises in step or reset, or whose observation the policy refuses, is
@@ -70,11 +70,15 @@ class ActorPool:
       max_backoff: longest pause, in seconds, between retries after a policy error or a failed
         environment build.
       name: prefix of the actor threads' names.
-      vector_env_fn: instead of `env_fn`, a factory called with k that returns a new gymnasium
-        vector environment of k sub-environments: each actor owns one, built on its own thread, as
-        its k columns (see rlbatch.actors.vector_slot for the autoreset modes and faults), e.g.
-        `lambda k: gymnasium.vector.AsyncVectorEnv([make_env] * k)` to step GIL-holding Python
-        environments in k subprocesses. Observations must be plain arrays.
+      vector_env_fn: instead of `env_fn`, a factory `(k, seed)` -> a new gymnasium vector
+        environment of k sub-environments: each actor owns one, built on its own thread, as its k
+        columns (see rlbatch.actors.vector_slot for autoreset modes, seeding and faults). `seed` is
+        sub-environment 0's seed (j's is seed + j); a gymnasium vector environment may ignore it
+        (the actor resets it with its seeds), an EnvPool takes it. For example
+        `lambda k, seed: gymnasium.vector.AsyncVectorEnv([make_env] * k)` steps GIL-holding Python
+        environments in k subprocesses, and `lambda k, seed: envpool.make("CartPole-v1",
+        env_type="gymnasium", num_envs=k, seed=seed)` uses EnvPool's threads. Observations must be
+        plain arrays.
     """
 
     def __init__(self, env_fn, policy_service, num_actors: int, unroll_length: int, *, envs_per_actor: int = 1,
@@ -90,7 +94,7 @@ class ActorPool:
             raise ValueError("ActorPool: expected exactly one of env_fn and vector_env_fn, got "
                              + ("both" if env_fn is not None else "neither"))
         if vector_env_fn is not None and not callable(vector_env_fn):
-            raise TypeError(f"ActorPool: vector_env_fn must be a callable k -> vector environment, got "
+            raise TypeError(f"ActorPool: vector_env_fn must be a callable (k, seed) -> vector environment, got "
                             f"{type(vector_env_fn).__name__}")
         self._make_env = None if env_fn is None else env_factory(env_fn)
         self._make_vector_env = vector_env_fn

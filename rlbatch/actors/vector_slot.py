@@ -18,9 +18,16 @@ first one, and no step is ever recorded that only resets. Gymnasium's autoreset 
   `infos["final_obs"][j]`.
 DISABLED is refused: nothing would reset an ended sub-environment.
 
-Seeding, as with EnvSlots: sub-environment j of a vector environment built after r rebuilds is reset
-with `seed + index + num_envs * r`; later resets are unseeded. The slot keeps each column's
-episode count, return (the environment's own rewards) and length.
+EnvPool (`envpool.make(task_id, env_type="gymnasium", num_envs=k, seed=seed)`, a gymnasium VectorEnv
+in NEXT_STEP mode) goes the NEXT_STEP way; its masked reset returns only the rows it reset, which
+the slot writes into the step's observations. Only its synchronous mode (batch_size == num_envs).
+
+Seeding, as with EnvSlots: sub-environment j of a vector environment built after r rebuilds gets
+seed `seed + index + num_envs * r`. The slot calls `make_vector_env(k, seed)` with the seed of
+sub-environment 0 (`index = first_index`); the others' seeds follow it, +1 each, as EnvPool seeds
+its environments. A gymnasium vector environment is then reset with the k seeds; an EnvPool, seeded
+by envpool.make, without. Later resets are unseeded. The slot keeps each column's episode count,
+return (the environment's own rewards) and length.
 
 Faults: a vector environment that raises in step or reset is closed and rebuilt whole (its k
 sub-environments share one process or one call, so none of them can be trusted alone); every
@@ -51,6 +58,11 @@ class VectorEnvMismatch(ValueError):
     """vector_env_fn built a vector environment the actor cannot play (size, autoreset mode)."""
 
 
+def _seeded_when_made(env) -> bool:
+    """An EnvPool: seeded by envpool.make (sub-environment j with seed + j), not by reset."""
+    return any(c.__module__.startswith("envpool.") for c in type(env).__mro__)
+
+
 def _autoreset_mode(env) -> AutoresetMode:
     mode = getattr(env, "metadata", {}).get("autoreset_mode", AutoresetMode.NEXT_STEP)
     mode = AutoresetMode(mode)  # a string works too
@@ -69,7 +81,7 @@ def _autoreset_mode(env) -> AutoresetMode:
 class VectorSlot:
     """A vector environment of k sub-environments: environments first_index ... first_index + k - 1."""
 
-    def __init__(self, make_vector_env: Callable[[int], Any], first_index: int, k: int, actor_id: int, *, seed: int,
+    def __init__(self, make_vector_env: Callable[[int, int], Any], first_index: int, k: int, actor_id: int, *, seed: int,
                  num_envs: int, max_backoff: float, stop: threading.Event, counters: ActorCounters,
                  faults: FaultLog, episodes: EpisodeLog):
         self.first_index, self.k, self.actor_id = first_index, k, actor_id
@@ -82,6 +94,7 @@ class VectorSlot:
         self.episode_length = np.zeros(k, np.int64)
         self._built_episode = np.zeros(k, np.int64)  # `episode` when the environment was built
         self._done = np.zeros(k, np.bool_)
+        self._envpool = False
         self.ended = _NONE  # the columns whose episode ended in the last step
         self._make_vector_env = make_vector_env
         self._seed, self._num_envs, self._max_backoff = seed, num_envs, max_backoff
@@ -131,10 +144,15 @@ class VectorSlot:
         self.episode_length[ended] = 0
         self.episode[ended] += 1
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            if self._envpool:
+                obs = obs.copy()  # EnvPool's arrays may share its buffers: the reset must not write over them
             try:
-                obs, _ = self.env.reset(options={"reset_mask": done})
+                first, _ = self.env.reset(options={"reset_mask": done})
             except Exception as e:  # noqa: BLE001
                 raise EnvFault(WHOLE_VECTOR, "env.reset", e) from e
+            if not self._envpool:  # gymnasium: all k rows, the others unchanged
+                return first
+            obs[ended] = first  # EnvPool: one row per sub-environment that was reset
         return obs
 
     # ------------------------------------------------------------------ building and recovering
@@ -146,12 +164,16 @@ class VectorSlot:
         while not self._stop.is_set():
             env = None
             try:
-                env = self._make_vector_env(self.k)
+                first_seed = self._seed + self.first_index + self._num_envs * self.rebuilds
+                env = self._make_vector_env(self.k, first_seed)
                 self._counters.envs_open += self.k
                 mode = self._check(env)
-                seeds = [self._seed + self.first_index + j + self._num_envs * self.rebuilds for j in range(self.k)]
                 t0 = _clock()
-                obs, _ = env.reset(seed=seeds)
+                self._envpool = _seeded_when_made(env)
+                if self._envpool:
+                    obs, _ = env.reset()
+                else:
+                    obs, _ = env.reset(seed=[first_seed + j for j in range(self.k)])
                 self._counters.env_time += _clock() - t0
                 self.env, self.autoreset_mode = env, mode
                 self._built_episode[:] = self.episode
@@ -178,8 +200,12 @@ class VectorSlot:
         try:
             num = getattr(env, "num_envs", None)
             if num != self.k:
-                raise VectorEnvMismatch(f"vector_env_fn({self.k}): expected a vector environment of {self.k} "
+                raise VectorEnvMismatch(f"vector_env_fn({self.k}, seed): expected a vector environment of {self.k} "
                                         f"sub-environments, got num_envs={num!r}")
+            if _seeded_when_made(env) and env.config["batch_size"] != num:
+                raise VectorEnvMismatch(f"vector_env_fn({self.k}, seed): expected an EnvPool in synchronous mode "
+                                        f"(batch_size == num_envs == {self.k}), got batch_size="
+                                        f"{env.config['batch_size']}")
             return _autoreset_mode(env)
         except VectorEnvMismatch:
             self._close(env)
