@@ -144,15 +144,15 @@ class VectorSlot:
         self.episode_length[ended] = 0
         self.episode[ended] += 1
         if self.autoreset_mode == AutoresetMode.NEXT_STEP:
-            if self._envpool:
-                obs = obs.copy()  # EnvPool's arrays may share its buffers: the reset must not write over them
             try:
                 first, _ = self.env.reset(options={"reset_mask": done})
             except Exception as e:  # noqa: BLE001
                 raise EnvFault(WHOLE_VECTOR, "env.reset", e) from e
             if not self._envpool:  # gymnasium: all k rows, the others unchanged
                 return first
-            obs[ended] = first  # EnvPool: one row per sub-environment that was reset
+            # EnvPool: one row per sub-environment that was reset. Its step returned a new writable
+            # array that the reset does not share, so the rows go into it without a copy.
+            obs[ended] = first
         return obs
 
     # ------------------------------------------------------------------ building and recovering
