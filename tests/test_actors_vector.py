@@ -2,6 +2,8 @@
 its NEXT_STEP and SAME_STEP autoreset modes and AsyncVectorEnv give exactly the trajectories k single
 environments give; seeding; faults; vector environments the actor cannot play."""
 import functools
+import itertools
+import re
 import threading
 
 import gymnasium
@@ -265,3 +267,44 @@ def test_envpool_seeds_follow_the_pool_seed():
     again = first_obs(7)[1]
     np.testing.assert_array_equal(obs, again)
     assert not np.array_equal(obs, first_obs(8)[1])
+
+
+def test_a_refused_observation_rebuilds_the_vector_env_and_the_actor_plays_on():
+    builds = itertools.count()
+
+    def corrupt_column_1(env, j):  # a new corruption seed per build, so that some builds emit trajectories
+        return fakes.CorruptObservations(env, p_nan=0.05, seed=next(builds)) if j == 1 else env
+
+    with scripted_service(check_finite=True) as svc:
+        with rlbatch.ActorPool(None, svc, num_actors=1, unroll_length=T, envs_per_actor=K,
+                               vector_env_fn=scripted_vector(wrap=corrupt_column_1)) as pool:
+            trajs = []
+            while pool.stats.obs_refused < 4:
+                trajs.append(pool.get(timeout=30))
+            trajs += [pool.get(timeout=30) for _ in range(3)]  # and it plays on
+        stats = pool.stats
+    assert stats.env_errors == stats.env_rebuilds == stats.obs_refused >= 4  # one column at a time
+    assert 0 < stats.dropped_on_error <= stats.obs_refused and stats.policy_errors == 0
+    for fault in pool.errors:
+        assert fault.where == "env.observation" and fault.env_index == 1
+        assert re.search(r"actor 0: the policy refused observations of its vector environment: environment 1: "
+                         r"expected finite values", fault.error)
+    for traj in trajs:  # what was emitted is whole, finite and follows the scripts
+        assert np.isfinite(traj.obs).all()
+        np.testing.assert_array_equal(traj.reward, 10 * traj.obs[:-1, :, 0] + traj.obs[:-1, :, 1] + 1)
+    assert pool.envs_open == 0
+
+
+def test_a_vector_env_whose_first_observations_never_fit_stops_the_pool_at_once():
+    make = lambda k, seed: gymnasium.vector.SyncVectorEnv([functools.partial(fakes.ScriptedEnv, obs_dim=3)] * k)  # noqa: E731
+    with scripted_service(check_finite=True) as svc:
+        with rlbatch.ActorPool(None, svc, num_actors=2, unroll_length=T, envs_per_actor=K, vector_env_fn=make) as pool:
+            with pytest.raises(rlbatch.PoolStopped, match=r"^actor \d: the first observations of a newly built vector "
+                                                          r"environment do not fit the policy: environment [03]: "
+                                                          r"expected an observation float32\[2\], got float32\[3\]"):
+                pool.get(timeout=30)
+            assert not pool.running
+        stats = pool.stats
+    assert stats.trajectories == 0 and stats.env_rebuilds == 0 and stats.actors_running == 0
+    assert pool.errors and all(fault.where == "env.observation" for fault in pool.errors)
+    assert pool.envs_open == 0

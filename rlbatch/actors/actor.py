@@ -331,5 +331,5 @@ class VectorActor(Actor):
         error = InvalidRequest(f"actor {self.actor_id}: the policy refused observations of its vector "
                                f"environment: {reason}")
         error.__cause__ = refusal
-        self._obs = vector.refused(error, len(blamed))
+        self._obs = vector.refused(error, [j for j, _ in blamed])
         return self._state_rows.initial

@@ -217,13 +217,14 @@ class VectorSlot:
         self._counters.env_errors += 1
         return self.rebuild()
 
-    def refused(self, error: BaseException, columns: int) -> np.ndarray:
-        """Records that the policy refused the observations of `columns` sub-environments and
-        rebuilds the vector environment (one sub-environment cannot be rebuilt alone); its first
-        observations. A newly built one (`fresh`) is the actor's to judge, as with EnvSlot."""
-        self._faults.record(self.actor_id, "env.observation", error, self.first_index)
+    def refused(self, error: BaseException, columns: list[int]) -> np.ndarray:
+        """Records that the policy refused the observations of `columns` (the fault names the first
+        one's environment) and rebuilds the vector environment (a sub-environment cannot be rebuilt
+        alone); its first observations. A newly built one (`fresh`) is the actor's to judge, as with
+        EnvSlot."""
+        self._faults.record(self.actor_id, "env.observation", error, self.first_index + columns[0])
         self._counters.env_errors += 1
-        self._counters.obs_refused += columns
+        self._counters.obs_refused += len(columns)
         return self.rebuild()
 
     def rebuild(self) -> np.ndarray:
