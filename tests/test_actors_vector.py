@@ -143,17 +143,20 @@ def test_sub_environment_i_is_seeded_seed_plus_i():
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_a_failing_vector_env_is_rebuilt_and_its_unfinished_trajectory_dropped(kind):
-    made, lock = [], threading.Lock()
+    made, builds = [], itertools.count()
 
-    def wrap(env, j):
-        env = fakes.FaultInjection(env, p_step=0.03, p_reset=0.03, seed=int(np.random.default_rng().integers(1 << 30)))
-        with lock:
-            made.append(env)
+    def wrap(env, j):  # one actor builds them in turn: the faults are the same in every run
+        env = fakes.FaultInjection(env, p_step=0.03, p_reset=0.03, seed=next(builds))
+        made.append(env)
         return env
 
+    def wrap_in_subprocess(env, j):
+        # Each subprocess gets a copy of the parent's state: a counter would not count, and the same
+        # faults in every build could stop any trajectory from finishing. ~9 faults expected here.
+        return fakes.FaultInjection(env, p_step=0.05, seed=int(np.random.default_rng().integers(1 << 30)))
+
     if kind == "async":  # the sub-environments live in subprocesses: count the faults there by their errors
-        trajs, pool = run_pool(15, vector_env_fn=scripted_vector("async", wrap=lambda env, j: fakes.FaultInjection(
-            env, p_step=0.03, seed=int(np.random.default_rng().integers(1 << 30)))))
+        trajs, pool = run_pool(15, vector_env_fn=scripted_vector("async", wrap=wrap_in_subprocess))
         stats = pool.stats
         assert stats.env_errors == stats.env_rebuilds == stats.dropped_on_error >= 1
         assert all("InjectedFault" in e.error and e.where == "env.step" for e in pool.errors)
@@ -178,7 +181,8 @@ def test_a_failing_vector_env_is_rebuilt_and_its_unfinished_trajectory_dropped(k
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda k, seed: gymnasium.vector.SyncVectorEnv([fakes.ScriptedEnv] * (k + 1)), r"vector_env_fn\(3, seed\): expected a vector environment of 3"),
+    (lambda k, seed: gymnasium.vector.SyncVectorEnv([fakes.ScriptedEnv] * (k + 1)),
+     r"vector_env_fn\(3, seed\): expected a vector environment of 3"),
     (lambda k, seed: gymnasium.vector.SyncVectorEnv([fakes.ScriptedEnv] * k, autoreset_mode=AutoresetMode.DISABLED),
      "autoreset mode NEXT_STEP or SAME_STEP"),
     (lambda k, seed: gymnasium.vector.AsyncVectorEnv([fakes.ScriptedEnv] * k, shared_memory=False, context="fork"),
@@ -296,7 +300,9 @@ def test_a_refused_observation_rebuilds_the_vector_env_and_the_actor_plays_on():
 
 
 def test_a_vector_env_whose_first_observations_never_fit_stops_the_pool_at_once():
-    make = lambda k, seed: gymnasium.vector.SyncVectorEnv([functools.partial(fakes.ScriptedEnv, obs_dim=3)] * k)  # noqa: E731
+    def make(k, seed):
+        return gymnasium.vector.SyncVectorEnv([functools.partial(fakes.ScriptedEnv, obs_dim=3)] * k)
+
     with scripted_service(check_finite=True) as svc:
         with rlbatch.ActorPool(None, svc, num_actors=2, unroll_length=T, envs_per_actor=K, vector_env_fn=make) as pool:
             with pytest.raises(rlbatch.PoolStopped, match=r"^actor \d: the first observations of a newly built vector "

@@ -9,6 +9,9 @@ Episodes end inside a step: the slot resets its environment at once, so `obs[t+1
 episode's first observation and `final_obs[t]` the old one's last, and the recurrent state of that
 row (and only that row) starts over.
 
+A `VectorActor` plays one vector environment of k sub-environments (a `VectorSlot`) in place of k
+slots, with the same loop and the same trajectories; its faults rebuild the whole vector environment.
+
 Faults, and what each costs (each is recorded as an ActorFault with the actor id):
 - an environment raises in step or reset: the other environments finish the step, that one is
   rebuilt, the unfinished trajectory dropped and counted, the actor plays on;

@@ -22,8 +22,9 @@ actors; with one actor and one policy caller they are.
 
 Vector environments: with `vector_env_fn` each actor owns one vector environment of k
 sub-environments (gymnasium's SyncVectorEnv or AsyncVectorEnv, in its NEXT_STEP or SAME_STEP
-autoreset mode, or an EnvPool in synchronous mode) in place of k environments; its trajectories follow the same contract, column j
-being sub-environment j. A failing vector environment is rebuilt whole.
+autoreset mode, or an EnvPool in synchronous mode) in place of k environments; its trajectories
+follow the same contract, column j being sub-environment j. A failing vector environment is
+rebuilt whole.
 
 Faults: an environment that raises in step or reset, or whose observation the policy refuses, is
 reset or rebuilt, the actor's unfinished trajectory is dropped (counted, never emitted half-filled)

@@ -64,25 +64,26 @@ def _seeded_when_made(env) -> bool:
 
 
 def _autoreset_mode(env) -> AutoresetMode:
+    """The vector environment's autoreset mode (gymnasium 1.x's default, NEXT_STEP, if it names none)."""
     mode = getattr(env, "metadata", {}).get("autoreset_mode", AutoresetMode.NEXT_STEP)
     mode = AutoresetMode(mode)  # a string works too
     if mode == AutoresetMode.DISABLED:
-        raise VectorEnvMismatch(f"VectorSlot: expected a vector environment with autoreset mode NEXT_STEP or SAME_STEP, got "
-                         f"{mode}: nothing would reset a sub-environment whose episode ended")
+        raise VectorEnvMismatch(f"VectorSlot: expected a vector environment with autoreset mode NEXT_STEP or "
+                                f"SAME_STEP, got {mode}: nothing would reset a sub-environment whose episode ended")
     if (mode == AutoresetMode.NEXT_STEP and isinstance(env, gymnasium.vector.AsyncVectorEnv)
             and not env.shared_memory):
         # gymnasium's worker clears its pending autoreset on a masked reset only with shared
         # memory: without it the next step would reset the new episode again.
-        raise VectorEnvMismatch("VectorSlot: expected an AsyncVectorEnv with shared_memory=True in NEXT_STEP mode, got "
-                         "shared_memory=False (its masked resets leave the autoreset pending)")
+        raise VectorEnvMismatch("VectorSlot: expected an AsyncVectorEnv with shared_memory=True in NEXT_STEP mode, "
+                                "got shared_memory=False (its masked resets leave the autoreset pending)")
     return mode
 
 
 class VectorSlot:
     """A vector environment of k sub-environments: environments first_index ... first_index + k - 1."""
 
-    def __init__(self, make_vector_env: Callable[[int, int], Any], first_index: int, k: int, actor_id: int, *, seed: int,
-                 num_envs: int, max_backoff: float, stop: threading.Event, counters: ActorCounters,
+    def __init__(self, make_vector_env: Callable[[int, int], Any], first_index: int, k: int, actor_id: int, *,
+                 seed: int, num_envs: int, max_backoff: float, stop: threading.Event, counters: ActorCounters,
                  faults: FaultLog, episodes: EpisodeLog):
         self.first_index, self.k, self.actor_id = first_index, k, actor_id
         self.env = None
