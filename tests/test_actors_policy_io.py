@@ -25,6 +25,17 @@ def test_k_environments_send_one_stacked_request_in_the_policys_dtype():
     np.testing.assert_array_equal(request, [[0, 0], [1, -1], [2, -2]])
 
 
+@pytest.mark.parametrize("example, dtype", [(EXAMPLE, np.float32), (None, np.float64)])
+def test_a_vector_environments_batch_is_converted_and_copied_in_one_request(example, dtype):
+    batch = np.array([[0, 0], [1, -1], [2, -2]], np.float64)
+    request = PolicyRequests(example, k=3).request(batch)
+    assert request.dtype == dtype and not np.shares_memory(request, batch)
+    np.testing.assert_array_equal(request, batch)
+    one = PolicyRequests(example, k=1).request(batch[:1])
+    assert one.shape == (2,) and one.dtype == dtype and not np.shares_memory(one, batch)
+    np.testing.assert_array_equal(one, [0, 0])
+
+
 def test_without_an_example_nothing_is_converted():
     requests = PolicyRequests(None, k=2)
     request = requests.request([np.zeros(2, np.float64), np.ones(2, np.float64)])

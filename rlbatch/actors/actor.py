@@ -9,6 +9,9 @@ Episodes end inside a step: the slot resets its environment at once, so `obs[t+1
 episode's first observation and `final_obs[t]` the old one's last, and the recurrent state of that
 row (and only that row) starts over.
 
+A `VectorActor` plays one vector environment of k sub-environments (a `VectorSlot`) in place of k
+slots, with the same loop and the same trajectories; its faults rebuild the whole vector environment.
+
 Faults, and what each costs (each is recorded as an ActorFault with the actor id):
 - an environment raises in step or reset: the other environments finish the step, that one is
   rebuilt, the unfinished trajectory dropped and counted, the actor plays on;
@@ -27,14 +30,18 @@ import threading
 import time
 from typing import Any, Callable
 
+import gymnasium
+import numpy as np
+
 from rlbatch.actors.env_slot import EnvFault, EnvSlot, StopRequested
 from rlbatch.actors.policy_io import PolicyRequests, RecurrentRows, env_actions_fn
 from rlbatch.actors.queue import TrajectoryQueue
 from rlbatch.actors.stats import ActorCounters, EpisodeLog, FaultLog
 from rlbatch.actors.trajectory import TrajectoryBuilder
+from rlbatch.actors.vector_slot import VectorSlot
 from rlbatch.errors import InvalidRequest, ServiceClosed
 
-__all__ = ["Actor", "ActorSetup"]
+__all__ = ["Actor", "ActorSetup", "VectorActor"]
 
 _clock = time.perf_counter
 _FIRST_BACKOFF = 0.01  # seconds before the first retry after a policy error
@@ -57,14 +64,15 @@ class ActorSetup:
     stop: threading.Event
     halt: Callable[[str], None]  # stops the whole pool at once, with this reason for its consumer
     exited: Callable[[str], None]  # each actor calls it once as it exits, with why
+    make_vector_env: Callable[[int, int], Any] | None = None  # (k, seed) -> a vector environment (VectorActor)
 
 
 class _Misconfigured(Exception):
     """An environment's first observation does not fit the policy: no actor can play it."""
 
-    def __init__(self, message: str, slot: EnvSlot, refusal: InvalidRequest):
+    def __init__(self, message: str, env_index: int, refusal: InvalidRequest):
         super().__init__(message)
-        self.slot, self.refusal = slot, refusal
+        self.env_index, self.refusal = env_index, refusal
 
 
 class Actor:
@@ -97,8 +105,7 @@ class Actor:
         why = "the pool was stopped"
         try:
             caller = setup.policy.register()
-            for slot in self._slots:
-                self._obs[slot.column] = slot.open()
+            self._open_envs()
             self._play(caller)
         except StopRequested:
             pass
@@ -106,7 +113,7 @@ class Actor:
             why = "the policy service was closed"
         except _Misconfigured as e:
             why = str(e)
-            setup.faults.record(self.actor_id, "env.observation", e.refusal, e.slot.index)
+            setup.faults.record(self.actor_id, "env.observation", e.refusal, e.env_index)
             setup.halt(why)
         except BaseException as e:  # noqa: BLE001 - an actor never dies silently
             why = f"actor {self.actor_id} failed: {e!r}"
@@ -115,14 +122,13 @@ class Actor:
             self._counters.running = False
             if caller is not None:
                 caller.close()
-            for slot in self._slots:
-                slot.close()
+            self._close_envs()
             setup.exited(why)
 
     def _play(self, caller) -> None:
         setup, counters = self._setup, self._counters
         stop, T, k = setup.stop, setup.unroll_length, setup.envs_per_actor
-        obs, requests = self._obs, self._requests
+        requests = self._requests
         recurrent = self._state_rows.recurrent
         state = self._state_rows.initial
         to_env = None  # known from the first action the policy returns
@@ -131,7 +137,7 @@ class Actor:
         while not stop.is_set():
             t0 = _clock()
             try:
-                request = requests.request(obs)
+                request = requests.request(self._obs)
                 out = caller(request) if state is None else caller(request, state)
             except InvalidRequest as refusal:
                 state = self._recover_refused(refusal, state, dropping=builder is not None)
@@ -149,7 +155,7 @@ class Actor:
             failures = 0
             action = out[0]
             if to_env is None:
-                to_env = env_actions_fn(self._slots[0].env.action_space, action, k)
+                to_env = self._actions_fn(action)
             if builder is None or t == T:
                 builder, t = self._start_trajectory(builder, request, caller), 0
             builder.record_policy(t, request, action, out[1], out.version)
@@ -165,6 +171,19 @@ class Actor:
             counters.steps += k
             counters.last_step = now
             t += 1
+
+    # The hooks a VectorActor overrides: how the k columns are opened, stepped, recovered and closed.
+
+    def _open_envs(self) -> None:
+        for slot in self._slots:
+            self._obs[slot.column] = slot.open()
+
+    def _close_envs(self) -> None:
+        for slot in self._slots:
+            slot.close()
+
+    def _actions_fn(self, action):
+        return env_actions_fn(self._slots[0].env.action_space, action, self._setup.envs_per_actor)
 
     def _step_envs(self, t: int, actions, builder: TrajectoryBuilder, state):
         """Steps every slot with its action and records the step; the recurrent state, with the
@@ -219,7 +238,7 @@ class Actor:
                            f"was built) does not fit the policy: {reason}")
                 error = InvalidRequest(message)
                 error.__cause__ = refusal
-                raise _Misconfigured(message, slot, error)
+                raise _Misconfigured(message, slot.index, error)
             error = InvalidRequest(f"actor {self.actor_id}: the policy refused the observation of environment "
                                    f"{slot.index}: {reason}")
             error.__cause__ = refusal
@@ -247,3 +266,73 @@ class Actor:
             self._counters.trajectories += 1
         return TrajectoryBuilder(self._setup.unroll_length, self._setup.envs_per_actor, self._obs[0], self.actor_id,
                                  self._first_env_index)
+
+
+class VectorActor(Actor):
+    """An actor whose k columns are the k sub-environments of one vector environment (a VectorSlot,
+    see rlbatch.actors.vector_slot), built by `setup.make_vector_env(k, seed)`, instead of k EnvSlots.
+
+    The loop is Actor's; only the environment side differs. The current observations are the vector
+    environment's batched [k, ...] array. A fault in the vector environment (or a refused
+    observation) rebuilds it whole: every column starts a new episode and every recurrent row over.
+    """
+
+    def __init__(self, actor_id: int, setup: ActorSetup, counters: ActorCounters):
+        super().__init__(actor_id, setup, counters)
+        k = setup.envs_per_actor
+        self._slots = []
+        self._vector = VectorSlot(setup.make_vector_env, actor_id * k, k, actor_id, seed=setup.seed,
+                                  num_envs=setup.num_envs, max_backoff=setup.max_backoff, stop=setup.stop,
+                                  counters=counters, faults=setup.faults, episodes=setup.episodes)
+
+    def _open_envs(self) -> None:
+        self._obs = self._vector.open()
+
+    def _close_envs(self) -> None:
+        self._vector.close()
+
+    def _actions_fn(self, action):
+        space, one = self._vector.single_action_space, self._setup.envs_per_actor == 1
+        if isinstance(space, gymnasium.spaces.Box):
+            low, high = space.low, space.high
+            # As env_actions_fn: the environment gets the clipped action, the trajectory the sample.
+            return (lambda x: np.clip(x, low, high)[None]) if one else (lambda x: np.clip(x, low, high))
+        # A request of one observation gets one action; the vector environment wants a batch of one.
+        return (lambda x: np.asarray(x)[None]) if one else (lambda x: x)
+
+    def _step_envs(self, t: int, actions, builder: TrajectoryBuilder, state):
+        vector = self._vector
+        try:
+            self._obs = vector.step(t, actions, builder)
+        except EnvFault as fault:
+            self._faulted.append(fault)
+            return state
+        for j in vector.ended:
+            state = self._state_rows.reset(state, int(j))
+        return state
+
+    def _recover_envs(self, state):
+        fault = self._faulted.pop()
+        self._faulted.clear()
+        self._counters.dropped_on_error += 1
+        self._obs = self._vector.recover(fault)
+        return self._state_rows.initial
+
+    def _recover_refused(self, refusal: InvalidRequest, state, dropping: bool):
+        if dropping:
+            self._counters.dropped_on_error += 1
+        vector = self._vector
+        blamed = self._requests.refused_columns(self._obs)
+        reason = "; ".join(f"environment {vector.first_index + j}: {why if why is not None else refusal}"
+                           for j, why in blamed)
+        if vector.fresh:
+            message = (f"actor {self.actor_id}: the first observations of a newly built vector environment do not "
+                       f"fit the policy: {reason}")
+            error = InvalidRequest(message)
+            error.__cause__ = refusal
+            raise _Misconfigured(message, vector.first_index + blamed[0][0], error)
+        error = InvalidRequest(f"actor {self.actor_id}: the policy refused observations of its vector "
+                               f"environment: {reason}")
+        error.__cause__ = refusal
+        self._obs = vector.refused(error, [j for j, _ in blamed])
+        return self._state_rows.initial

@@ -1,7 +1,7 @@
 """What an actor sends to the policy and what it makes of the answer, for its k environments.
 
-- `PolicyRequests`: the k current observations as one request (one observation when k = 1, else a
-  stack [k, ...]), converted to the policy's dtype; and, once the policy refused a request, which
+- `PolicyRequests`: the k current observations (k arrays, or a vector environment's batch [k, ...])
+  as one request (one observation when k = 1, else a stack [k, ...]), converted to the policy's dtype; and, once the policy refused a request, which
   of its rows did not fit the policy's example observation and why.
 - `RecurrentRows`: the recurrent state of the k rows, reset row by row as episodes start.
 - `env_actions_fn`: turns the policy's action output into the k actions the environments take.
@@ -47,7 +47,12 @@ class PolicyRequests:
         """The policy request for `obs`, the k current observations (column j: environment j).
 
         InvalidRequest if the k observations do not stack into one request (shapes differ).
+        `obs` may also be a vector environment's batch, one array [k, ...]: it is converted (and
+        copied, since the environment may write its next batch into the same buffer) in one pass.
         """
+        if type(obs) is np.ndarray:
+            batch = obs.astype(self._dtype if self._dtype is not None else obs.dtype)
+            return batch[0] if self.k == 1 else batch
         if self.k == 1:
             x = obs[0]
             if self._dtype is not None and type(x) is np.ndarray and x.dtype != self._dtype:

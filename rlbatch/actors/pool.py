@@ -20,6 +20,12 @@ its actions is then deterministic, but which batch a request joins depends on th
 a stochastic policy the actions (and hence trajectories) are not reproducible across runs with many
 actors; with one actor and one policy caller they are.
 
+Vector environments: with `vector_env_fn` each actor owns one vector environment of k
+sub-environments (gymnasium's SyncVectorEnv or AsyncVectorEnv, in its NEXT_STEP or SAME_STEP
+autoreset mode, or an EnvPool in synchronous mode) in place of k environments; its trajectories
+follow the same contract, column j being sub-environment j. A failing vector environment is
+rebuilt whole.
+
 Faults: an environment that raises in step or reset, or whose observation the policy refuses, is
 reset or rebuilt, the actor's unfinished trajectory is dropped (counted, never emitted half-filled)
 and the fault, with actor id, environment and traceback, is kept in `stats`. A policy error is
@@ -33,7 +39,7 @@ import threading
 import time
 from typing import Iterator
 
-from rlbatch.actors.actor import Actor, ActorSetup
+from rlbatch.actors.actor import Actor, ActorSetup, VectorActor
 from rlbatch.actors.env_slot import env_factory
 from rlbatch.actors.queue import ON_FULL, TrajectoryQueue
 from rlbatch.actors.stats import ActorCounters, ActorFault, ActorStats, EpisodeLog, FaultLog
@@ -52,7 +58,8 @@ class ActorPool:
     """Actor threads stepping environments with actions from a shared PolicyService.
 
     Args:
-      env_fn: a gymnasium id, an EnvSpec, or a factory returning a new environment.
+      env_fn: a gymnasium id, an EnvSpec, or a factory returning a new environment; None with
+        `vector_env_fn`.
       policy_service: the PolicyService (or anything with `register()` returning a caller that
         maps observations to `(action, extras)` with `.version`).
       num_actors: actor threads.
@@ -64,18 +71,34 @@ class ActorPool:
       max_backoff: longest pause, in seconds, between retries after a policy error or a failed
         environment build.
       name: prefix of the actor threads' names.
+      vector_env_fn: instead of `env_fn`, a factory `(k, seed)` -> a new gymnasium vector
+        environment of k sub-environments: each actor owns one, built on its own thread, as its k
+        columns (see rlbatch.actors.vector_slot for autoreset modes, seeding and faults). `seed` is
+        sub-environment 0's seed (j's is seed + j); a gymnasium vector environment may ignore it
+        (the actor resets it with its seeds), an EnvPool takes it. For example
+        `lambda k, seed: gymnasium.vector.AsyncVectorEnv([make_env] * k)` steps GIL-holding Python
+        environments in k subprocesses, and `lambda k, seed: envpool.make("CartPole-v1",
+        env_type="gymnasium", num_envs=k, seed=seed)` uses EnvPool's threads. Observations must be
+        plain arrays.
     """
 
     def __init__(self, env_fn, policy_service, num_actors: int, unroll_length: int, *, envs_per_actor: int = 1,
                  seed: int = 0, max_queue: int = 64, on_full: str = "block", max_backoff: float = 1.0,
-                 name: str = "actor"):
+                 name: str = "actor", vector_env_fn=None):
         for key, value in (("num_actors", num_actors), ("unroll_length", unroll_length),
                            ("envs_per_actor", envs_per_actor), ("max_queue", max_queue)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ActorPool: {key} must be a positive int, got {value!r}")
         if on_full not in ON_FULL:
             raise ValueError(f'ActorPool: on_full must be "block" or "drop_oldest", got {on_full!r}')
-        self._make_env = env_factory(env_fn)
+        if (env_fn is None) == (vector_env_fn is None):
+            raise ValueError("ActorPool: expected exactly one of env_fn and vector_env_fn, got "
+                             + ("both" if env_fn is not None else "neither"))
+        if vector_env_fn is not None and not callable(vector_env_fn):
+            raise TypeError(f"ActorPool: vector_env_fn must be a callable (k, seed) -> vector environment, got "
+                            f"{type(vector_env_fn).__name__}")
+        self._make_env = None if env_fn is None else env_factory(env_fn)
+        self._make_vector_env = vector_env_fn
         self.policy = policy_service
         self.num_actors = num_actors
         self.unroll_length = unroll_length
@@ -103,8 +126,10 @@ class ActorPool:
         setup = ActorSetup(make_env=self._make_env, policy=self.policy, unroll_length=self.unroll_length,
                            envs_per_actor=self.envs_per_actor, seed=self.seed, num_envs=self.num_envs,
                            max_backoff=self.max_backoff, queue=self._queue, episodes=self._episodes,
-                           faults=self._faults, stop=self._stop, halt=self._halt, exited=self._actor_exited)
-        actors = [Actor(a, setup, self._counters[a]) for a in range(self.num_actors)]
+                           faults=self._faults, stop=self._stop, halt=self._halt, exited=self._actor_exited,
+                           make_vector_env=self._make_vector_env)
+        actor_type = Actor if self._make_vector_env is None else VectorActor
+        actors = [actor_type(a, setup, self._counters[a]) for a in range(self.num_actors)]
         self._start_time = _clock()
         self._actors_left = self.num_actors
         for counters in self._counters:

@@ -15,7 +15,7 @@ ended, so a learner can bootstrap a truncated episode from it (a terminated one 
 
 `TrajectoryBuilder` fills one actor's trajectory step by step. It keeps every field as [T(+1), k, ...]
 and addresses environments by column j, so that whatever produces the k columns (k single
-environments today, a vector environment later) writes its own columns.
+environments, or one vector environment of k) writes its own columns.
 """
 from __future__ import annotations
 
