@@ -14,6 +14,10 @@ batched C++ Atari (the `envpool` extra) with the settings that match. Both give:
 
 Observations stay uint8: scale them inside the policy (obs / 255), on the device.
 
+A third, `make_ale_vector_env`, builds ale-py's own batched AtariVectorEnv (the `atari` extra) with
+the same settings, for ActorPool's `vector_env_fn`: uint8 [num_envs, 4, 84, 84], FIRE at reset as
+EnvPool.
+
 Known differences between the paths: EnvPool presses FIRE at reset in games that need it
 (`use_fire_reset`, its default, as CleanRL runs it); the ALE path does not. Neither path imports
 its package until it is called, so `import envs` works on a core install without the extras.
@@ -26,7 +30,8 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-__all__ = ["make_atari_env", "make_envpool_atari", "EpisodicLifeWrapper", "NOOP_MAX", "FRAME_SKIP",
+__all__ = ["make_atari_env", "make_envpool_atari", "make_ale_vector_env", "EpisodicLifeWrapper", "NOOP_MAX",
+           "FRAME_SKIP",
            "SCREEN_SIZE", "STACK_SIZE", "STICKY_ACTION_PROB"]
 
 NOOP_MAX = 30
@@ -122,3 +127,29 @@ def make_envpool_atari(task_id: str = "Breakout-v5", num_envs: int = 1, *, seed:
     settings.update(envpool_kwargs)
     return envpool.make(task_id, env_type=env_type, num_envs=num_envs, seed=seed, episodic_life=episodic_life,
                         reward_clip=reward_clip, **settings)
+
+
+def _ale_game(env_id: str) -> str:
+    """"ALE/Breakout-v5", "Breakout" or "breakout" -> "breakout"; "MsPacman" -> "ms_pacman"."""
+    name = env_id.split("/")[-1].split("-v")[0]
+    return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+def make_ale_vector_env(env_id: str = "ALE/Breakout-v5", num_envs: int = 1, seed: int | None = None, *,
+                        episodic_life: bool = False, reward_clip: bool = False, **ale_kwargs: Any):
+    """ale-py's AtariVectorEnv with the standard preprocessing: uint8 observations [num_envs, 4, 84, 84].
+
+    For ActorPool: `vector_env_fn=lambda k, seed: make_ale_vector_env("ALE/Pong-v5", k, seed)` (the
+    actor seeds it at its first reset; `seed` here is unused but keeps that signature). Synchronous
+    (batch_size == num_envs), NEXT_STEP autoreset, game rewards unclipped unless `reward_clip`.
+    `ale_kwargs` go to AtariVectorEnv (e.g. `max_num_frames_per_episode`, `num_threads`).
+    """
+    _import_extra("ale_py", "atari")
+    from ale_py.vector_env import AtariVectorEnv
+
+    settings = dict(repeat_action_probability=STICKY_ACTION_PROB, noop_max=NOOP_MAX, frameskip=FRAME_SKIP,
+                    img_height=SCREEN_SIZE, img_width=SCREEN_SIZE, stack_num=STACK_SIZE, grayscale=True,
+                    maxpool=True, max_num_frames_per_episode=108_000)
+    settings.update(ale_kwargs)
+    return AtariVectorEnv(_ale_game(env_id), num_envs, episodic_life=episodic_life, reward_clipping=reward_clip,
+                          **settings)

@@ -22,11 +22,20 @@ EnvPool (`envpool.make(task_id, env_type="gymnasium", num_envs=k, seed=seed)`, a
 in NEXT_STEP mode) goes the NEXT_STEP way; its masked reset returns only the rows it reset, which
 the slot writes into the step's observations. Only its synchronous mode (batch_size == num_envs).
 
+ale-py's AtariVectorEnv (`ale_py.vector_env.AtariVectorEnv(game, k, ...)`, see
+envs.atari.make_ale_vector_env) goes the NEXT_STEP way too (its masked reset returns all k rows, the
+others unchanged, and clears the reset rows' pending autoreset), or SAME_STEP with its
+`infos["final_obs"]`. Only with batch_size == num_envs. It asserts int32/int64 action arrays and
+hangs on an action outside its action set, so the slot passes Discrete actions as one int64 array
+and refuses (an EnvFault of env.step, as a single environment's IndexError) any out of range.
+Its reward_clipping defaults to True: build it with reward_clipping=False for the game's own returns.
+
 Seeding, as with EnvSlots: sub-environment j of a vector environment built after r rebuilds gets
 seed `seed + index + num_envs * r`. The slot calls `make_vector_env(k, seed)` with the seed of
 sub-environment 0 (`index = first_index`); the others' seeds follow it, +1 each, as EnvPool seeds
 its environments. A gymnasium vector environment is then reset with the k seeds; an EnvPool, seeded
-by envpool.make, without. Later resets are unseeded. The slot keeps each column's episode count,
+by envpool.make, without; an ale-py AtariVectorEnv with the k seeds as an int array (it takes no list).
+Later resets are unseeded. The slot keeps each column's episode count,
 return (the environment's own rewards) and length.
 
 Faults: a vector environment that raises in step or reset is closed and rebuilt whole (its k
@@ -63,6 +72,23 @@ def _seeded_when_made(env) -> bool:
     return any(c.__module__.startswith("envpool.") for c in type(env).__mro__)
 
 
+def _is_ale(env) -> bool:
+    """ale-py's AtariVectorEnv (seeded with an int array; int actions only)."""
+    return any(c.__module__.startswith("ale_py.") for c in type(env).__mro__)
+
+
+def _ale_actions(actions, n: int) -> np.ndarray:
+    """Discrete actions as AtariVectorEnv takes them: one int64 array; ValueError for any outside
+    [0, n), on which the ALE would hang."""
+    a = np.asarray(actions)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"expected integer actions for an AtariVectorEnv, got dtype {a.dtype}")
+    a = a.astype(np.int64, copy=False)
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise ValueError(f"AtariVectorEnv: actions {a.tolist()} outside its action set [0, {n})")
+    return a
+
+
 def _autoreset_mode(env) -> AutoresetMode:
     """The vector environment's autoreset mode (gymnasium 1.x's default, NEXT_STEP, if it names none)."""
     mode = getattr(env, "metadata", {}).get("autoreset_mode", AutoresetMode.NEXT_STEP)
@@ -96,6 +122,7 @@ class VectorSlot:
         self._built_episode = np.zeros(k, np.int64)  # `episode` when the environment was built
         self._done = np.zeros(k, np.bool_)
         self._envpool = False
+        self._ale_n = 0  # an AtariVectorEnv with Discrete actions: their number, else 0
         self.ended = _NONE  # the columns whose episode ended in the last step
         self._make_vector_env = make_vector_env
         self._seed, self._num_envs, self._max_backoff = seed, num_envs, max_backoff
@@ -121,6 +148,8 @@ class VectorSlot:
 
         EnvFault (column WHOLE_VECTOR) if the vector environment raised."""
         try:
+            if self._ale_n:
+                actions = _ale_actions(actions, self._ale_n)
             obs, reward, terminated, truncated, info = self.env.step(actions)
         except Exception as e:  # noqa: BLE001 - any environment error is this slot's fault to recover
             raise EnvFault(WHOLE_VECTOR, "env.step", e) from e
@@ -171,8 +200,13 @@ class VectorSlot:
                 mode = self._check(env)
                 t0 = _clock()
                 self._envpool = _seeded_when_made(env)
+                space = env.single_action_space
+                discrete = isinstance(space, gymnasium.spaces.Discrete)
+                self._ale_n = int(space.n) if _is_ale(env) and discrete else 0
                 if self._envpool:
                     obs, _ = env.reset()
+                elif _is_ale(env):
+                    obs, _ = env.reset(seed=np.arange(first_seed, first_seed + self.k, dtype=np.int64))
                 else:
                     obs, _ = env.reset(seed=[first_seed + j for j in range(self.k)])
                 self._counters.env_time += _clock() - t0
@@ -207,6 +241,9 @@ class VectorSlot:
                 raise VectorEnvMismatch(f"vector_env_fn({self.k}, seed): expected an EnvPool in synchronous mode "
                                         f"(batch_size == num_envs == {self.k}), got batch_size="
                                         f"{env.config['batch_size']}")
+            if _is_ale(env) and getattr(env, "batch_size", num) != num:
+                raise VectorEnvMismatch(f"vector_env_fn({self.k}, seed): expected an AtariVectorEnv in synchronous "
+                                        f"mode (batch_size == num_envs == {self.k}), got batch_size={env.batch_size}")
             return _autoreset_mode(env)
         except VectorEnvMismatch:
             self._close(env)
