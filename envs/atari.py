@@ -31,8 +31,7 @@ import gymnasium
 import numpy as np
 
 __all__ = ["make_atari_env", "make_envpool_atari", "make_ale_vector_env", "EpisodicLifeWrapper", "NOOP_MAX",
-           "FRAME_SKIP",
-           "SCREEN_SIZE", "STACK_SIZE", "STICKY_ACTION_PROB"]
+           "FRAME_SKIP", "SCREEN_SIZE", "STACK_SIZE", "STICKY_ACTION_PROB"]
 
 NOOP_MAX = 30
 FRAME_SKIP = 4

@@ -20,13 +20,18 @@ def random_apply(params, obs, key):
     return jax.random.randint(key, (n,), 0, ACTIONS, jnp.int32), {"log_prob": jnp.zeros(n)}
 
 
-def test_ale_vector_env_episodes_through_the_pool_keep_the_trajectory_contract():
+def service():
+    return rlbatch.PolicyService(random_apply, {}, example_obs=np.zeros((4, 84, 84), np.uint8), buckets=(2, 4),
+                                 max_delay=0.001)
+
+
+@pytest.mark.parametrize("mode", ["NextStep", "SameStep"])
+def test_ale_vector_env_episodes_through_the_pool_keep_the_trajectory_contract(mode):
     n = 10
     # Short episodes (a life, at most 400 frames: 100 steps) so that several end, truncated and terminated.
-    make = lambda k, seed: make_ale_vector_env("ALE/Breakout-v5", k, seed, episodic_life=True,
+    make = lambda k, seed: make_ale_vector_env("ALE/Breakout-v5", k, seed, episodic_life=True, autoreset_mode=mode,
                                                     max_num_frames_per_episode=400)
-    with rlbatch.PolicyService(random_apply, {}, example_obs=np.zeros((4, 84, 84), np.uint8), buckets=(2, 4),
-                               max_delay=0.001) as svc:
+    with service() as svc:
         pool = rlbatch.ActorPool(None, svc, num_actors=2, unroll_length=T, envs_per_actor=K, vector_env_fn=make)
         with pool:
             trajs = [pool.get(timeout=60) for _ in range(n)]
@@ -60,8 +65,6 @@ def test_ale_vector_env_episodes_through_the_pool_keep_the_trajectory_contract()
     # Each finished episode seen whole: its return is the sum of its recorded (unclipped) rewards.
     logged = collections.Counter(episodes)
     matched = sum((sums[eid], counts[eid]) in logged for eid in finished)
-    print("ends", ends, "terminated", sum(int(tr.terminated.sum()) for tr in trajs), "finished", len(finished),
-          "matched", matched, "reward", sum(float(tr.reward.sum()) for tr in trajs))
     assert matched == len(finished)
     assert pool.stats.env_errors == 0 and pool.envs_open == 0
 
@@ -73,3 +76,12 @@ def test_ale_actions_are_int64_and_out_of_range_ones_are_refused():
         _ale_actions(np.array([0, 4]), 4)
     with pytest.raises(ValueError, match="integer"):
         _ale_actions(np.array([0.0, 1.0]), 4)
+
+
+def test_an_asynchronous_ale_vector_env_is_refused():
+    make = lambda k, seed: make_ale_vector_env("ALE/Pong-v5", k, seed, batch_size=1)
+    with service() as svc:
+        with rlbatch.ActorPool(None, svc, num_actors=1, unroll_length=T, envs_per_actor=K, vector_env_fn=make) as pool:
+            with pytest.raises(rlbatch.PoolStopped, match=r"AtariVectorEnv in synchronous mode .*batch_size=1"):
+                pool.get(timeout=30)
+        assert pool.envs_open == 0
