@@ -27,10 +27,10 @@ def service():
 
 @pytest.mark.parametrize("mode", ["NextStep", "SameStep"])
 def test_ale_vector_env_episodes_through_the_pool_keep_the_trajectory_contract(mode):
-    n = 10
-    # Short episodes (a life, at most 400 frames: 100 steps) so that several end, truncated and terminated.
+    n = 16
+    # Short episodes (a life, at most 200 frames: 50 steps) so that several end, truncated and terminated.
     make = lambda k, seed: make_ale_vector_env("ALE/Breakout-v5", k, seed, episodic_life=True, autoreset_mode=mode,
-                                                    max_num_frames_per_episode=400)
+                                                    max_num_frames_per_episode=200)
     with service() as svc:
         pool = rlbatch.ActorPool(None, svc, num_actors=2, unroll_length=T, envs_per_actor=K, vector_env_fn=make)
         with pool:
