@@ -49,7 +49,39 @@ def env_factory(env_fn) -> Callable[[], gymnasium.Env]:
     raise TypeError(f"env_fn: expected a gymnasium id, an EnvSpec or a factory callable, got {type(env_fn).__name__}")
 
 
-class EnvSlot:
+class RebuildingSlot:
+    """What a single-env slot and a vector-env slot share: building with back-off until it works.
+
+    Subclasses set `actor_id`, `rebuilds`, `_faults`, `_counters`, `_stop`, `_max_backoff` and
+    define `_close(env)`.
+    """
+
+    def _build_until_stopped(self, attempt, index: int, fatal: tuple = ()):
+        """Calls `attempt(made)` until it returns; `attempt` appends the environment to `made` as
+        soon as it exists, so a failure after that is recorded as a reset fault and the environment
+        closed. Each failure is recorded, counted as a rebuild and followed by a back-off. An
+        exception in `fatal` is not retried. Raises StopRequested if the pool stops first."""
+        delay = _FIRST_BACKOFF
+        while not self._stop.is_set():
+            made = []
+            try:
+                return attempt(made)
+            except fatal:
+                raise
+            except Exception as e:  # noqa: BLE001 - record, back off, build again
+                self._faults.record(self.actor_id, "env.reset" if made else "env_fn", e, index)
+                self._counters.env_errors += 1
+                if made:
+                    self._close(made[0])
+                self.rebuilds += 1
+                self._counters.env_rebuilds += 1
+                if self._stop.wait(delay):
+                    break
+                delay = min(delay * 2, self._max_backoff)
+        raise StopRequested
+
+
+class EnvSlot(RebuildingSlot):
     """Environment `index` of the pool, column `column` of its actor's trajectories."""
 
     __slots__ = ("index", "column", "actor_id", "env", "episode", "episode_return", "episode_length", "rebuilds",
@@ -99,29 +131,18 @@ class EnvSlot:
     def open(self):
         """Builds the environment and resets it with its seed, retrying with back-off; its first
         observation. Raises StopRequested if the pool stops first."""
-        delay = _FIRST_BACKOFF
-        while not self._stop.is_set():
-            env = None
-            try:
-                env = self._make_env()
-                self._counters.envs_open += 1
-                t0 = _clock()
-                obs, _ = env.reset(seed=self._seed + self.index + self._num_envs * self.rebuilds)
-                self._counters.env_time += _clock() - t0
-                self.env = env
-                self._built_episode = self.episode
-                return obs
-            except Exception as e:  # noqa: BLE001 - record, back off, build again
-                self._faults.record(self.actor_id, "env.reset" if env is not None else "env_fn", e, self.index)
-                self._counters.env_errors += 1
-                if env is not None:
-                    self._close(env)
-                self.rebuilds += 1
-                self._counters.env_rebuilds += 1
-                if self._stop.wait(delay):
-                    break
-                delay = min(delay * 2, self._max_backoff)
-        raise StopRequested
+        return self._build_until_stopped(self._attempt_open, self.index)
+
+    def _attempt_open(self, made: list):
+        env = self._make_env()
+        made.append(env)
+        self._counters.envs_open += 1
+        t0 = _clock()
+        obs, _ = env.reset(seed=self._seed + self.index + self._num_envs * self.rebuilds)
+        self._counters.env_time += _clock() - t0
+        self.env = env
+        self._built_episode = self.episode
+        return obs
 
     def recover(self, fault: EnvFault):
         """Records `fault` and rebuilds the environment; the new one's first observation."""

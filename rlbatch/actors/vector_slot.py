@@ -52,13 +52,12 @@ import gymnasium
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from rlbatch.actors.env_slot import EnvFault, StopRequested
+from rlbatch.actors.env_slot import EnvFault, RebuildingSlot
 from rlbatch.actors.stats import ActorCounters, EpisodeLog, FaultLog
 
 __all__ = ["VectorEnvMismatch", "VectorSlot", "WHOLE_VECTOR"]
 
 _clock = time.perf_counter
-_FIRST_BACKOFF = 0.01  # seconds before the first retry of a failed build
 WHOLE_VECTOR = -1  # the column of an EnvFault that concerns the whole vector environment
 _NONE = np.zeros(0, np.int64)
 
@@ -105,7 +104,7 @@ def _autoreset_mode(env) -> AutoresetMode:
     return mode
 
 
-class VectorSlot:
+class VectorSlot(RebuildingSlot):
     """A vector environment of k sub-environments: environments first_index ... first_index + k - 1."""
 
     def __init__(self, make_vector_env: Callable[[int, int], Any], first_index: int, k: int, actor_id: int, *,
@@ -190,43 +189,30 @@ class VectorSlot:
     def open(self) -> np.ndarray:
         """Builds the vector environment and resets it with its seeds, retrying with back-off; its
         first observations [k, ...]. Raises StopRequested if the pool stops first."""
-        delay = _FIRST_BACKOFF
-        while not self._stop.is_set():
-            env = None
-            try:
-                first_seed = self._seed + self.first_index + self._num_envs * self.rebuilds
-                env = self._make_vector_env(self.k, first_seed)
-                self._counters.envs_open += self.k
-                mode = self._check(env)
-                t0 = _clock()
-                self._envpool = _seeded_when_made(env)
-                space = env.single_action_space
-                discrete = isinstance(space, gymnasium.spaces.Discrete)
-                self._ale_n = int(space.n) if _is_ale(env) and discrete else 0
-                if self._envpool:
-                    obs, _ = env.reset()
-                elif _is_ale(env):
-                    obs, _ = env.reset(seed=np.arange(first_seed, first_seed + self.k, dtype=np.int64))
-                else:
-                    obs, _ = env.reset(seed=[first_seed + j for j in range(self.k)])
-                self._counters.env_time += _clock() - t0
-                self.env, self.autoreset_mode = env, mode
-                self._built_episode[:] = self.episode
-                self.ended = _NONE
-                return obs
-            except VectorEnvMismatch:
-                raise
-            except Exception as e:  # noqa: BLE001 - record, back off, build again
-                self._faults.record(self.actor_id, "env.reset" if env is not None else "env_fn", e, self.first_index)
-                self._counters.env_errors += 1
-                if env is not None:
-                    self._close(env)
-                self.rebuilds += 1
-                self._counters.env_rebuilds += 1
-                if self._stop.wait(delay):
-                    break
-                delay = min(delay * 2, self._max_backoff)
-        raise StopRequested
+        return self._build_until_stopped(self._attempt_open, self.first_index, fatal=(VectorEnvMismatch,))
+
+    def _attempt_open(self, made: list) -> np.ndarray:
+        first_seed = self._seed + self.first_index + self._num_envs * self.rebuilds
+        env = self._make_vector_env(self.k, first_seed)
+        made.append(env)
+        self._counters.envs_open += self.k
+        mode = self._check(env)
+        t0 = _clock()
+        self._envpool = _seeded_when_made(env)
+        space = env.single_action_space
+        discrete = isinstance(space, gymnasium.spaces.Discrete)
+        self._ale_n = int(space.n) if _is_ale(env) and discrete else 0
+        if self._envpool:
+            obs, _ = env.reset()
+        elif _is_ale(env):
+            obs, _ = env.reset(seed=np.arange(first_seed, first_seed + self.k, dtype=np.int64))
+        else:
+            obs, _ = env.reset(seed=[first_seed + j for j in range(self.k)])
+        self._counters.env_time += _clock() - t0
+        self.env, self.autoreset_mode = env, mode
+        self._built_episode[:] = self.episode
+        self.ended = _NONE
+        return obs
 
     def _check(self, env) -> AutoresetMode:
         """The autoreset mode of a newly built vector environment. A vector environment that no
