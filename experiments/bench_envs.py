@@ -1,0 +1,349 @@
+"""Benchmark of real environments: rlbatch's actors against the peers' own loops, steps per second.
+
+Two workloads, each with one jitted policy shared by every row of the run (agents.make_actor_critic):
+Breakout (ALE, the standard preprocessing of envs.atari, uint8 [4, 84, 84]; the Nature CNN) and
+HalfCheetah-v5 (MuJoCo; a 64x64 tanh MLP with a Gaussian head). For N = 8, 32 and 128 environments:
+
+- peers' loops (experiments.lib.vector_loops): gymnasium SyncVectorEnv and AsyncVectorEnv, EnvPool
+  sync (obs [N] -> policy -> step) and EnvPool async (num_envs N, batch N / 2: recv -> policy ->
+  send), ale-py's AtariVectorEnv for Breakout;
+- rlbatch: an ActorPool with one environment per actor thread, and with k environments per thread
+  for each vector environment kind, every split threads x k of --threads measured (the table shows
+  each kind's best split, the JSON every split), behind a PolicyService with buckets up to N;
+- floors: each vector environment stepped with fixed actions and no policy at all (the most any
+  loop over these environments can do on this machine), and the policy alone on batches of N.
+
+Steps/s over --duration seconds after --warmup (ActorPool.stats.env_steps for the pools, whose
+trajectories the main thread consumes as a trainer would). Prints a Markdown table per workload,
+the time-by-stage split of every rlbatch row (the library's report: env step, waiting for actions,
+host preparation and device compute, summed over threads, per 1,000 env steps), and the target:
+at 32 and 128 environments, rlbatch's best row >= 1.1x the best peer loop, beside the floor.
+Writes JSON, Markdown and a PNG plot.
+
+    python -m experiments.bench_envs            # the full table (about 15 minutes on 2 CPUs)
+    python -m experiments.bench_envs --quick    # a smoke run (about a minute)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import gymnasium
+import jax
+import numpy as np
+import tyro
+
+import agents
+import rlbatch
+from experiments.lib import env_loops, policy_step, runtime, vector_loops
+from experiments.lib.workloads import WORKLOADS, Workload, preload_forkserver
+from rlbatch import report
+
+_clock = time.perf_counter
+_START_TIMEOUT = 300.0  # seconds a pool may take to deliver its first trajectories
+PEERS = ("gym-sync", "gym-async", "envpool-sync", "envpool-async", "ale-vector")
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Real-environment benchmark: rlbatch's actors against the peers' loops (see the module docstring)."""
+
+    workloads: tuple[str, ...] = ("breakout", "halfcheetah")
+    """workloads to run, names of experiments.lib.workloads.WORKLOADS"""
+    num_envs: tuple[int, ...] = (8, 32, 128)
+    """numbers of environments N"""
+    threads: tuple[int, ...] = (1, 2, 4)
+    """actor threads of the rlbatch vector rows (k = N / threads envs each): the sweep"""
+    kinds: tuple[str, ...] = ("single",) + PEERS
+    """what to run: "single" (rlbatch, one env per thread) and the vector kinds (peer loop and rlbatch rows)"""
+    async_batch: float = 0.5
+    """EnvPool async mode: batch_size = this fraction of its num_envs"""
+    unroll_length: int = 32
+    """T: steps per trajectory of the pools"""
+    max_delay: float = 0.002
+    """seconds the oldest request of a batch may wait in the policy service"""
+    warmup: float = 1.0
+    """seconds run and discarded before each measurement"""
+    duration: float = 2.0
+    """seconds of measurement per row"""
+    seed: int = 0
+    quick: bool = False
+    """a smoke run: 8 environments, threads 1 and 2, 0.3 s warm-up, 0.7 s measurement"""
+    compilation_cache: str = "runs/jax_cache"
+    """JAX's persistent compilation cache: each row's service loads its buckets from it ('' for none)"""
+    out: str = "runs/bench_envs"
+    """file stem for the JSON, Markdown and PNG outputs"""
+
+
+class Served(NamedTuple):
+    """The one policy of a workload: served by every pool's PolicyService and called by the peers."""
+
+    apply: Callable
+    params: Any
+    example_obs: np.ndarray
+    act: Callable  # act_fn(obs [B, ...], i) -> actions [B, ...] for the peers' loops
+
+
+def build_policy(workload: Workload, seed: int) -> Served:
+    env = workload.make_env()
+    try:
+        space = env.action_space
+        example = np.asarray(env.observation_space.sample())
+    finally:
+        env.close()
+    if example.dtype == np.float64:
+        example = example.astype(np.float32)  # float32 on the device, as the pool converts
+    net = agents.make_actor_critic(space, example, hidden=(64, 64) if workload.network == "mlp" else (512,),
+                                   torso=workload.network)
+    key = jax.random.PRNGKey(seed)
+    params = net.policy.init(key, example)
+    raw = policy_step.policy_act_fn(policy_step.jit_policy_step(net.policy.apply), params, key)
+    dtype = example.dtype
+    if isinstance(space, gymnasium.spaces.Box):
+        low, high = space.low, space.high
+
+        def act(obs, i):  # the pool converts to float32 and clips in the same way
+            return np.clip(raw(obs.astype(dtype, copy=False), i), low, high)
+    else:
+        def act(obs, i):  # int64: AtariVectorEnv takes no other
+            return raw(obs, i).astype(np.int64)
+    return Served(net.policy.apply, params, example, act)
+
+
+def _rate_row(rate: env_loops.StepRate, **extra) -> dict:
+    return dict(steps_per_s=rate.steps_per_s, threads=rate.num_actors, envs_per_thread=rate.envs_per_actor,
+                mean_batch=rate.mean_batch, **extra)
+
+
+def run_peer(workload: Workload, kind: str, served: Served, n: int, args: Args) -> dict:
+    timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
+    if kind == "envpool-async":
+        b = max(1, int(n * args.async_batch))
+        make = lambda num, batch, seed: workload.make_envpool(num, seed, batch_size=batch)  # noqa: E731
+        return _rate_row(vector_loops.run_envpool_async_loop(make, served.act, n, b, **timing), batch_size=b)
+    return _rate_row(vector_loops.run_vector_loop(workload.vector_env_fn(kind), served.act, n, **timing))
+
+
+def run_floor(workload: Workload, kind: str, n: int, args: Args) -> dict:
+    """The vector environment of `kind` with fixed actions and no policy."""
+    timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
+    if kind == "envpool-async":
+        kind = "envpool-sync"  # with no policy to overlap, the same environments and threads
+    rate = vector_loops.run_env_alone(workload.vector_env_fn(kind), workload.fixed_actions(n), n, **timing)
+    return _rate_row(rate)
+
+
+def _buckets(n: int) -> tuple[int, ...]:
+    return tuple(b for b in (1, 8, 16, 32, 64, 128, 256) if b < n) + (n,)
+
+
+def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int, args: Args, reports: list) -> dict:
+    """An ActorPool of `threads` actors playing N environments of `kind` ("single": one per thread)."""
+    k = n // threads
+    if kind == "single":
+        env_fn, vector_env_fn = workload.make_env, None
+    elif kind == "envpool-async":
+        env_fn, vector_env_fn = None, workload.envpool_async_fn(lambda m: max(1, int(m * args.async_batch)))
+    else:
+        env_fn, vector_env_fn = None, workload.vector_env_fn(kind)
+    service = rlbatch.PolicyService(served.apply, served.params, example_obs=served.example_obs, buckets=_buckets(n),
+                                    max_delay=args.max_delay, seed=args.seed)
+    with service:
+        with rlbatch.ActorPool(env_fn, service, num_actors=threads, unroll_length=args.unroll_length,
+                               envs_per_actor=k, seed=args.seed, vector_env_fn=vector_env_fn) as pool:
+            recorder = report.Recorder(pool, service, every=None)
+            # Environments that start slowly (subprocesses) must not eat the warm-up: the clock
+            # starts once as many trajectories as actors have come.
+            for _ in range(threads):
+                pool.get(timeout=_START_TIMEOUT)
+            rate = env_loops.measure_pool(pool, service, warmup=args.warmup, duration=args.duration,
+                                          sample=recorder.sample)
+            summary = recorder.finish(config=dict(workload=workload.name, envs=n, kind=kind, threads=threads,
+                                                  envs_per_thread=k))
+    reports.append(summary)
+    return _rate_row(rate, stages=_stages_per_1k(summary))
+
+
+def _stages_per_1k(summary: report.Summary) -> dict:
+    """Milliseconds per 1,000 env steps of each stage, summed over threads, over the pool's whole run."""
+    steps = summary.throughput.env_steps or 1
+    s = summary.stages
+    per = {"env_step": s.env_step, "wait_for_action": s.actor_wait_for_action, "host_prep": s.host_prep,
+           "device_compute": s.device_compute}
+    return {name: 1e6 * value / steps for name, value in per.items() if value is not None}
+
+
+def splits(n: int, threads: tuple[int, ...]) -> list[int]:
+    return [t for t in threads if t <= n and n % t == 0]
+
+
+def run_workload(workload: Workload, args: Args, reports: list) -> list[dict]:
+    served = build_policy(workload, args.seed)
+    rows = []
+
+    def add(n, group, mode, row):
+        row = dict(workload=workload.name, num_envs=n, group=group, mode=mode, **row)
+        rows.append(row)
+        print(f"{workload.name:12s} N={n:4d} {group:8s} {mode:22s} {row['threads']:4d} x {row['envs_per_thread']:<4d} "
+              f"{row['steps_per_s']:10,.0f} steps/s", flush=True)
+
+    for n in args.num_envs:
+        obs = np.repeat(served.example_obs[None], n, axis=0)
+        add(n, "floor", "policy alone", _rate_row(vector_loops.run_policy_alone(
+            served.act, obs, warmup=args.warmup, duration=args.duration)))
+        for kind in args.kinds:
+            if kind != "single" and kind not in workload.kinds:
+                continue
+            if kind == "single":
+                add(n, "rlbatch", "1 env per thread", run_pool(workload, "single", served, n, n, args, reports))
+                continue
+            if kind != "envpool-async":
+                add(n, "floor", f"{kind}, no policy", run_floor(workload, kind, n, args))
+            add(n, "peer", f"{kind} loop", run_peer(workload, kind, served, n, args))
+            for t in splits(n, args.threads):
+                add(n, "sweep", f"rlbatch {kind}", run_pool(workload, kind, served, n, t, args, reports))
+    return rows
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Each rlbatch vector kind's best split (of the sweep) as an rlbatch row."""
+    out = [r for r in rows if r["group"] != "sweep"]
+    best: dict = {}
+    for r in rows:
+        if r["group"] == "sweep":
+            key = (r["workload"], r["num_envs"], r["mode"])
+            if key not in best or r["steps_per_s"] > best[key]["steps_per_s"]:
+                best[key] = r
+    out += [dict(r, group="rlbatch", mode=f"{r['mode']} (best split)") for r in best.values()]
+    order = {"peer": 0, "rlbatch": 1, "floor": 2}
+    return sorted(out, key=lambda r: (r["workload"], r["num_envs"], order[r["group"]], r["mode"]))
+
+
+def targets(rows: list[dict], args: Args) -> list[dict]:
+    """rlbatch's best over the best peer at each N of 32 and 128 (shown, never asserted)."""
+    out = []
+    for workload in args.workloads:
+        for n in args.num_envs:
+            if n not in (32, 128):
+                continue
+            here = [r for r in rows if r["workload"] == workload and r["num_envs"] == n]
+            peers = [r for r in here if r["group"] == "peer"]
+            ours = [r for r in here if r["group"] == "rlbatch"]
+            floors = [r for r in here if r["group"] == "floor" and r["mode"] != "policy alone"]
+            if not peers or not ours:
+                continue
+            peer, mine = max(peers, key=_rate), max(ours, key=_rate)
+            floor = max(floors, key=_rate) if floors else None
+            out.append(dict(workload=workload, num_envs=n, best_peer=peer["mode"], best_peer_steps_per_s=_rate(peer),
+                            best_rlbatch=mine["mode"], best_rlbatch_steps_per_s=_rate(mine),
+                            ratio=_rate(mine) / _rate(peer), met=_rate(mine) >= 1.1 * _rate(peer),
+                            env_floor=None if floor is None else floor["mode"],
+                            env_floor_steps_per_s=None if floor is None else _rate(floor),
+                            floor_over_best_peer=None if floor is None else _rate(floor) / _rate(peer)))
+    return out
+
+
+def _rate(row: dict) -> float:
+    return row["steps_per_s"]
+
+
+def render(rows: list[dict], goals: list[dict], devices: list[str], args: Args) -> str:
+    lines = [f"Devices: {', '.join(devices)}. {args.duration:g} s after {args.warmup:g} s warm-up per row; "
+             f"T={args.unroll_length}, max delay {1e3 * args.max_delay:g} ms; EnvPool async batch "
+             f"{args.async_batch:g} x N.", ""]
+    for workload in args.workloads:
+        here = [r for r in rows if r["workload"] == workload]
+        lines += [f"### {workload}", "", "| N | | mode | threads x envs | steps/s | x best peer |",
+                  "|---:|---|---|---|---:|---:|"]
+        for n in args.num_envs:
+            at_n = [r for r in here if r["num_envs"] == n]
+            peers = [r for r in at_n if r["group"] == "peer"]
+            best = max(map(_rate, peers)) if peers else float("nan")
+            for r in at_n:
+                lines.append(f"| {n} | {r['group']} | {r['mode']} | {r['threads']} x {r['envs_per_thread']} | "
+                             f"{r['steps_per_s']:,.0f} | {r['steps_per_s'] / best:.2f} |")
+        lines += ["", "Time by stage of the rlbatch rows (ms per 1,000 env steps, summed over threads):", "",
+                  "| N | mode | threads x envs | env step | wait for action | host prep | device compute |",
+                  "|---:|---|---|---:|---:|---:|---:|"]
+        for r in here:
+            if "stages" in r and r["group"] == "rlbatch":
+                s = r["stages"]
+                lines.append(f"| {r['num_envs']} | {r['mode']} | {r['threads']} x {r['envs_per_thread']} | "
+                             + " | ".join(f"{s.get(k, float('nan')):.1f}" for k in
+                                          ("env_step", "wait_for_action", "host_prep", "device_compute")) + " |")
+        lines.append("")
+    lines += ["| target: rlbatch >= 1.1x the best peer | best peer | rlbatch's best | ratio | env floor "
+              "(no policy) / best peer | met |", "|---|---|---|---:|---:|---|"]
+    for g in goals:
+        floor = "n/a" if g["floor_over_best_peer"] is None else f"{g['floor_over_best_peer']:.2f}x"
+        lines.append(f"| {g['workload']}, N={g['num_envs']} | {g['best_peer']} ({g['best_peer_steps_per_s']:,.0f}) | "
+                     f"{g['best_rlbatch']} ({g['best_rlbatch_steps_per_s']:,.0f}) | {g['ratio']:.2f}x | {floor} | "
+                     f"{'yes' if g['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], args: Args, path: str) -> str | None:
+    """Steps/s against N per mode, one panel per workload (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(args.workloads), figsize=(6.5 * len(args.workloads), 4.5), squeeze=False)
+    styles = {"peer": "--", "rlbatch": "-", "floor": ":"}
+    for ax, workload in zip(axes[0], args.workloads):
+        here = [r for r in rows if r["workload"] == workload]
+        for mode in dict.fromkeys(r["mode"] for r in here):
+            pts = sorted((r["num_envs"], r["steps_per_s"], r["group"]) for r in here if r["mode"] == mode)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[pts[0][2]], marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("environments")
+        ax.set_ylabel("env steps / s")
+        ax.set_title(workload)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(args: Args) -> list[dict]:
+    if args.quick:
+        args = dataclasses.replace(args, num_envs=(8,), threads=(1, 2), warmup=0.3, duration=0.7)
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"bench_envs: expected workloads of {sorted(WORKLOADS)}, got {unknown}")
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    runtime.prefer_sync_cpu_dispatch()
+    preload_forkserver()
+    devices = [str(d) for d in jax.devices()]
+    print(f"jax.devices(): {devices}; {os.cpu_count()} CPUs", flush=True)
+    reports: list = []
+    rows = []
+    for name in args.workloads:
+        rows += run_workload(WORKLOADS[name], args, reports)
+    table_rows = best_rows(rows)
+    goals = targets(table_rows, args)
+    table = render(table_rows, goals, devices, args)
+    print(table)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(args=dataclasses.asdict(args), devices=devices, rows=table_rows, sweep=rows, targets=goals),
+                  f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(table + "\n")
+    png = plot(table_rows, args, args.out + ".png")
+    report.write_runs(reports, args.out, plots=False)
+    print(f"wrote {args.out}.json, {args.out}.md" + (f", {png}" if png else ""))
+    return table_rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, prog="python -m experiments.bench_envs", description=__doc__))

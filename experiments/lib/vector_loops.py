@@ -1,0 +1,134 @@
+"""The peers' own loops over vector environments, and the floors under any loop, for bench_envs.
+
+Each loop steps N environments with the same jitted policy as the pool's service, as the peer's
+users write it (CleanRL's `ppo_atari_envpool` and `ppo_continuous_action` loops):
+
+- `run_vector_loop`: one vector environment of N (gymnasium SyncVectorEnv or AsyncVectorEnv,
+  EnvPool in synchronous mode, ale-py's AtariVectorEnv): obs [N, ...] -> policy -> `step`, one
+  policy call per step. The vector environment's own autoreset applies (a NEXT_STEP reset step is
+  counted as a step, as the peer's loop counts it);
+- `run_envpool_async_loop`: EnvPool's asynchronous mode, num_envs N, batch_size B:
+  `recv` (the B environments that finished first) -> policy on those B -> `send(actions, env_id)`;
+- `run_env_alone`: the same vector environment with fixed actions and no policy at all: the
+  environment floor, what no loop that steps these environments on this machine can beat;
+- `run_policy_alone`: the policy on batches of N observations and no environment: the policy floor.
+
+A loop counts N (or B) env steps per `step` (or `recv`), over `duration` seconds after `warmup`.
+A policy is `act_fn(obs, i) -> np.ndarray actions` (experiments.lib.policy_step.policy_act_fn).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from experiments.lib.env_loops import StepRate
+
+__all__ = ["run_env_alone", "run_envpool_async_loop", "run_policy_alone", "run_vector_loop"]
+
+_clock = time.perf_counter
+
+
+class _Clock:
+    """Counts steps; `running` is False once `duration` seconds have passed after `warmup`."""
+
+    def __init__(self, warmup: float, duration: float):
+        self.warm_until = _clock() + warmup
+        self.duration = duration
+        self.steps = 0
+        self.t0 = self.s0 = None
+        self.t1 = None
+
+    def running(self) -> bool:
+        now = _clock()
+        if self.t0 is None:
+            if now >= self.warm_until:
+                self.t0, self.s0 = now, self.steps
+            return True
+        if now >= self.t0 + self.duration:
+            self.t1 = now
+            return False
+        return True
+
+    def rate(self, num_actors: int, envs_per_actor: int, mean_batch: float) -> StepRate:
+        steps = self.steps - self.s0
+        elapsed = self.t1 - self.t0
+        return StepRate(steps_per_s=steps / elapsed, num_actors=num_actors, envs_per_actor=envs_per_actor,
+                        mean_batch=mean_batch, env_steps=steps, elapsed_s=elapsed)
+
+
+def _seeded_reset(vec, seed: int, n: int):
+    """Resets a vector environment of n with seeds seed ... seed + n - 1 (an EnvPool is seeded when
+    made; an AtariVectorEnv takes an int array)."""
+    module = type(vec).__module__
+    if module.startswith("envpool"):
+        return vec.reset()[0]
+    if module.startswith("ale_py"):
+        return vec.reset(seed=np.arange(seed, seed + n, dtype=np.int64))[0]
+    return vec.reset(seed=[seed + j for j in range(n)])[0]
+
+
+def run_vector_loop(make_vector_env: Callable[[int, int], Any], act_fn: Callable, num_envs: int, *,
+                    warmup: float, duration: float, seed: int = 0) -> StepRate:
+    """obs [N, ...] -> act_fn -> vec.step, one policy call per step, on `make_vector_env(N, seed)`.
+    The [N, ...] shape is compiled before the clock starts."""
+    vec = make_vector_env(num_envs, seed)
+    try:
+        obs = _seeded_reset(vec, seed, num_envs)
+        act_fn(obs, 0)
+        clock, i = _Clock(warmup, duration), 0
+        while clock.running():
+            obs = vec.step(act_fn(obs, i))[0]
+            i += 1
+            clock.steps += num_envs
+    finally:
+        vec.close()
+    return clock.rate(1, num_envs, float(num_envs))
+
+
+def run_envpool_async_loop(make_envpool: Callable[[int, int, int], Any], act_fn: Callable, num_envs: int,
+                           batch_size: int, *, warmup: float, duration: float, seed: int = 0) -> StepRate:
+    """EnvPool's asynchronous loop: recv -> act_fn on the B observations -> send(actions, env_id), with
+    `make_envpool(num_envs, batch_size, seed)`. The [B, ...] shape is compiled before the clock starts."""
+    pool = make_envpool(num_envs, batch_size, seed)
+    try:
+        pool.async_reset()
+        obs, _, _, _, info = pool.recv()
+        pool.send(act_fn(obs, 0), info["env_id"])
+        clock, i = _Clock(warmup, duration), 1
+        while clock.running():
+            obs, _, _, _, info = pool.recv()
+            pool.send(act_fn(obs, i), info["env_id"])
+            i += 1
+            clock.steps += batch_size
+    finally:
+        pool.close()
+    return clock.rate(1, num_envs, float(batch_size))
+
+
+def run_env_alone(make_vector_env: Callable[[int, int], Any], actions: np.ndarray, num_envs: int, *,
+                  warmup: float, duration: float, seed: int = 0) -> StepRate:
+    """The vector environment stepped with the fixed `actions` [N, ...] and no policy: the floor."""
+    vec = make_vector_env(num_envs, seed)
+    try:
+        _seeded_reset(vec, seed, num_envs)
+        clock = _Clock(warmup, duration)
+        while clock.running():
+            vec.step(actions)
+            clock.steps += num_envs
+    finally:
+        vec.close()
+    return clock.rate(1, num_envs, 0.0)
+
+
+def run_policy_alone(act_fn: Callable, obs: Any, *, warmup: float, duration: float) -> StepRate:
+    """act_fn on the same batch of N observations over and over, no environment: rows per second."""
+    n = len(obs)
+    act_fn(obs, 0)
+    clock, i = _Clock(warmup, duration), 1
+    while clock.running():
+        act_fn(obs, i)
+        i += 1
+        clock.steps += n
+    return clock.rate(1, n, float(n))
