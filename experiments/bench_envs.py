@@ -72,7 +72,7 @@ class Args:
     seed: int = 0
     quick: bool = False
     """a smoke run: 8 environments, threads 1 and 2, 0.3 s warm-up, 0.7 s measurement"""
-    compilation_cache: str = "runs/jax_cache"
+    compilation_cache: str = runtime.DEFAULT_COMPILATION_CACHE
     """JAX's persistent compilation cache: each row's service loads its buckets from it ('' for none)"""
     out: str = "runs/bench_envs"
     """file stem for the JSON, Markdown and PNG outputs"""
@@ -318,9 +318,7 @@ def main(args: Args) -> list[dict]:
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         raise SystemExit(f"bench_envs: expected workloads of {sorted(WORKLOADS)}, got {unknown}")
-    if args.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    print(runtime.enable_compilation_cache(args.compilation_cache))
     runtime.prefer_sync_cpu_dispatch()
     preload_forkserver()
     devices = [str(d) for d in jax.devices()]

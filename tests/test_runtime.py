@@ -1,4 +1,9 @@
-"""The process-wide settings the scripts choose at start: thread pinning and JAX's CPU dispatch."""
+"""The process-wide settings the scripts choose at start: thread pinning, JAX's CPU dispatch and
+its persistent compilation cache."""
+
+import pathlib
+import subprocess
+import sys
 
 import jax
 
@@ -23,3 +28,23 @@ def test_prefer_sync_cpu_dispatch_turns_async_dispatch_off_on_a_cpu():
             assert jax.config.read("jax_cpu_enable_async_dispatch") is False
     finally:
         jax.config.update("jax_cpu_enable_async_dispatch", before)
+
+
+_ROOT = str(pathlib.Path(__file__).parents[1])
+_COMPILE = """
+import sys, jax, jax.numpy as jnp
+from experiments.lib import runtime
+print(runtime.enable_compilation_cache(sys.argv[1]))
+jax.jit(lambda x: jnp.tanh(x @ x).sum()).lower(jnp.ones((8, 8))).compile()
+"""
+
+
+def test_enable_compilation_cache_stores_programs_and_off_stores_none(tmp_path):
+    cache = tmp_path / "cache"
+    out = subprocess.run([sys.executable, "-c", _COMPILE, str(cache)], capture_output=True, text=True,
+                         check=True, cwd=_ROOT)
+    assert str(cache) in out.stdout
+    assert any(cache.iterdir()), "a compiled program was not written to the cache"
+    off = subprocess.run([sys.executable, "-c", _COMPILE, ""], capture_output=True, text=True, check=True,
+                         cwd=_ROOT)
+    assert "off" in off.stdout

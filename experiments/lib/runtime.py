@@ -1,6 +1,6 @@
 """Process-wide runtime settings that the experiment scripts choose at start, never the library.
 
-Both change the whole process (JAX's dispatch mode, the CPUs of this thread and of every thread it
+All change the whole process (JAX's dispatch mode, the CPUs of this thread and of every thread it
 starts afterwards), so a script makes them once, before it builds any service or pool, and prints
 what it did in its report.
 """
@@ -8,7 +8,30 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["pin_python_threads", "prefer_sync_cpu_dispatch"]
+__all__ = ["DEFAULT_COMPILATION_CACHE", "enable_compilation_cache", "pin_python_threads", "prefer_sync_cpu_dispatch"]
+
+# XDG's cache directory, as pip and JAX's own tools use it; RLBATCH_JAX_CACHE overrides it.
+DEFAULT_COMPILATION_CACHE = os.environ.get(
+    "RLBATCH_JAX_CACHE", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rlbatch", "jax"))
+
+
+def enable_compilation_cache(path: str | None = DEFAULT_COMPILATION_CACHE) -> str:
+    """Turns on JAX's persistent compilation cache in `path` (None or "": leaves it off); returns a
+    line saying what was done, for the script's report.
+
+    A script compiles the same programs every run (one per policy bucket, the learner's update): from
+    the cache each loads in a fraction of its compile time (a 20-layer MLP's gradient, measured on
+    the 2-core machine: 1.07 s compiled, 0.25-0.32 s from the cache, tracing included). Every program
+    is cached, however fast it compiled: the scripts' programs are few and small.
+    """
+    if not path:
+        return "JAX compilation cache off"
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return f"JAX compilation cache: {path}"
 
 
 def prefer_sync_cpu_dispatch() -> bool:
