@@ -61,10 +61,10 @@ class _Clock:
 def _seeded_reset(vec, seed: int, n: int):
     """Resets a vector environment of n with seeds seed ... seed + n - 1 (an EnvPool is seeded when
     made; an AtariVectorEnv takes an int array)."""
-    module = type(vec).__module__
-    if module.startswith("envpool"):
+    modules = [c.__module__ for c in type(vec).__mro__]  # EnvPool's classes are made in module "abc"
+    if any(m.startswith("envpool.") for m in modules):
         return vec.reset()[0]
-    if module.startswith("ale_py"):
+    if any(m.startswith("ale_py.") for m in modules):
         return vec.reset(seed=np.arange(seed, seed + n, dtype=np.int64))[0]
     return vec.reset(seed=[seed + j for j in range(n)])[0]
 

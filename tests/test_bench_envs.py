@@ -1,0 +1,125 @@
+"""experiments.bench_envs and its loops: every peer loop counts what it steps, every environment kind
+of a workload gives the same observations, and a small real run writes every row."""
+
+import json
+
+import gymnasium
+import numpy as np
+import pytest
+
+from experiments import bench_envs
+from experiments.lib import vector_loops
+from experiments.lib.workloads import WORKLOADS
+
+TIMING = dict(warmup=0.05, duration=0.2)
+
+
+def _cartpole_vec(n, seed):
+    return gymnasium.vector.SyncVectorEnv([lambda: gymnasium.make("CartPole-v1")] * n)
+
+
+def _recording_act(shapes):
+    def act(obs, i):
+        shapes.append(obs.shape)
+        return np.zeros(len(obs), np.int64)
+    return act
+
+
+def test_vector_loop_counts_n_steps_per_policy_call():
+    shapes = []
+    rate = vector_loops.run_vector_loop(_cartpole_vec, _recording_act(shapes), 4, seed=3, **TIMING)
+    assert rate.env_steps > 0 and rate.env_steps % 4 == 0
+    assert set(shapes) == {(4, 4)} and rate.mean_batch == 4.0
+    assert rate.steps_per_s == pytest.approx(rate.env_steps / rate.elapsed_s)
+
+
+def test_envpool_async_loop_asks_the_policy_about_each_recv_batch():
+    import envpool
+
+    shapes, sent = [], []
+
+    def make(n, batch, seed):
+        env = envpool.make("CartPole-v1", env_type="gymnasium", num_envs=n, batch_size=batch, seed=seed)
+        send = env.send
+        env.send = lambda action, env_id: (sent.append(np.asarray(env_id).copy()), send(action, env_id))
+        return env
+
+    rate = vector_loops.run_envpool_async_loop(make, _recording_act(shapes), 6, 2, **TIMING)
+    assert set(shapes) == {(2, 4)}
+    assert rate.env_steps > 0 and rate.env_steps % 2 == 0 and rate.mean_batch == 2.0
+    # Every environment of the pool is played, not only the first batch's.
+    assert set(np.concatenate(sent).tolist()) == set(range(6))
+
+
+def test_floors_step_without_a_policy_and_the_policy_without_environments():
+    rate = vector_loops.run_env_alone(_cartpole_vec, np.zeros(3, np.int64), 3, **TIMING)
+    assert rate.env_steps > 0 and rate.env_steps % 3 == 0
+    calls = []
+    rate = vector_loops.run_policy_alone(lambda obs, i: calls.append(i), np.zeros((5, 4)), **TIMING)
+    # Rows of the calls in the measured span: not the first (it compiles, before the clock), nor warm-up's.
+    assert rate.env_steps > 0 and rate.env_steps % 5 == 0 and rate.env_steps < 5 * (len(calls) - 1)
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_every_vector_kind_of_a_workload_gives_the_single_env_layout(name):
+    workload = WORKLOADS[name]
+    single = workload.make_env()
+    try:
+        want = single.observation_space
+    finally:
+        single.close()
+    kinds = [k for k in workload.kinds if k != "envpool-async"]
+    for kind in kinds:
+        env = workload.vector_env_fn(kind)(2, 7)
+        try:
+            obs, _ = env.reset() if kind.startswith("envpool") else env.reset(seed=7)
+            assert env.num_envs == 2, kind
+            assert obs.shape == (2,) + want.shape, kind
+            assert obs.dtype == want.dtype or (want.dtype == np.float64 and obs.dtype.kind == "f"), kind
+        finally:
+            env.close()
+    pool = workload.envpool_async_fn(lambda k: k // 2)(4, 0)
+    try:
+        assert pool.config["batch_size"] == 2 and pool.config["num_envs"] == 4
+    finally:
+        pool.close()
+
+
+def test_targets_compare_the_best_rlbatch_row_with_the_best_peer_beside_the_floor():
+    rows = [dict(workload="w", num_envs=32, group="peer", mode="a loop", steps_per_s=100.0),
+            dict(workload="w", num_envs=32, group="peer", mode="b loop", steps_per_s=200.0),
+            dict(workload="w", num_envs=32, group="rlbatch", mode="x", steps_per_s=230.0),
+            dict(workload="w", num_envs=32, group="rlbatch", mode="y", steps_per_s=150.0),
+            dict(workload="w", num_envs=32, group="floor", mode="b, no policy", steps_per_s=210.0),
+            dict(workload="w", num_envs=32, group="floor", mode="policy alone", steps_per_s=9999.0),
+            dict(workload="w", num_envs=8, group="peer", mode="a loop", steps_per_s=1.0)]
+    [goal] = bench_envs.targets(rows, bench_envs.Args(workloads=("w",)))
+    assert goal["best_peer"] == "b loop" and goal["best_rlbatch"] == "x"
+    assert goal["ratio"] == pytest.approx(1.15) and goal["met"]
+    assert goal["env_floor"] == "b, no policy" and goal["floor_over_best_peer"] == pytest.approx(1.05)
+
+
+def test_best_rows_keep_each_kinds_best_split():
+    sweep = [dict(workload="w", num_envs=8, group="sweep", mode="rlbatch k", threads=t, steps_per_s=s)
+             for t, s in ((1, 10.0), (2, 30.0), (4, 20.0))]
+    [best] = bench_envs.best_rows(sweep)
+    assert best["group"] == "rlbatch" and best["threads"] == 2 and best["steps_per_s"] == 30.0
+
+
+def test_a_small_run_writes_every_row_with_stages(tmp_path):
+    out = tmp_path / "b"
+    args = bench_envs.Args(workloads=("halfcheetah",), num_envs=(4,), threads=(2,),
+                           kinds=("single", "envpool-sync"), warmup=0.1, duration=0.3, compilation_cache="",
+                           out=str(out))
+    rows = bench_envs.main(args)
+    modes = {(r["group"], r["mode"]) for r in rows}
+    assert modes == {("floor", "policy alone"), ("floor", "envpool-sync, no policy"), ("peer", "envpool-sync loop"),
+                     ("rlbatch", "1 env per thread"), ("rlbatch", "rlbatch envpool-sync (best split)")}
+    assert all(r["steps_per_s"] > 0 for r in rows)
+    for r in rows:
+        if r["group"] == "rlbatch":
+            assert r["stages"]["env_step"] > 0 and r["stages"]["wait_for_action"] > 0
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert len(saved["rows"]) == len(rows) and saved["sweep"]
+    assert (tmp_path / "b.png").stat().st_size > 0
+    assert "| 4 | rlbatch | 1 env per thread | 4 x 1 |" in (tmp_path / "b.md").read_text()
