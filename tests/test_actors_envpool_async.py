@@ -5,6 +5,7 @@ Pong episodes through the pool."""
 import collections
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -239,6 +240,7 @@ def test_envpool_cartpole_async_episodes_through_the_pool():
     assert (cat(lambda t: t.reward) == 1).all()
     # Episode returns are the environment's own: +1 a step, so each return is its length.
     assert pool.episodes and all(r == length > 0 for r, length in pool.episodes)
+    assert_episodes_logged(trajs, pool)
     assert all(length == 40 for r, length in pool.episodes if length >= 40)
     # Seeds: environment i's first observation is a synchronous EnvPool's with seed 11 + i.
     first = envpool.make("CartPole-v1", env_type="gymnasium", num_envs=2 * n, seed=11).reset()[0]
@@ -247,3 +249,63 @@ def test_envpool_cartpole_async_episodes_through_the_pool():
     for env_index, [(traj, c), *_] in segments.items():
         assert traj.episode_id[0, c] & 0xFFFFFFFF == 0
         np.testing.assert_array_equal(traj.obs[0, c], first[env_index])
+
+
+def episodes_in(trajs):
+    """(return, length) of every episode that ended in `trajs`, summed from their own rewards. Each
+    environment's segments come out in the order it played them from its first step, so every
+    episode that ended there is whole."""
+    returns, lengths = collections.Counter(), collections.Counter()
+    ended = []
+    for traj in trajs:
+        for t in range(traj.reward.shape[0]):
+            for c, episode_id in enumerate(traj.episode_id[t].tolist()):
+                returns[episode_id] += float(traj.reward[t, c])
+                lengths[episode_id] += 1
+                if traj.terminated[t, c] or traj.truncated[t, c]:
+                    ended.append(episode_id)
+    return sorted((returns[e], lengths[e]) for e in ended)
+
+
+def assert_episodes_logged(trajs, pool):
+    """Every episode the trajectories hold whole is one the pool logged, with the same return."""
+    logged = collections.Counter(pool.episodes)
+    held = collections.Counter(episodes_in(trajs))
+    assert held and not held - logged, (held, logged)
+
+
+def test_envpool_pong_async_trajectories_are_uint8_width_b_and_returns_the_envs_own():
+    def apply(params, obs, key):  # random play: Pong's opponent scores within 100 steps
+        return jax.random.randint(key, (obs.shape[0],), 0, 6), {}
+
+    def vector_env_fn(n, seed):
+        return envpool.make("Pong-v5", env_type="gymnasium", num_envs=n, batch_size=2, seed=seed,
+                            max_episode_steps=100)
+
+    service = lambda: rlbatch.PolicyService(apply, {}, example_obs=np.zeros((4, 84, 84), np.uint8), buckets=(2,),
+                                            max_delay=0.001)
+    with service() as svc:
+        with rlbatch.ActorPool(None, svc, 1, 20, envs_per_actor=4, async_batch_size=2,
+                               vector_env_fn=vector_env_fn) as pool:
+            trajs = []
+            while pool.stats.episodes < 4:
+                trajs.append(pool.get(timeout=60))
+    for traj in trajs:
+        assert traj.obs.shape == (21, 2, 4, 84, 84) and traj.obs.dtype == np.uint8 and traj.reward.shape == (20, 2)
+    truncated = np.concatenate([traj.truncated for traj in trajs], axis=1)
+    assert truncated.any()  # at 100 steps
+    assert any(r < 0 for r, _ in episodes_in(trajs))  # the opponent scored: returns are not all zero
+    assert_episodes_logged(trajs, pool)
+    assert all(length == 100 for _, length in pool.episodes)
+
+
+def test_stop_returns_promptly_with_every_envpool_closed(no_thread_leak):
+    def vector_env_fn(n, seed):
+        return envpool.make("CartPole-v1", env_type="gymnasium", num_envs=n, batch_size=2, seed=seed)
+
+    with cartpole_service() as svc:
+        pool = rlbatch.ActorPool(None, svc, 3, 8, envs_per_actor=4, async_batch_size=2, vector_env_fn=vector_env_fn,
+                                 max_queue=1).start()
+        pool.get(timeout=30)  # the actors are playing, and blocked on the full queue
+        assert pool.stop(timeout=10)
+    assert pool.envs_open == 0 and pool.stats.actors_running == 0
