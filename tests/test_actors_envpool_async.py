@@ -128,6 +128,7 @@ def test_a_raising_recv_or_send_rebuilds_the_envpool_and_drops_unfinished_column
     assert fault.where == f"env.{where}" and fault.env_index == 0 and f"{where} #9" in fault.error
     for traj in trajs:  # nothing emitted spans the rebuild
         assert_locally_consistent(traj)
+    assert sorted(pool.episodes) == sorted(made[0].episodes + made[1].episodes)
     assert pool.envs_open == 0
 
 
@@ -309,3 +310,37 @@ def test_stop_returns_promptly_with_every_envpool_closed(no_thread_leak):
         pool.get(timeout=30)  # the actors are playing, and blocked on the full queue
         assert pool.stop(timeout=10)
     assert pool.envs_open == 0 and pool.stats.actors_running == 0
+
+
+class FailingRecv:
+    """An EnvPool whose `fail_at`-th recv raises."""
+
+    def __init__(self, env, fail_at: int):
+        self.env, self.fail_at, self.recvs = env, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def recv(self):
+        self.recvs += 1
+        if self.recvs == self.fail_at:
+            raise RuntimeError(f"injected: recv #{self.recvs}")
+        return self.env.recv()
+
+
+def test_a_raising_envpool_recv_rebuilds_it_and_the_actor_plays_on():
+    made = []
+
+    def vector_env_fn(n, seed):
+        made.append(seed)
+        env = envpool.make("CartPole-v1", env_type="gymnasium", num_envs=n, batch_size=2, seed=seed)
+        return FailingRecv(env, fail_at=30 if len(made) == 1 else 0)
+
+    trajs, pool = run_pool(8, n=4, b=2, T=8, seed=5, service=cartpole_service, vector_env_fn=vector_env_fn)
+    stats = pool.stats
+    assert made == [5, 9] and stats.env_errors == stats.env_rebuilds == 1 and stats.dropped_on_error >= 1
+    assert pool.errors[0].where == "env.recv" and "injected: recv #30" in pool.errors[0].error
+    for traj in trajs:  # every recorded step is one CartPole step of its own environment
+        ended = traj.terminated | traj.truncated
+        np.testing.assert_allclose(np.where(ended[..., None], traj.final_obs, traj.obs[1:]),
+                                   cartpole_step(traj.obs[:-1], traj.action), atol=1e-4)
