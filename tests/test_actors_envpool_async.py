@@ -116,6 +116,18 @@ def assert_locally_consistent(traj):
     np.testing.assert_array_equal(traj.reward, 10 * traj.obs[:T, :, 0] + traj.obs[:T, :, 1] + 1)
 
 
+def assert_episode_ids_name_one_run_each(trajs):
+    """The steps that share an episode_id are one episode's, in order: step in episode 0, 1, 2, ...
+    from where they start (a rebuilt environment's episodes never continue an abandoned one's id)."""
+    steps = collections.defaultdict(list)
+    for traj in trajs:
+        for c in range(B):  # an environment's earlier segment is in an earlier column
+            for t in range(T):
+                steps[int(traj.episode_id[t, c])].append(int(traj.obs[t, c, 1]))
+    for episode_id, seen in steps.items():
+        assert seen == list(range(seen[0], seen[0] + len(seen))), (hex(episode_id), seen)
+
+
 @pytest.mark.parametrize("where", ["recv", "send"])
 def test_a_raising_recv_or_send_rebuilds_the_envpool_and_drops_unfinished_columns(where):
     made, calls = [], collections.Counter()
@@ -128,6 +140,7 @@ def test_a_raising_recv_or_send_rebuilds_the_envpool_and_drops_unfinished_column
     assert fault.where == f"env.{where}" and fault.env_index == 0 and f"{where} #9" in fault.error
     for traj in trajs:  # nothing emitted spans the rebuild
         assert_locally_consistent(traj)
+    assert_episode_ids_name_one_run_each(trajs)
     assert sorted(pool.episodes) == sorted(made[0].episodes + made[1].episodes)
     assert pool.envs_open == 0
 
@@ -210,6 +223,7 @@ def test_column_store_groups_complete_columns_and_clears_their_final_observation
     np.testing.assert_array_equal(traj.policy_version, [[0, 0], [2, 1]])
     # Their next segments start with no final observation left over, at step 0.
     np.testing.assert_array_equal(store.step, [0, 0, 0])
+    assert not store.final_obs.any()
     store.record_steps(np.array([0, 2]), [5.0, 6.0], [False, False], [False, False], [1, 1])
     assert store.drop_unfinished() == 2 and not store.final_obs.any()
 
