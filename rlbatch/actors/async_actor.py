@@ -55,7 +55,11 @@ def _take(tree, index):
 
 
 class AsyncVectorActor(Actor):
-    """Actor `actor_id` of a pool: environments actor_id * n ... actor_id * n + n - 1, b per step."""
+    """Actor `actor_id` of a pool: environments actor_id * n ... actor_id * n + n - 1, b per step.
+
+    Actor's `run` (registering, the fault records, closing) and back-off are shared; the loop, the
+    environment side and the trajectory store are this class's own.
+    """
 
     def __init__(self, actor_id: int, setup: ActorSetup, counters: ActorCounters):
         self.actor_id = actor_id
@@ -99,7 +103,7 @@ class AsyncVectorActor(Actor):
             ids, obs, ended = pending
             t0 = _clock()
             try:
-                request = self._requests.request(obs)
+                request = self._requests.request(obs)  # plain arrays, as for every vector environment
                 if self._state is None:
                     out = caller(request)
                 else:
