@@ -65,6 +65,7 @@ class ActorSetup:
     halt: Callable[[str], None]  # stops the whole pool at once, with this reason for its consumer
     exited: Callable[[str], None]  # each actor calls it once as it exits, with why
     make_vector_env: Callable[[int, int], Any] | None = None  # (k, seed) -> a vector environment (VectorActor)
+    async_batch_size: int | None = None  # b: environments per recv of an EnvPool in send/recv mode (AsyncVectorActor)
 
 
 class _Misconfigured(Exception):

@@ -24,7 +24,9 @@ Vector environments: with `vector_env_fn` each actor owns one vector environment
 sub-environments (gymnasium's SyncVectorEnv or AsyncVectorEnv, in its NEXT_STEP or SAME_STEP
 autoreset mode, or an EnvPool in synchronous mode) in place of k environments; its trajectories
 follow the same contract, column j being sub-environment j. A failing vector environment is
-rebuilt whole.
+rebuilt whole. With `async_batch_size=b` each actor plays an EnvPool of n = `envs_per_actor`
+environments in its send/recv mode, b per step (an `AsyncVectorActor`, rlbatch.actors.async_actor):
+its trajectories have width b, not n.
 
 Faults: an environment that raises in step or reset, or whose observation the policy refuses, is
 reset or rebuilt, the actor's unfinished trajectory is dropped (counted, never emitted half-filled)
@@ -40,6 +42,7 @@ import time
 from typing import Iterator
 
 from rlbatch.actors.actor import Actor, ActorSetup, VectorActor
+from rlbatch.actors.async_actor import AsyncVectorActor
 from rlbatch.actors.env_slot import env_factory
 from rlbatch.actors.queue import ON_FULL, TrajectoryQueue
 from rlbatch.actors.stats import ActorCounters, ActorFault, ActorStats, EpisodeLog, FaultLog
@@ -80,11 +83,17 @@ class ActorPool:
         environments in k subprocesses, and `lambda k, seed: envpool.make("CartPole-v1",
         env_type="gymnasium", num_envs=k, seed=seed)` uses EnvPool's threads. Observations must be
         plain arrays.
+      async_batch_size: with `vector_env_fn`, b: each actor's vector environment is an EnvPool of
+        n = `envs_per_actor` environments in its asynchronous send/recv mode (`envpool.make(task_id,
+        env_type="gymnasium", num_envs=n, batch_size=b, seed=seed)`): every step the b environments
+        that finished first go to the policy as one request, and trajectories have width b
+        (obs [T+1, b, ...]), each column one environment's T consecutive steps (see
+        rlbatch.actors.async_actor). Without it, an EnvPool with batch_size < num_envs is refused.
     """
 
     def __init__(self, env_fn, policy_service, num_actors: int, unroll_length: int, *, envs_per_actor: int = 1,
                  seed: int = 0, max_queue: int = 64, on_full: str = "block", max_backoff: float = 1.0,
-                 name: str = "actor", vector_env_fn=None):
+                 name: str = "actor", vector_env_fn=None, async_batch_size: int | None = None):
         for key, value in (("num_actors", num_actors), ("unroll_length", unroll_length),
                            ("envs_per_actor", envs_per_actor), ("max_queue", max_queue)):
             if not isinstance(value, int) or value < 1:
@@ -97,6 +106,13 @@ class ActorPool:
         if vector_env_fn is not None and not callable(vector_env_fn):
             raise TypeError(f"ActorPool: vector_env_fn must be a callable (k, seed) -> vector environment, got "
                             f"{type(vector_env_fn).__name__}")
+        if async_batch_size is not None:
+            if vector_env_fn is None:
+                raise ValueError("ActorPool: async_batch_size needs vector_env_fn (an EnvPool factory), got env_fn")
+            if not isinstance(async_batch_size, int) or not 1 <= async_batch_size <= envs_per_actor:
+                raise ValueError(f"ActorPool: async_batch_size must be an int in [1, envs_per_actor={envs_per_actor}], "
+                                 f"got {async_batch_size!r}")
+        self.async_batch_size = async_batch_size
         self._make_env = None if env_fn is None else env_factory(env_fn)
         self._make_vector_env = vector_env_fn
         self.policy = policy_service
@@ -127,8 +143,11 @@ class ActorPool:
                            envs_per_actor=self.envs_per_actor, seed=self.seed, num_envs=self.num_envs,
                            max_backoff=self.max_backoff, queue=self._queue, episodes=self._episodes,
                            faults=self._faults, stop=self._stop, halt=self._halt, exited=self._actor_exited,
-                           make_vector_env=self._make_vector_env)
-        actor_type = Actor if self._make_vector_env is None else VectorActor
+                           make_vector_env=self._make_vector_env, async_batch_size=self.async_batch_size)
+        if self.async_batch_size is not None:
+            actor_type = AsyncVectorActor
+        else:
+            actor_type = Actor if self._make_vector_env is None else VectorActor
         actors = [actor_type(a, setup, self._counters[a]) for a in range(self.num_actors)]
         self._start_time = _clock()
         self._actors_left = self.num_actors

@@ -20,7 +20,8 @@ DISABLED is refused: nothing would reset an ended sub-environment.
 
 EnvPool (`envpool.make(task_id, env_type="gymnasium", num_envs=k, seed=seed)`, a gymnasium VectorEnv
 in NEXT_STEP mode) goes the NEXT_STEP way; its masked reset returns only the rows it reset, which
-the slot writes into the step's observations. Only its synchronous mode (batch_size == num_envs).
+the slot writes into the step's observations. Only its synchronous mode (batch_size == num_envs):
+its send/recv mode is rlbatch.actors.async_slot's.
 
 ale-py's AtariVectorEnv (`ale_py.vector_env.AtariVectorEnv(game, k, ...)`, see
 envs.atari.make_ale_vector_env) goes the NEXT_STEP way too (its masked reset returns all k rows, the
@@ -226,7 +227,8 @@ class VectorSlot(RebuildingSlot):
             if _seeded_when_made(env) and env.config["batch_size"] != num:
                 raise VectorEnvMismatch(f"vector_env_fn({self.k}, seed): expected an EnvPool in synchronous mode "
                                         f"(batch_size == num_envs == {self.k}), got batch_size="
-                                        f"{env.config['batch_size']}")
+                                        f"{env.config['batch_size']} (for its send/recv mode, pass ActorPool "
+                                        f"async_batch_size=batch_size)")
             if _is_ale(env) and getattr(env, "batch_size", num) != num:
                 raise VectorEnvMismatch(f"vector_env_fn({self.k}, seed): expected an AtariVectorEnv in synchronous "
                                         f"mode (batch_size == num_envs == {self.k}), got batch_size={env.batch_size}")
