@@ -121,7 +121,7 @@ def _rate_row(rate: env_loops.StepRate, **extra) -> dict:
 def run_peer(workload: Workload, kind: str, served: Served, n: int, args: Args) -> dict:
     timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
     if kind == "envpool-async":
-        b = max(1, int(n * args.async_batch))
+        b = _async_batch(n, args)
         make = lambda num, batch, seed: workload.make_envpool(num, seed, batch_size=batch)  # noqa: E731
         return _rate_row(vector_loops.run_envpool_async_loop(make, served.act, n, b, **timing), batch_size=b)
     return _rate_row(vector_loops.run_vector_loop(workload.vector_env_fn(kind), served.act, n, **timing))
@@ -136,6 +136,11 @@ def run_floor(workload: Workload, kind: str, n: int, args: Args) -> dict:
     return _rate_row(rate)
 
 
+def _async_batch(num_envs: int, args: Args) -> int:
+    """EnvPool async mode's batch_size for num_envs environments."""
+    return max(1, int(num_envs * args.async_batch))
+
+
 def _buckets(n: int) -> tuple[int, ...]:
     return tuple(b for b in (1, 8, 16, 32, 64, 128, 256) if b < n) + (n,)
 
@@ -143,17 +148,20 @@ def _buckets(n: int) -> tuple[int, ...]:
 def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int, args: Args, reports: list) -> dict:
     """An ActorPool of `threads` actors playing N environments of `kind` ("single": one per thread)."""
     k = n // threads
+    async_batch = None
     if kind == "single":
         env_fn, vector_env_fn = workload.make_env, None
     elif kind == "envpool-async":
-        env_fn, vector_env_fn = None, workload.envpool_async_fn(lambda m: max(1, int(m * args.async_batch)))
+        async_batch = _async_batch(k, args)
+        env_fn, vector_env_fn = None, workload.envpool_async_fn(lambda m: _async_batch(m, args))
     else:
         env_fn, vector_env_fn = None, workload.vector_env_fn(kind)
     service = rlbatch.PolicyService(served.apply, served.params, example_obs=served.example_obs, buckets=_buckets(n),
                                     max_delay=args.max_delay, seed=args.seed)
     with service:
         with rlbatch.ActorPool(env_fn, service, num_actors=threads, unroll_length=args.unroll_length,
-                               envs_per_actor=k, seed=args.seed, vector_env_fn=vector_env_fn) as pool:
+                               envs_per_actor=k, seed=args.seed, vector_env_fn=vector_env_fn,
+                               async_batch_size=async_batch) as pool:
             recorder = report.Recorder(pool, service, every=None)
             # Environments that start slowly (subprocesses) must not eat the warm-up: the clock
             # starts once as many trajectories as actors have come.
@@ -184,11 +192,15 @@ def run_workload(workload: Workload, args: Args, reports: list) -> list[dict]:
     served = build_policy(workload, args.seed)
     rows = []
 
+    started = [_clock()]
+
     def add(n, group, mode, row):
         row = dict(workload=workload.name, num_envs=n, group=group, mode=mode, **row)
         rows.append(row)
-        print(f"{workload.name:12s} N={n:4d} {group:8s} {mode:22s} {row['threads']:4d} x {row['envs_per_thread']:<4d} "
-              f"{row['steps_per_s']:10,.0f} steps/s", flush=True)
+        now = _clock()
+        print(f"{workload.name:12s} N={n:4d} {group:8s} {mode:26s} {row['threads']:4d} x {row['envs_per_thread']:<4d} "
+              f"{row['steps_per_s']:10,.0f} steps/s  ({now - started[0]:.1f} s)", flush=True)
+        started[0] = now
 
     for n in args.num_envs:
         obs = np.repeat(served.example_obs[None], n, axis=0)

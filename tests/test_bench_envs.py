@@ -109,12 +109,13 @@ def test_best_rows_keep_each_kinds_best_split():
 def test_a_small_run_writes_every_row_with_stages(tmp_path):
     out = tmp_path / "b"
     args = bench_envs.Args(workloads=("halfcheetah",), num_envs=(4,), threads=(2,),
-                           kinds=("single", "envpool-sync"), warmup=0.1, duration=0.3, compilation_cache="",
+                           kinds=("single", "envpool-sync", "envpool-async"), warmup=0.1, duration=0.3, compilation_cache="",
                            out=str(out))
     rows = bench_envs.main(args)
     modes = {(r["group"], r["mode"]) for r in rows}
     assert modes == {("floor", "policy alone"), ("floor", "envpool-sync, no policy"), ("peer", "envpool-sync loop"),
-                     ("rlbatch", "1 env per thread"), ("rlbatch", "rlbatch envpool-sync (best split)")}
+                     ("peer", "envpool-async loop"), ("rlbatch", "1 env per thread"),
+                     ("rlbatch", "rlbatch envpool-sync (best split)"), ("rlbatch", "rlbatch envpool-async (best split)")}
     assert all(r["steps_per_s"] > 0 for r in rows)
     for r in rows:
         if r["group"] == "rlbatch":
