@@ -5,9 +5,9 @@ Each peer runs as its own process, so its wall time counts start-up, imports and
 - sbx: `python -m experiments.lib.sbx_runner` (SBX PPO with rl-baselines3-zoo's settings).
 Both stop when the rule holds (the mean return of the last `window` episodes >= threshold, from
 experiments.lib.peers.SOLVE_RULES) or at the step or time budget. For each peer and seed it prints
-the process wall time, the seconds from launch to the moment the rule first held and the env steps
-then, as a Markdown table, and writes them as JSON (`<out>/compare_peers.json`) beside each
-process's output.
+the process wall time, the seconds from launch to the start of training and to the moment the rule
+first held, and the env steps then, as a Markdown table, and writes them as JSON
+(`<out>/compare_peers.json`) beside each process's output.
 
     python -m experiments.compare_peers                              # CartPole-v1, seeds 0 1 2
     python -m experiments.compare_peers --seeds 0 --peers rlbatch    # without SBX installed
@@ -40,7 +40,7 @@ _RLBATCH_WINDOW = 100
 @dataclasses.dataclass(frozen=True)
 class Args:
     env: str = "CartPole-v1"
-    """gymnasium id of the task (one of experiments.lib.peers.SOLVE_RULES unless --solve-return and --solve-window are given)"""
+    """gymnasium id of the task: one of experiments.lib.peers.SOLVE_RULES, or any with both --solve-* flags"""
     seeds: tuple[int, ...] = (0, 1, 2)
     """seeds, each run by every peer"""
     peers: tuple[Peer, ...] = ("rlbatch", "sbx")
@@ -101,7 +101,7 @@ def rlbatch_result(seed: int, proc: TimedProcess, report_path: str) -> PeerRun:
     return PeerRun(peer="rlbatch", seed=seed, process_seconds=proc.seconds, seconds_to_threshold=seconds,
                    steps_to_threshold=learning.get("solved_at_steps") if seconds is not None else None,
                    env_steps=throughput.get("env_steps"), stop_reason=learning.get("stop_reason", "unknown"),
-                   note=note)
+                   seconds_to_training=proc.marker_seconds, note=note)
 
 
 def sbx_result(seed: int, proc: TimedProcess) -> PeerRun:
@@ -113,11 +113,12 @@ def sbx_result(seed: int, proc: TimedProcess) -> PeerRun:
         result = json.loads(lines[-1])
     except (IndexError, ValueError) as e:
         return _failed("sbx", seed, proc, f"expected a JSON line last on the runner's stdout, got {e!r}")
-    solved_at = result.get("solved_at")
+    solved_at, training_at = result.get("solved_at"), result.get("training_started_at")
     return PeerRun(peer="sbx", seed=seed, process_seconds=proc.seconds,
                    seconds_to_threshold=None if solved_at is None else proc.seconds_since_launch(solved_at),
                    steps_to_threshold=result.get("steps_to_threshold"), env_steps=result.get("env_steps"),
                    stop_reason=result.get("stop_reason", "unknown"),
+                   seconds_to_training=None if training_at is None else proc.seconds_since_launch(training_at),
                    note="s to threshold = launch -> the callback's first step with the rule holding")
 
 

@@ -70,30 +70,30 @@ def test_rule_for_an_unknown_task_without_both_settings_names_it():
 def two_peers_runs():
     return [
         PeerRun("rlbatch", 0, process_seconds=30.0, seconds_to_threshold=20.0, steps_to_threshold=160_000,
-                env_steps=161_000, stop_reason="condition"),
+                env_steps=161_000, stop_reason="condition", seconds_to_training=6.0),
         PeerRun("sbx", 0, process_seconds=28.0, seconds_to_threshold=27.0, steps_to_threshold=70_000,
-                env_steps=70_000, stop_reason="condition"),
+                env_steps=70_000, stop_reason="condition", seconds_to_training=5.0),
         PeerRun("rlbatch", 1, process_seconds=40.0, seconds_to_threshold=30.0, steps_to_threshold=170_000,
-                env_steps=171_000, stop_reason="condition"),
+                env_steps=171_000, stop_reason="condition", seconds_to_training=8.0),
         PeerRun("sbx", 1, process_seconds=50.0, seconds_to_threshold=None, steps_to_threshold=None,
-                env_steps=100_000, stop_reason="budget"),
+                env_steps=100_000, stop_reason="budget", seconds_to_training=None),
     ]
 
 
 def test_mean_row_takes_threshold_figures_over_solved_runs_only():
     runs = two_peers_runs()
     assert mean_row([r for r in runs if r.peer == "rlbatch"]) == {
-        "runs": 2, "solved": 2, "process_seconds": 35.0, "seconds_to_threshold": 25.0,
+        "runs": 2, "solved": 2, "process_seconds": 35.0, "seconds_to_training": 7.0, "seconds_to_threshold": 25.0,
         "steps_to_threshold": 165_000}
     assert mean_row([r for r in runs if r.peer == "sbx"]) == {
-        "runs": 2, "solved": 1, "process_seconds": 39.0, "seconds_to_threshold": 27.0,
+        "runs": 2, "solved": 1, "process_seconds": 39.0, "seconds_to_training": 5.0, "seconds_to_threshold": 27.0,
         "steps_to_threshold": 70_000}
 
 
 def test_mean_row_of_a_peer_that_never_solved_has_no_threshold_figures():
     never = [PeerRun("sbx", 0, 10.0, None, None, 5, "failed")]
-    assert mean_row(never) == {"runs": 1, "solved": 0, "process_seconds": 10.0, "seconds_to_threshold": None,
-                               "steps_to_threshold": None}
+    assert mean_row(never) == {"runs": 1, "solved": 0, "process_seconds": 10.0, "seconds_to_training": None,
+                               "seconds_to_threshold": None, "steps_to_threshold": None}
 
 
 def test_json_holds_task_rule_runs_and_means_per_peer():
@@ -111,12 +111,12 @@ def test_markdown_table_has_a_row_per_run_then_a_mean_row_per_peer():
     assert "last 100 episodes >= 475" in lines[0]
     rows = [line for line in lines if line.startswith("| rlbatch") or line.startswith("| sbx")]
     assert rows == [
-        "| rlbatch | 0 | 30.0 | 20.0 | 160,000 | 161,000 | condition |",
-        "| sbx | 0 | 28.0 | 27.0 | 70,000 | 70,000 | condition |",
-        "| rlbatch | 1 | 40.0 | 30.0 | 170,000 | 171,000 | condition |",
-        "| sbx | 1 | 50.0 | - | - | 100,000 | budget |",
-        "| rlbatch | mean | 35.0 | 25.0 | 165,000 | | solved 2/2 |",
-        "| sbx | mean | 39.0 | 27.0 | 70,000 | | solved 1/2 |",
+        "| rlbatch | 0 | 30.0 | 6.0 | 20.0 | 160,000 | 161,000 | condition |",
+        "| sbx | 0 | 28.0 | 5.0 | 27.0 | 70,000 | 70,000 | condition |",
+        "| rlbatch | 1 | 40.0 | 8.0 | 30.0 | 170,000 | 171,000 | condition |",
+        "| sbx | 1 | 50.0 | - | - | - | 100,000 | budget |",
+        "| rlbatch | mean | 35.0 | 7.0 | 25.0 | 165,000 | | solved 2/2 |",
+        "| sbx | mean | 39.0 | 5.0 | 27.0 | 70,000 | | solved 1/2 |",
     ]
 
 
@@ -130,11 +130,13 @@ def finished(returncode=0, stdout="", marker_seconds=None, seconds=30.0, launche
 
 
 def test_sbx_result_puts_the_runners_unix_times_on_the_launch_scale():
-    line = json.dumps({"peer": "sbx", "solved_at": 1025.5, "steps_to_threshold": 64_000, "env_steps": 64_000,
+    line = json.dumps({"peer": "sbx", "training_started_at": 1004.0, "solved_at": 1025.5,
+                       "steps_to_threshold": 64_000, "env_steps": 64_000,
                        "stop_reason": "condition"})
     run = compare_peers.sbx_result(3, finished(stdout=f"noise\n{line}\n", launched_at=1000.0))
     assert (run.peer, run.seed, run.process_seconds) == ("sbx", 3, 30.0)
     assert run.seconds_to_threshold == 25.5 and run.steps_to_threshold == 64_000
+    assert run.seconds_to_training == 4.0
     assert run.stop_reason == "condition"
 
 
@@ -154,7 +156,7 @@ def test_rlbatch_result_adds_the_run_start_to_the_reports_solve_time(tmp_path):
     write_report(report, {"stop_reason": "condition", "solved_at_seconds": 12.5, "solved_at_steps": 150_000},
                  env_steps=151_000)
     run = compare_peers.rlbatch_result(1, finished(marker_seconds=8.0), str(report))
-    assert run.seconds_to_threshold == 20.5 and run.steps_to_threshold == 150_000
+    assert run.seconds_to_threshold == 20.5 and run.steps_to_threshold == 150_000 and run.seconds_to_training == 8.0
     assert (run.env_steps, run.stop_reason) == (151_000, "condition")
 
 
@@ -249,4 +251,6 @@ def test_rlbatch_peer_that_solves_reports_the_moment_within_its_process(tmp_path
     assert run["stop_reason"] == "condition"
     report = json.loads((out / "rlbatch-seed1" / "report.jsonl").read_text().splitlines()[-1])
     assert run["steps_to_threshold"] == report["learning"]["solved_at_steps"] >= 100
-    assert report["learning"]["solved_at_seconds"] < run["seconds_to_threshold"] <= run["process_seconds"]
+    assert 0 < run["seconds_to_training"] < run["seconds_to_threshold"] <= run["process_seconds"]
+    solved_in_run = report["learning"]["solved_at_seconds"]
+    assert run["seconds_to_threshold"] == pytest.approx(run["seconds_to_training"] + solved_in_run)

@@ -80,6 +80,8 @@ class PeerRun:
       steps_to_threshold: env steps at that moment (None: never).
       env_steps: env steps when the run stopped.
       stop_reason: why the run stopped ("condition", "budget", "time", ...; "failed" if the process failed).
+      seconds_to_training: launch to the start of the training loop, the start-up both peers pay
+        (imports, building environments and networks, compiling what comes first); None: unknown.
       note: what a reader needs to weigh the figures (how a time was measured, why a run failed).
     """
 
@@ -90,6 +92,7 @@ class PeerRun:
     steps_to_threshold: Optional[int]
     env_steps: Optional[int]
     stop_reason: str
+    seconds_to_training: Optional[float] = None
     note: str = ""
 
 
@@ -100,8 +103,9 @@ def mean_row(runs: Sequence[PeerRun]) -> dict:
     def mean(values):
         return math.fsum(values) / len(values) if values else None
 
+    started = [r.seconds_to_training for r in runs if r.seconds_to_training is not None]
     return {"runs": len(runs), "solved": len(solved),
-            "process_seconds": mean([r.process_seconds for r in runs]),
+            "process_seconds": mean([r.process_seconds for r in runs]), "seconds_to_training": mean(started),
             "seconds_to_threshold": mean([r.seconds_to_threshold for r in solved]),
             "steps_to_threshold": mean([r.steps_to_threshold for r in solved])}
 
@@ -129,14 +133,16 @@ def format_markdown(env: str, rule: SolveRule, runs: Sequence[PeerRun]) -> str:
     lines = [f"{env}: solved when the mean return of the last {rule.window} episodes >= {rule.threshold:g}; "
              f"seconds from process launch",
              "",
-             "| peer | seed | process s | s to threshold | env steps at threshold | env steps | stop |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "| peer | seed | process s | s to training | s to threshold | env steps at threshold | env steps | stop |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in runs:
-        lines.append(f"| {r.peer} | {r.seed} | {_cell(r.process_seconds)} | {_cell(r.seconds_to_threshold)} | "
+        lines.append(f"| {r.peer} | {r.seed} | {_cell(r.process_seconds)} | {_cell(r.seconds_to_training)} | "
+                     f"{_cell(r.seconds_to_threshold)} | "
                      f"{_cell(r.steps_to_threshold)} | {_cell(r.env_steps)} | {r.stop_reason} |")
     for peer in _peers_in_order(runs):
         m = mean_row([r for r in runs if r.peer == peer])
         steps = None if m["steps_to_threshold"] is None else round(m["steps_to_threshold"])
-        lines.append(f"| {peer} | mean | {_cell(m['process_seconds'])} | {_cell(m['seconds_to_threshold'])} | "
+        lines.append(f"| {peer} | mean | {_cell(m['process_seconds'])} | {_cell(m['seconds_to_training'])} | "
+                     f"{_cell(m['seconds_to_threshold'])} | "
                      f"{_cell(steps)} | | solved {m['solved']}/{m['runs']} |")
     return "\n".join(lines)

@@ -9,11 +9,12 @@ callback reads the Monitor's episode returns (the raw returns, before any normal
 `experiments.lib.peers.rule_holds` after every finished episode and stops training the first time
 it holds, or at the step or time budget. The last stdout line is one JSON object:
 
-    {"peer": "sbx", "env", "seed", "started_at", "solved_at", "steps_to_threshold", "env_steps",
-     "stop_reason", "episodes", "recent_return_mean"}
+    {"peer": "sbx", "env", "seed", "started_at", "training_started_at", "solved_at",
+     "steps_to_threshold", "env_steps", "stop_reason", "episodes", "recent_return_mean"}
 
-`started_at` and `solved_at` are Unix times (`solved_at` null when the rule never held), so the
-launching process can measure them from its own launch.
+`started_at` (this module's first line), `training_started_at` (the callback's start of training)
+and `solved_at` are Unix times (`solved_at` null when the rule never held), so the launching
+process can measure them from its own launch.
 """
 from __future__ import annotations
 
@@ -105,9 +106,13 @@ def main(args: Args) -> dict:
         def __init__(self):
             super().__init__()
             self.returns: list[float] = []
+            self.training_started_at: Optional[float] = None
             self.solved_at: Optional[float] = None
             self.steps_to_threshold: Optional[int] = None
             self.stop_reason = "budget"
+
+        def _on_training_start(self) -> None:
+            self.training_started_at = time.time()
 
         def _on_step(self) -> bool:
             finished = [info["episode"]["r"] for info in self.locals["infos"] if "episode" in info]
@@ -133,6 +138,7 @@ def main(args: Args) -> dict:
     env.close()
     recent = callback.returns[-rule.window:]
     result = {"peer": "sbx", "env": args.env, "seed": args.seed, "started_at": STARTED_AT,
+              "training_started_at": callback.training_started_at,
               "solved_at": callback.solved_at, "steps_to_threshold": callback.steps_to_threshold,
               "env_steps": int(model.num_timesteps), "stop_reason": callback.stop_reason,
               "episodes": len(callback.returns),
