@@ -142,7 +142,7 @@ def _async_batch(num_envs: int, args: Args) -> int:
 
 
 def _buckets(n: int) -> tuple[int, ...]:
-    return tuple(b for b in (1, 8, 16, 32, 64, 128, 256) if b < n) + (n,)
+    return tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < n) + (n,)
 
 
 def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int, args: Args, reports: list) -> dict:
