@@ -74,7 +74,7 @@ def make_impala(
             v_tm1, v_t, batch.reward, discount_t, log_rho_t, lambda_, clip_rho_threshold, clip_pg_rho_threshold, cut_t
         )
         policy_loss = -jnp.mean(targets.pg_advantage * log_prob)
-        value_loss = 0.5 * jnp.mean((targets.vs - v_tm1) ** 2)
+        value_loss = jnp.mean(optax.l2_loss(v_tm1, targets.vs))
         entropy = jnp.mean(entropy)
         loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
         rho = jnp.exp(log_rho_t)

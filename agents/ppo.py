@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import optax
+import rlax
 
 from agents import losses
 from agents._batch import LearnerBatch, check_action_space, learner_batch
@@ -72,12 +73,12 @@ def make_ppo(
         advantages = mb["advantages"]
         if normalize_advantages:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * advantages))
-        value_loss = (value - mb["returns"]) ** 2
+        policy_loss = rlax.clipped_surrogate_pg_loss(ratio, advantages, clip_eps)
+        value_loss = optax.l2_loss(value, mb["returns"])
         if clip_value_loss:
             clipped = mb["values"] + jnp.clip(value - mb["values"], -clip_eps, clip_eps)
-            value_loss = jnp.maximum(value_loss, (clipped - mb["returns"]) ** 2)
-        value_loss = 0.5 * jnp.mean(value_loss)
+            value_loss = jnp.maximum(value_loss, optax.l2_loss(clipped, mb["returns"]))
+        value_loss = jnp.mean(value_loss)
         entropy = jnp.mean(entropy)
         loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
         metrics = {
