@@ -116,60 +116,69 @@ def _assert_metrics(metrics, expected):
         np.testing.assert_allclose(float(metrics[name]), value, rtol=2e-4, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["discrete", "continuous"])
-@pytest.mark.parametrize("normalize_advantages", [False, True])
-def test_ppo_losses_match_the_numpy_reference(action_space, normalize_advantages):
-    network, params = _network(action_space)
-    # One epoch of one minibatch: the metrics are the loss over the whole batch at the initial params.
-    learner = make_ppo(network, num_epochs=1, num_minibatches=1, gamma=GAMMA, gae_lambda=0.8, clip_eps=0.2,
-                       ent_coef=0.01, vf_coef=0.5, normalize_advantages=normalize_advantages)
-    state = learner.init(jax.random.key(0), EXAMPLE_OBS, action_space)
-    batch = make_batch(network, learner.params(state))
-    log_prob, entropy, values, final_values = _network_outputs(network, learner.params(state), batch)
-
-    advantages = gae_reference(values, final_values, batch, GAMMA, 0.8)
+def ppo_expected_metrics(network, params, batch, gae_lambda, normalize_advantages, clip_eps=0.2):
+    log_prob, entropy, values, final_values = _network_outputs(network, params, batch)
+    advantages = gae_reference(values, final_values, batch, GAMMA, gae_lambda)
     returns = advantages + values[:-1]
     if normalize_advantages:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     log_ratio = log_prob - batch.extras["log_prob"]
     ratio = np.exp(log_ratio)
     assert np.abs(log_ratio).max() > 0.3  # off-policy: the clip and the ratio both matter
-    policy_loss = -np.mean(np.minimum(ratio * advantages, np.clip(ratio, 0.8, 1.2) * advantages))
+    clipped = np.clip(ratio, 1 - clip_eps, 1 + clip_eps)
+    policy_loss = -np.mean(np.minimum(ratio * advantages, clipped * advantages))
     value_loss = 0.5 * np.mean((values[:-1] - returns) ** 2)
-    _, metrics = learner.update(state, batch)
-    _assert_metrics(metrics, {
+    return {
         "policy_loss": policy_loss,
         "value_loss": value_loss,
         "entropy": entropy.mean(),
         "loss": policy_loss + 0.5 * value_loss - 0.01 * entropy.mean(),
         "approx_kl": np.mean(ratio - 1 - log_ratio),
-        "clip_fraction": np.mean(np.abs(ratio - 1) > 0.2),
-    })
+        "clip_fraction": np.mean(np.abs(ratio - 1) > clip_eps),
+    }
 
 
-@pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["discrete", "continuous"])
-@pytest.mark.parametrize("lambda_,clip_rho,clip_pg_rho", [(1.0, 1.0, 1.0), (0.9, 2.0, 1.5)])
-def test_impala_losses_match_the_numpy_reference(action_space, lambda_, clip_rho, clip_pg_rho):
-    network, params = _network(action_space)
-    learner = make_impala(network, gamma=GAMMA, lambda_=lambda_, clip_rho_threshold=clip_rho,
-                          clip_pg_rho_threshold=clip_pg_rho, ent_coef=0.01, vf_coef=0.5)
-    state = learner.init(jax.random.key(0), EXAMPLE_OBS, action_space)
-    batch = make_batch(network, learner.params(state), seed=1)
-    log_prob, entropy, values, final_values = _network_outputs(network, learner.params(state), batch)
-
+def impala_expected_metrics(network, params, batch, lambda_, clip_rho, clip_pg_rho):
+    log_prob, entropy, values, final_values = _network_outputs(network, params, batch)
     log_rho = log_prob - batch.extras["log_prob"]  # target minus behaviour
     vs, pg_advantage = vtrace_reference(values, final_values, batch, log_rho, GAMMA, lambda_, clip_rho, clip_pg_rho)
     policy_loss = -np.mean(pg_advantage * log_prob)
     value_loss = 0.5 * np.mean((vs - values[:-1]) ** 2)
-    _, metrics = learner.update(state, batch)
-    _assert_metrics(metrics, {
+    return {
         "policy_loss": policy_loss,
         "value_loss": value_loss,
         "entropy": entropy.mean(),
         "loss": policy_loss + 0.5 * value_loss - 0.01 * entropy.mean(),
         "rho_mean": np.exp(log_rho).mean(),
         "rho_clip_fraction": np.mean(np.exp(log_rho) > clip_rho),
-    })
+    }
+
+
+@pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["discrete", "continuous"])
+@pytest.mark.parametrize("normalize_advantages", [False, True])
+def test_ppo_losses_match_the_numpy_reference(action_space, normalize_advantages):
+    network, _ = _network(action_space)
+    # One epoch of one minibatch: the metrics are the loss over the whole batch at the initial params.
+    learner = make_ppo(network, num_epochs=1, num_minibatches=1, gamma=GAMMA, gae_lambda=0.8, clip_eps=0.2,
+                       ent_coef=0.01, vf_coef=0.5, normalize_advantages=normalize_advantages)
+    state = learner.init(jax.random.key(0), EXAMPLE_OBS, action_space)
+    batch = make_batch(network, learner.params(state))
+    expected = ppo_expected_metrics(network, learner.params(state), batch, 0.8, normalize_advantages)
+    _, metrics = learner.update(state, batch)
+    _assert_metrics(metrics, expected)
+
+
+@pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["discrete", "continuous"])
+@pytest.mark.parametrize("lambda_,clip_rho,clip_pg_rho", [(1.0, 1.0, 1.0), (0.9, 2.0, 1.5)])
+def test_impala_losses_match_the_numpy_reference(action_space, lambda_, clip_rho, clip_pg_rho):
+    network, _ = _network(action_space)
+    learner = make_impala(network, gamma=GAMMA, lambda_=lambda_, clip_rho_threshold=clip_rho,
+                          clip_pg_rho_threshold=clip_pg_rho, ent_coef=0.01, vf_coef=0.5)
+    state = learner.init(jax.random.key(0), EXAMPLE_OBS, action_space)
+    batch = make_batch(network, learner.params(state), seed=1)
+    expected = impala_expected_metrics(network, learner.params(state), batch, lambda_, clip_rho, clip_pg_rho)
+    _, metrics = learner.update(state, batch)
+    _assert_metrics(metrics, expected)
 
 
 def test_impala_gradient_moves_log_pi_along_the_vtrace_advantage():
@@ -193,3 +202,80 @@ def test_impala_gradient_moves_log_pi_along_the_vtrace_advantage():
     new_state, _ = learner.update(state, batch)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                            learner.params(new_state), expected)
+
+
+# ------------------------------------------------------------------- observation and reward scaling
+
+
+def _normalised_by_numpy(batch):
+    """The batch as the learner must see it: obs standardised by all obs[:-1] rows, clipped to 10;
+    rewards divided by the std of each column's discounted return (CleanRL's, from 0 at step 0)."""
+    rows = batch.obs[:-1].reshape(-1, 4).astype(np.float64)
+    mean, var = rows.mean(0), rows.var(0)
+
+    def standardise(x):
+        return np.clip((x - mean) / np.sqrt(var + 1e-8), -10, 10).astype(np.float32)
+
+    ended = batch.terminated | batch.truncated
+    returns = np.zeros((T, B))
+    for b in range(B):
+        g = 0.0
+        for t in range(T):
+            g = g * GAMMA * (1.0 - (t > 0 and ended[t - 1, b])) + batch.reward[t, b]
+            returns[t, b] = g
+    reward = (batch.reward / np.sqrt(returns.var() + 1e-8)).astype(np.float32)
+    return batch._replace(obs=standardise(batch.obs), final_obs=standardise(batch.final_obs), reward=reward), mean, var
+
+
+@pytest.mark.parametrize("algo", ["ppo", "impala"])
+def test_learners_normalise_observations_and_scale_rewards_in_their_state(algo):
+    network, _ = _network(DISCRETE)
+    settings = dict(gamma=GAMMA, ent_coef=0.01, vf_coef=0.5, normalize_obs=True, normalize_reward=True)
+    if algo == "ppo":
+        learner = make_ppo(network, num_epochs=1, num_minibatches=1, gae_lambda=0.8, normalize_advantages=False,
+                           **settings)
+    else:
+        learner = make_impala(network, **settings)
+    state = learner.init(jax.random.key(0), EXAMPLE_OBS, DISCRETE)
+    published = learner.params(state)
+    assert set(published) == {"params", "obs_norm"} and float(published["obs_norm"].count) == 0
+    params = published["params"]
+    batch = make_batch(network, params, seed=3)
+    batch = batch._replace(obs=5.0 + 3.0 * batch.obs)  # far from standard: normalising changes the values
+    seen, mean, var = _normalised_by_numpy(batch)
+    if algo == "ppo":
+        expected = ppo_expected_metrics(network, params, seen, 0.8, normalize_advantages=False)
+    else:
+        expected = impala_expected_metrics(network, params, seen, 1.0, 1.0, 1.0)
+    state, metrics = learner.update(state, batch)
+    _assert_metrics(metrics, expected)
+
+    # The published statistics are the batch's, and the served policy applies them.
+    published = learner.params(state)
+    np.testing.assert_allclose(published["obs_norm"].mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(published["obs_norm"].var, var, rtol=1e-4)
+    assert float(published["obs_norm"].count) == T * B
+    obs = 5.0 + 3.0 * np.random.default_rng(4).normal(size=(6, 4)).astype(np.float32)
+    key = jax.random.key(5)
+    _, served = jax.jit(learner.policy.apply)(published, obs, key)
+    standardised = np.clip((obs - mean) / np.sqrt(var + 1e-8), -10, 10).astype(np.float32)
+    _, direct = network.policy.apply(published["params"], standardised, key)
+    _, raw = network.policy.apply(published["params"], obs, key)
+    np.testing.assert_allclose(served["value"], direct["value"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(served["logits"], direct["logits"], rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(served["value"]) - np.asarray(raw["value"])).max() > 1e-2
+
+
+def test_without_normalisation_the_network_policy_and_params_are_published_as_they_are():
+    network, _ = _network(DISCRETE)
+    learner = make_ppo(network)
+    state = learner.init(jax.random.key(0), EXAMPLE_OBS, DISCRETE)
+    assert learner.policy is network.policy and learner.params(state) is state.params
+
+
+def test_reward_scaling_rejects_an_environment_beyond_its_table():
+    network, params = _network(DISCRETE)
+    learner = make_impala(network, normalize_reward=True, max_envs=2)
+    state = learner.init(jax.random.key(0), EXAMPLE_OBS, DISCRETE)
+    with pytest.raises(ValueError, match="keeps returns for max_envs=2 environments, got a trajectory of environment 3"):
+        learner.update(state, make_batch(network, params))
