@@ -7,7 +7,8 @@
 
 The behaviour policy is `batch.extras["log_prob"]` (log-probs the actors' possibly stale params gave
 the actions); V-trace corrects for the gap to the current params. Truncated episodes are
-bootstrapped from V(final_obs) and cut the trace (see `agents.losses`).
+bootstrapped from V(final_obs) and cut the trace (see `agents.losses`, which runs
+rlax.vtrace_td_error_and_advantage). `normalize_obs` / `normalize_reward` as in `make_ppo`.
 """
 from __future__ import annotations
 

@@ -9,7 +9,12 @@ One `update` is one jitted call: GAE with the current value net over the whole [
 (truncated episodes bootstrapped from `final_obs`), then `num_epochs` passes over `num_minibatches`
 shuffled minibatches of the T * B transitions. `batch.extras["log_prob"]` are the behaviour log-probs
 of the actions; they are the "old" policy of the ratio even when the actors' params are stale
-(so `approx_kl` and `clip_fraction` include that staleness).
+(so `approx_kl` and `clip_fraction` include that staleness). GAE and the clipped surrogate are
+rlax's (`agents.losses` adds the truncation handling); the entropy comes from the network, which
+knows its distribution.
+
+With `normalize_obs` / `normalize_reward` the update first merges the batch into the running
+statistics kept in `PPOState.norm`, then trains on the normalised batch (`agents.normalize`).
 """
 from __future__ import annotations
 
