@@ -2,7 +2,9 @@
 
 Learners jit-compile on these arrays only, so extra fields (policy_version, episode_id, actor_id,
 other extras) and dtype drift (int vs bool flags) never cause a retrace.
-Shapes are time-major: obs [T+1, B, ...], final_obs [T, B, ...], every other field [T, B, ...].
+Shapes are time-major: obs [T+1, B, ...], final_obs [T, B, ...], every other field [T, B, ...],
+except the per-column env_index, first_episode and last_episode [B], split out of `episode_id`
+((env_index << 32) | episode) here on the host, where int64 exists.
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ import numpy as np
 from rlbatch import Trajectory
 
 
+# The low 32 bits of an episode_id count one environment's episodes (rlbatch.TrajectoryBuilder); 31 of
+# them keep the count a non-negative int32, and a count that wraps does so alike at both ends of a batch.
+_EPISODE_MASK = (1 << 31) - 1
+
+
 class LearnerBatch(NamedTuple):
     obs: Any
     action: Any
@@ -22,6 +29,9 @@ class LearnerBatch(NamedTuple):
     truncated: Any
     final_obs: Any
     behaviour_log_prob: Any
+    env_index: Any  # [B] int32: the pool-wide environment of each column
+    first_episode: Any  # [B] int32: that environment's episode count at step 0
+    last_episode: Any  # [B] int32: ... and at step T-1
 
 
 def _canonical(x) -> np.ndarray:
@@ -43,6 +53,7 @@ def learner_batch(batch: Trajectory) -> LearnerBatch:
         raise ValueError(
             f"learner.update: expected a time-major batch with reward [T, B], got reward shape {np.shape(batch.reward)}"
         )
+    episode_id = np.asarray(batch.episode_id, np.int64)
     return LearnerBatch(
         obs=jax.tree_util.tree_map(_canonical, batch.obs),
         action=_canonical(batch.action),
@@ -51,6 +62,9 @@ def learner_batch(batch: Trajectory) -> LearnerBatch:
         truncated=np.asarray(batch.truncated, bool),
         final_obs=jax.tree_util.tree_map(_canonical, batch.final_obs),
         behaviour_log_prob=np.asarray(batch.extras["log_prob"], np.float32),
+        env_index=(episode_id[0] >> 32).astype(np.int32),
+        first_episode=(episode_id[0] & _EPISODE_MASK).astype(np.int32),
+        last_episode=(episode_id[-1] & _EPISODE_MASK).astype(np.int32),
     )
 
 

@@ -9,7 +9,12 @@ One `update` is one jitted call: GAE with the current value net over the whole [
 (truncated episodes bootstrapped from `final_obs`), then `num_epochs` passes over `num_minibatches`
 shuffled minibatches of the T * B transitions. `batch.extras["log_prob"]` are the behaviour log-probs
 of the actions; they are the "old" policy of the ratio even when the actors' params are stale
-(so `approx_kl` and `clip_fraction` include that staleness).
+(so `approx_kl` and `clip_fraction` include that staleness). GAE and the clipped surrogate are
+rlax's (`agents.losses` adds the truncation handling); the entropy comes from the network, which
+knows its distribution.
+
+With `normalize_obs` / `normalize_reward` the update first merges the batch into the running
+statistics kept in `PPOState.norm`, then trains on the normalised batch (`agents.normalize`).
 """
 from __future__ import annotations
 
@@ -18,9 +23,11 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import optax
+import rlax
 
 from agents import losses
 from agents._batch import LearnerBatch, check_action_space, learner_batch
+from agents._learner_norm import NormState, make_batch_normalizer
 from agents.networks import ActorCritic
 from rlbatch import Learner, Trajectory
 
@@ -32,6 +39,7 @@ class PPOState(NamedTuple):
     opt_state: optax.OptState
     key: jax.Array  # shuffles minibatches
     step: jax.Array  # int32 scalar: updates done
+    norm: NormState = NormState()  # observation / return statistics, when normalised
 
 
 def make_ppo(
@@ -48,6 +56,9 @@ def make_ppo(
     max_grad_norm: float = 0.5,
     normalize_advantages: bool = True,
     clip_value_loss: bool = False,
+    normalize_obs: bool = False,
+    normalize_reward: bool = False,
+    max_envs: int = 4096,
     on_trace: Optional[Callable[[], None]] = None,
 ) -> Learner:
     """Builds a PPO learner around `network` (any `ActorCritic`: policy, evaluate, value).
@@ -55,15 +66,23 @@ def make_ppo(
     learning_rate: a float or an optax schedule over minibatch steps
         (num_epochs * num_minibatches per update).
     clip_value_loss: CleanRL's clipped value loss around the values at the start of the update.
+    normalize_obs: keep running observation statistics in the state, normalise the batches with them
+        and publish them with the params: `learner.params(state)` is then {"params", "obs_norm"} and
+        `learner.policy` normalises before the network (`agents.normalize`).
+    normalize_reward: divide rewards by the running std of the discounted return (CleanRL's
+        NormalizeReward), per environment, for environment indices below `max_envs`.
     on_trace: called with no arguments each time `update` is traced; tests count compilations.
     """
     optimizer = optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate, eps=1e-5))
+    normalizer = make_batch_normalizer(network.policy, normalize_obs=normalize_obs, normalize_reward=normalize_reward,
+                                       gamma=gamma, max_envs=max_envs, who="make_ppo")
 
     def init(key, example_obs, action_space=None) -> PPOState:
         check_action_space(network, action_space, "make_ppo")
         params_key, key = jax.random.split(key)
         params = network.policy.init(params_key, example_obs)
-        return PPOState(params=params, opt_state=optimizer.init(params), key=key, step=jnp.zeros((), jnp.int32))
+        return PPOState(params=params, opt_state=optimizer.init(params), key=key, step=jnp.zeros((), jnp.int32),
+                        norm=normalizer.init(example_obs))
 
     def loss_fn(params, mb):
         log_prob, entropy, value = network.evaluate(params, mb["obs"], mb["action"])
@@ -72,12 +91,12 @@ def make_ppo(
         advantages = mb["advantages"]
         if normalize_advantages:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * advantages))
-        value_loss = (value - mb["returns"]) ** 2
+        policy_loss = rlax.clipped_surrogate_pg_loss(ratio, advantages, clip_eps)
+        value_loss = optax.l2_loss(value, mb["returns"])
         if clip_value_loss:
             clipped = mb["values"] + jnp.clip(value - mb["values"], -clip_eps, clip_eps)
-            value_loss = jnp.maximum(value_loss, (clipped - mb["returns"]) ** 2)
-        value_loss = 0.5 * jnp.mean(value_loss)
+            value_loss = jnp.maximum(value_loss, optax.l2_loss(clipped, mb["returns"]))
+        value_loss = jnp.mean(value_loss)
         entropy = jnp.mean(entropy)
         loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
         metrics = {
@@ -93,6 +112,7 @@ def make_ppo(
     def update_step(state: PPOState, batch: LearnerBatch):
         if on_trace is not None:
             on_trace()
+        norm, batch = normalizer.apply(state.norm, batch)
         num_steps, num_envs = batch.reward.shape
         batch_size = num_steps * num_envs
         if batch_size % num_minibatches:
@@ -137,11 +157,14 @@ def make_ppo(
         )
         metrics = jax.tree_util.tree_map(jnp.mean, metrics)  # over epochs and minibatches
         metrics["explained_variance"] = 1.0 - jnp.var(returns - v_tm1) / (jnp.var(returns) + 1e-8)
-        return PPOState(params, opt_state, key, state.step + 1), metrics
+        return PPOState(params, opt_state, key, state.step + 1, norm), metrics
 
     update_jit = jax.jit(update_step)
 
     def update(state: PPOState, batch: Trajectory):
-        return update_jit(state, learner_batch(batch))
+        batch = learner_batch(batch)
+        normalizer.check(batch)
+        return update_jit(state, batch)
 
-    return Learner(init=init, update=update, params=lambda state: state.params, policy=network.policy)
+    return Learner(init=init, update=update, params=lambda state: normalizer.published(state.params, state.norm),
+                   policy=normalizer.policy)
