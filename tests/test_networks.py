@@ -121,6 +121,15 @@ def test_frames_first_and_channels_last_give_the_same_features(module_cls):
     np.testing.assert_allclose(forced, inferred.apply(params, frames_first), rtol=1e-5, atol=1e-6)
 
 
+def test_mlp_actor_and_critic_have_separate_torsos_as_in_cleanrl():
+    # CleanRL's classic-control Agent on CartPole (4 inputs, 2 actions): two 64x64 tanh MLPs.
+    torso = (4 * 64 + 64) + (64 * 64 + 64)
+    expected = (torso + 64 * 2 + 2) + (torso + 64 * 1 + 1)
+    assert expected == 9_155
+    network = make_actor_critic(gym.spaces.Discrete(2), VECTOR_OBS)
+    assert _num_params(network.policy.init(jax.random.key(0), VECTOR_OBS)) == expected
+
+
 def test_nature_cnn_parameter_count_matches_cleanrl():
     # CleanRL's ppo_atari Agent for 4x84x84 frames and 6 actions, layer by layer (VALID padding:
     # 84 -> (84 - 8) // 4 + 1 = 20 -> (20 - 4) // 2 + 1 = 9 -> 9 - 3 + 1 = 7).
