@@ -15,11 +15,14 @@ DISCRETE = gym.spaces.Discrete(3)
 BOX = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 VECTOR_OBS = np.zeros((4,), np.float32)
 
+# The Nature CNN needs 36x36 images: small ones take a smaller conv stack (strided first, as the
+# Nature CNN's) or the IMPALA ResNet, whose SAME padding fits any size.
+SMALL_CONV_LAYERS = ((16, 3, 2), (32, 3, 1))
 NETWORKS = {
-    "mlp-discrete": (DISCRETE, VECTOR_OBS, "mlp"),
-    "mlp-continuous": (BOX, VECTOR_OBS, "mlp"),
-    "cnn-hwc-uint8": (DISCRETE, np.zeros((12, 10, 3), np.uint8), "cnn"),
-    "cnn-hw": (BOX, np.zeros((9, 9), np.float32), "cnn"),
+    "mlp-discrete": (DISCRETE, VECTOR_OBS, {"torso": "mlp"}),
+    "mlp-continuous": (BOX, VECTOR_OBS, {"torso": "mlp"}),
+    "cnn-hwc-uint8": (DISCRETE, np.zeros((12, 10, 3), np.uint8), {"torso": "cnn", "conv_layers": SMALL_CONV_LAYERS}),
+    "impala-hw": (BOX, np.zeros((9, 9), np.float32), {"torso": "impala"}),
 }
 
 
@@ -31,8 +34,8 @@ def _random_obs(example_obs, shape, seed=0):
 
 
 def _network(name):
-    action_space, example_obs, torso = NETWORKS[name]
-    network = make_actor_critic(action_space, example_obs, hidden=(32, 32), torso=torso)
+    action_space, example_obs, kwargs = NETWORKS[name]
+    network = make_actor_critic(action_space, example_obs, hidden=(32, 32), **kwargs)
     return network, network.policy.init(jax.random.key(0), example_obs), action_space, example_obs
 
 
@@ -79,7 +82,7 @@ def test_initial_policy_is_near_uniform_and_greedy_is_deterministic():
 
 def test_continuous_actions_are_unclipped_samples():
     network, params, _, example_obs = _network("mlp-continuous")
-    params = {**params, "log_std": jnp.full((2,), 1.5)}  # std 4.5: samples often leave [-1, 1]
+    params = {"params": {**params["params"], "log_std": jnp.full((2,), 1.5)}}  # std 4.5: samples often leave [-1, 1]
     action, extras = network.policy.apply(params, _random_obs(example_obs, (64,)), jax.random.key(3))
     assert np.abs(np.asarray(action)).max() > 1.0
     greedy, greedy_extras = network.greedy_policy.apply(params, _random_obs(example_obs, (64,)), None)
@@ -92,7 +95,7 @@ def test_make_policy_returns_the_sampling_policy_and_rejects_unknown_spaces():
     assert isinstance(make_actor_critic(DISCRETE, VECTOR_OBS), ActorCritic)
     with pytest.raises(ValueError, match="expected a Discrete or 1-D Box action space"):
         make_policy(gym.spaces.MultiDiscrete([2, 2]), VECTOR_OBS)
-    with pytest.raises(ValueError, match="expected torso 'mlp' or 'cnn', got 'rnn'"):
+    with pytest.raises(ValueError, match="expected torso 'mlp', 'cnn' or 'impala', got 'rnn'"):
         make_policy(DISCRETE, VECTOR_OBS, torso="rnn")
     with pytest.raises(ValueError, match=r"expected ONE observation of shape \(4,\) \(no batch axis\), got shape \(2, 4\)"):
         make_policy(DISCRETE, VECTOR_OBS).init(jax.random.key(0), np.zeros((2, 4), np.float32))
@@ -170,7 +173,7 @@ def _with_other_dtypes(batch):
     [
         # Each algorithm with each head and each torso, in four compilations.
         ("ppo", "mlp-discrete"),
-        ("ppo", "cnn-hw"),  # continuous
+        ("ppo", "impala-hw"),  # continuous
         ("impala", "mlp-continuous"),
         ("impala", "cnn-hwc-uint8"),  # discrete
     ],
