@@ -51,7 +51,7 @@ class ActorStats:
     trajectories: int  # emitted into the queue
     queue_depth: int
     dropped_full: int  # trajectories dropped because the queue was full (on_full="drop_oldest")
-    dropped_on_error: int  # unfinished trajectories dropped because an environment failed
+    dropped_on_error: int  # unfinished trajectories dropped because an environment failed (columns, in EnvPool send/recv mode)
     env_errors: int  # environment faults of every kind, refused observations included
     env_rebuilds: int
     obs_refused: int  # observations the policy refused (each also counted in env_errors)
