@@ -52,7 +52,13 @@ class _ProgressBar:
     def __init__(self, total_steps: int | None, enabled: bool):
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total_steps, unit="step", unit_scale=True, disable=not enabled, dynamic_ncols=True)
+        class Bar(tqdm):
+            # tqdm's monitor thread (tqdm >= 4.70 starts it for every bar, disabled ones too, and
+            # never stops it) only thins out the redraws of bars updated in a hot loop; this one is
+            # updated once per learner update, and the trainer leaves no thread behind.
+            monitor_interval = 0
+
+        self._bar = Bar(total=total_steps, unit="step", unit_scale=True, disable=not enabled, dynamic_ncols=True)
         self._shown = 0
 
     def show(self, p: Progress) -> None:
