@@ -6,7 +6,7 @@ play. Stops when solved (mean return of the last 100 episodes >= the threshold) 
 time budget. Every run prints a periodic report line under a tqdm bar and the throughput report at
 the end, and writes to --out: report.jsonl (the report, the learning curve, the checkpoint's path),
 PNG plots of the learning curve and of throughput, checkpoint.npz (the learner state, step and
-update counts, these arguments) and, with --track-tensorboard, TensorBoard scalars in tensorboard/.
+update counts, these arguments) and TensorBoard scalars in tensorboard/ (when tensorboardX is installed).
 
 The environment picks the defaults (experiments/lib/presets.py): classic control (256 actor threads,
 PPO tuned on CartPole), gymnasium MuJoCo ids (PPO with a Gaussian policy, CleanRL's
@@ -33,7 +33,7 @@ import tyro
 
 import agents
 import rlbatch
-from experiments.lib import checkpoints, curves, presets, runtime, tasks
+from experiments.lib import checkpoints, curves, presets, runtime, tasks, tensorboard
 from rlbatch import report
 
 
@@ -100,8 +100,8 @@ class Args:
     """show the tqdm bar"""
     plots: bool = True
     """draw PNG plots (needs matplotlib)"""
-    track_tensorboard: Optional[bool] = None
-    """write TensorBoard scalars to <out>/tensorboard (needs tensorboardX; preset: off classic control, where importing tensorboardX, which imports PyTorch where it is installed, would cost seconds of a short run; on MuJoCo and Atari)"""
+    track_tensorboard: bool = True
+    """write TensorBoard scalars to <out>/tensorboard (CleanRL's tags) when tensorboardX, the tensorboard extra, is installed"""
     save_checkpoint: bool = True
     """write <out>/checkpoint.npz at the end of the run"""
     checkpoint_every: Optional[int] = None
@@ -216,12 +216,13 @@ def main(args: Args) -> report.Summary:
 
     recorder = report.Recorder(job.pool, job.policy, echo=tqdm.write)  # a periodic line above the bar
     board = None
-    if args.track_tensorboard:
-        from experiments.lib.tensorboard import TensorBoardLog
+    if args.track_tensorboard and not tensorboard.tensorboard_available():
+        print("TensorBoard scalars skipped: tensorboardX is not installed (pip install -e \".[tensorboard]\")")
+    elif args.track_tensorboard:
 
         schedule = learning_rate(args)
         steps = optimizer_steps_per_update(args)
-        board = TensorBoardLog(os.path.join(args.out, "tensorboard"), pool=job.pool, policy=job.policy,
+        board = tensorboard.TensorBoardLog(os.path.join(args.out, "tensorboard"), pool=job.pool, policy=job.policy,
                                lag=job.trainer.lag, env_steps_offset=offset, config=config,
                                learning_rate_fn=(lambda u: schedule(u * steps)) if callable(schedule) else None)
 

@@ -36,18 +36,17 @@ _CLASSIC = dict(
     num_actors=256, envs_per_actor=1, unroll_length=16, batch_size=64, buckets=(8, 16, 32, 64, 128, 256),
     learning_rate=2e-3, anneal_lr=False, num_epochs=4, num_minibatches=4, clip_eps=0.2, ent_coef=0.01,
     vf_coef=0.5, max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95, clip_value_loss=False, hidden=(64, 64),
-    network="mlp", total_steps=2_000_000, max_seconds=300.0, track_tensorboard=False)
+    network="mlp", total_steps=2_000_000, max_seconds=300.0)
 
 _MUJOCO = dict(
     _CLASSIC, num_actors=4, envs_per_actor=4, unroll_length=128, batch_size=4, buckets=(4, 8, 16),
     learning_rate=3e-4, anneal_lr=True, num_epochs=10, num_minibatches=32, clip_eps=0.2, ent_coef=0.0,
-    clip_value_loss=True, total_steps=1_000_000, max_seconds=3600.0, track_tensorboard=True)
+    clip_value_loss=True, total_steps=1_000_000, max_seconds=3600.0)
 
 _ATARI_PPO = dict(
     _CLASSIC, num_actors=2, envs_per_actor=4, unroll_length=128, batch_size=2, buckets=(4, 8),
     learning_rate=2.5e-4, anneal_lr=True, num_epochs=4, num_minibatches=4, clip_eps=0.1, ent_coef=0.01,
-    clip_value_loss=True, hidden=(512,), network="cnn", total_steps=10_000_000, max_seconds=1800.0,
-    track_tensorboard=True)
+    clip_value_loss=True, hidden=(512,), network="cnn", total_steps=10_000_000, max_seconds=1800.0)
 
 _ATARI_IMPALA = dict(
     _ATARI_PPO, num_actors=4, envs_per_actor=8, unroll_length=20, batch_size=4, buckets=(8, 16, 32),
