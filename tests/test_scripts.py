@@ -60,7 +60,8 @@ def test_train_takes_the_flags_its_users_type():
         tyro.cli(Args, args=["--agent", "dqn"])
     args = tyro.cli(Args, args=["--env", "ALE/Pong-v5", "--network", "impala", "--hidden", "256", "256",
                                 "--learning-rate", "1e-4", "--anneal-lr", "False", "--checkpoint-every", "50",
-                                "--resume", "runs/train/checkpoint.npz", "--no-track-tensorboard", "--no-save-checkpoint"])
+                                "--resume", "runs/train/checkpoint.npz", "--no-track-tensorboard",
+                                "--no-save-checkpoint"])
     assert args == Args(env="ALE/Pong-v5", network="impala", hidden=(256, 256), learning_rate=1e-4, anneal_lr=False,
                         checkpoint_every=50, resume="runs/train/checkpoint.npz", track_tensorboard=False,
                         save_checkpoint=False)

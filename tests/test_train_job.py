@@ -6,7 +6,6 @@ step count; experiments.evaluate plays a checkpoint.
 Budgets are tiny: these check what the runs write, never how well or how fast they learn (the
 benchmarks measure that).
 """
-import dataclasses
 import glob
 import json
 import os
@@ -71,7 +70,8 @@ def assert_common_report(report, out, *, family_flags):
     learning, curve = report["learning"], report["learning_curve"]
     assert learning["updates"] >= 1 and learning["stop_reason"] == "budget"
     assert len(curve["env_steps"]) == len(curve["seconds"]) == len(curve["return"]) == learning["updates"]
-    assert curve["env_steps"] == sorted(curve["env_steps"]) and curve["env_steps"][-1] <= report["throughput"]["env_steps"]
+    assert curve["env_steps"] == sorted(curve["env_steps"])
+    assert curve["env_steps"][-1] <= report["throughput"]["env_steps"]
     for key, value in family_flags.items():
         assert report["config"][key] == value, key
     assert (out / "report_steps_per_sec.png").stat().st_size > 0 or learning["updates"] == 1
@@ -141,10 +141,11 @@ def test_a_resumed_job_starts_from_the_saved_parameters_updates_and_steps(cartpo
     try:
         saved, _ = rlbatch.load_checkpoint(path, job.trainer.state)
         fresh = job.learner.init(jax.random.PRNGKey(0), job.task.example_obs, job.task.action_space)
-        for got, want, init in zip(jax.tree_util.tree_leaves(job.trainer.state), jax.tree_util.tree_leaves(saved),
-                                   jax.tree_util.tree_leaves(fresh)):
+        for got, want in zip(jax.tree_util.tree_leaves(job.trainer.state), jax.tree_util.tree_leaves(saved)):
             np.testing.assert_array_equal(np.asarray(got), want)
-        assert not np.array_equal(jax.tree_util.tree_leaves(fresh.params)[0], jax.tree_util.tree_leaves(saved.params)[0])
+        # the checkpoint's parameters are trained ones, so a job that skipped the restore would fail above
+        assert not np.array_equal(jax.tree_util.tree_leaves(fresh.params)[0],
+                                  jax.tree_util.tree_leaves(saved.params)[0])
         for served, want in zip(jax.tree_util.tree_leaves(job.policy.params), jax.tree_util.tree_leaves(saved.params)):
             np.testing.assert_array_equal(np.asarray(served), want)  # the actors will play the saved policy
         assert job.trainer.updates == metadata["updates"] and job.env_steps_offset == metadata["env_steps"]
@@ -203,7 +204,8 @@ def test_pong_trains_on_envpool_vector_envs_with_the_cnn(tmp_path):
                           "--hidden", "16")
     assert_common_report(report, out, family_flags={"network": "cnn", "envs_per_actor": 4, "clip_eps": 0.1,
                                                     "learning_rate": 2.5e-4, "ent_coef": 0.01, "hidden": [16]})
-    assert report["actors"]["num_envs"] == 4 and report["batching"]["batch_size_hist"] == {"4": report["batching"]["batches"]}
+    assert report["actors"]["num_envs"] == 4  # one actor owning the preset's 4 EnvPool environments
+    assert report["batching"]["batch_size_hist"] == {"4": report["batching"]["batches"]}
     state, _ = load_checkpoint_of(report)
     assert "conv" in state.params and state.params["policy_head"]["w"].shape == (16, 6)
 

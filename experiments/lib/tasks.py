@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 import gymnasium
 import numpy as np
 
-import envs  # noqa: F401 - registers the rlbatch/ environments
+import envs  # noqa: F401 - registers the rlbatch/ environments (rlbatch/Catch-v0, ...)
 from envs import atari
 from experiments.lib.presets import family_of
 
