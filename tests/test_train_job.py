@@ -220,3 +220,14 @@ def test_presets_fill_what_the_user_left_unset_and_keep_what_they_set():
     assert (impala.unroll_length, impala.max_grad_norm, impala.network) == (20, 40.0, "cnn")
     assert [presets.family_of(e) for e in ("CartPole-v1", "Hopper-v5", "ALE/Pong-v5", "rlbatch/Catch-v0")] == [
         "classic", "mujoco", "atari", "classic"]
+
+
+def test_the_reports_extra_fields_never_replace_the_summarys(tmp_path):
+    from rlbatch import report
+
+    summary = report.summarize(config={"env": "X"})
+    path = report.write(summary, str(tmp_path), plots=False, extra={"learning_curve": {"env_steps": [1]}})
+    line = json.loads(pathlib.Path(path).read_text())
+    assert line["config"] == {"env": "X"} and line["learning_curve"] == {"env_steps": [1]}
+    with pytest.raises(ValueError, match=r"extra fields must not replace the summary's, got \['config'\]"):
+        report.write(summary, str(tmp_path), plots=False, extra={"config": {}})
