@@ -1,122 +1,257 @@
 """The main job: train an agent on a gymnasium environment through the batched policy service.
 
-A couple of hundred actor threads play the environment, asking a shared PolicyService for actions;
-a Trainer consumes their trajectories, updates the learner (PPO or IMPALA) and publishes new
-parameters while they play. Stops when solved (mean return of the last 100 episodes >= the
-threshold) or at the step or time budget, then prints the throughput report and writes it as JSON.
+Actor threads play the environment, asking a shared PolicyService for actions; a Trainer consumes
+their trajectories, updates the learner (PPO or IMPALA) and publishes new parameters while they
+play. Stops when solved (mean return of the last 100 episodes >= the threshold) or at the step or
+time budget. Every run prints a periodic report line under a tqdm bar and the throughput report at
+the end, and writes to --out: report.jsonl (the report, the learning curve, the checkpoint's path),
+PNG plots of the learning curve and of throughput, checkpoint.npz (the learner state, step and
+update counts, these arguments) and TensorBoard scalars in tensorboard/ (when tensorboardX is installed).
+
+The environment picks the defaults (experiments/lib/presets.py): classic control (256 actor threads,
+PPO tuned on CartPole), gymnasium MuJoCo ids (PPO with a Gaussian policy, CleanRL's
+ppo_continuous_action settings), ALE ids (actors owning EnvPool vector environments, the Nature CNN,
+CleanRL's ppo_atari_envpool settings, or IMPALA's). A flag given explicitly wins over the preset.
 
     python -m experiments.train                          # CartPole-v1, PPO, 256 actors
     python -m experiments.train --seed 1 --agent impala
     python -m experiments.train --env rlbatch/Catch-v0 --solve-return 0.9
+    python -m experiments.train --env HalfCheetah-v5
+    python -m experiments.train --env ALE/Pong-v5 --agent impala
+    python -m experiments.train --env HalfCheetah-v5 --resume runs/train/checkpoint.npz --total-steps 2000000
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from typing import Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
-import gymnasium
 import jax
-import numpy as np
+import optax
 import tyro
 
 import agents
-import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
-from experiments.lib import runtime
+from experiments.lib import checkpoints, curves, presets, runtime, tasks, tensorboard
 from rlbatch import report
 
 
 @dataclasses.dataclass(frozen=True)
 class Args:
     env: str = "CartPole-v1"
-    """gymnasium id of the environment"""
+    """gymnasium id of the environment (ALE ids such as ALE/Pong-v5 play through EnvPool)"""
     agent: Literal["ppo", "impala"] = "ppo"
     """learner"""
-    num_actors: int = 256
-    """actor threads"""
-    envs_per_actor: int = 1
-    """environments per actor thread, sent to the policy as one request"""
-    unroll_length: int = 16
-    """T: steps per trajectory"""
-    batch_size: int = 64
-    """B: trajectories per learner update (times envs_per_actor columns)"""
-    buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
-    """padded batch sizes of the policy service, each compiled once"""
+    network: Optional[Literal["mlp", "cnn", "impala"]] = None
+    """torso of the actor-critic (preset: mlp; cnn, the Nature CNN, for Atari)"""
+    num_actors: Optional[int] = None
+    """actor threads (preset: 256 classic control, 4 MuJoCo, 2 Atari PPO, 4 Atari IMPALA)"""
+    envs_per_actor: Optional[int] = None
+    """environments per actor thread, sent to the policy as one request (preset: 1, 4 MuJoCo, 4 or 8 Atari)"""
+    unroll_length: Optional[int] = None
+    """T: steps per trajectory (preset: 16, 128 MuJoCo and Atari PPO, 20 Atari IMPALA)"""
+    batch_size: Optional[int] = None
+    """B: trajectories per learner update, times envs_per_actor columns (preset: 64, 4 MuJoCo, 2 or 4 Atari)"""
+    buckets: Optional[tuple[int, ...]] = None
+    """padded batch sizes of the policy service, each compiled once (preset: 8 ... 256 classic control)"""
     max_delay: float = 0.002
     """seconds a request may wait for its batch to fill"""
     seed: int = 0
     """seeds the parameters, the policy's key schedule and the environments"""
     # Seed 0 solved CartPole in 23.3 s pinned against 32.2 s not, on the 2-core machine.
     pin_python: bool = True
-    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads)"""
-    total_steps: int = 2_000_000
-    """env step budget"""
-    max_seconds: float = 300.0
-    """wall-clock budget in seconds"""
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads); classic control only,
+    since MuJoCo's steps and EnvPool's threads need every CPU"""
+    total_steps: Optional[int] = None
+    """env step budget, counting the steps of the run resumed from (preset: 2M classic, 1M MuJoCo, 10M Atari)"""
+    max_seconds: Optional[float] = None
+    """wall-clock budget in seconds of this run (preset: 300 classic, 3600 MuJoCo, 1800 Atari)"""
     solve_return: Optional[float] = None
     """stop once the mean return of the last 100 episodes reaches this; None: the env's reward threshold"""
-    learning_rate: float = 2e-3
-    """optimizer step size"""
-    num_epochs: int = 4
-    """PPO: passes over each batch"""
-    num_minibatches: int = 4
-    """PPO: minibatches per pass"""
-    ent_coef: float = 0.01
-    """entropy bonus"""
-    gamma: float = 0.99
-    """discount"""
+    learning_rate: Optional[float] = None
+    """optimizer step size (preset: 2e-3 classic, 3e-4 MuJoCo, 2.5e-4 Atari PPO, 6e-4 Atari IMPALA)"""
+    anneal_lr: Optional[bool] = None
+    """anneal the learning rate linearly to 0 over the step budget (preset: off classic, on MuJoCo and Atari)"""
+    num_epochs: Optional[int] = None
+    """PPO: passes over each batch (preset: 4, 10 MuJoCo)"""
+    num_minibatches: Optional[int] = None
+    """PPO: minibatches per pass (preset: 4, 32 MuJoCo)"""
+    clip_eps: Optional[float] = None
+    """PPO: clipping of the probability ratio (preset: 0.2, 0.1 Atari)"""
+    clip_value_loss: Optional[bool] = None
+    """PPO: CleanRL's clipped value loss (preset: off classic, on MuJoCo and Atari)"""
+    ent_coef: Optional[float] = None
+    """entropy bonus (preset: 0.01, 0 MuJoCo)"""
+    vf_coef: Optional[float] = None
+    """value loss weight (preset: 0.5)"""
+    max_grad_norm: Optional[float] = None
+    """global gradient norm clip (preset: 0.5, 40 Atari IMPALA)"""
+    gamma: Optional[float] = None
+    """discount (preset: 0.99)"""
+    gae_lambda: Optional[float] = None
+    """PPO: GAE lambda (preset: 0.95)"""
     max_policy_lag: Optional[int] = None
     """drop trajectories staler than this many updates"""
-    hidden: int = 64
-    """width of the two hidden layers"""
+    hidden: Optional[tuple[int, ...]] = None
+    """widths of the hidden dense layers (preset: 64 64; 512 after the CNN)"""
     out: str = "runs/train"
-    """directory for the report (JSON) and plots"""
+    """directory for the report (JSON), plots, checkpoint and TensorBoard scalars"""
     progress: bool = True
     """show the tqdm bar"""
     plots: bool = True
     """draw PNG plots (needs matplotlib)"""
+    track_tensorboard: bool = True
+    """write TensorBoard scalars to <out>/tensorboard (CleanRL's tags) when tensorboardX, the tensorboard
+    extra, is installed"""
+    save_checkpoint: bool = True
+    """write <out>/checkpoint.npz at the end of the run"""
+    checkpoint_every: Optional[int] = None
+    """also write the checkpoint every this many learner updates"""
+    resume: Optional[str] = None
+    """continue from this checkpoint: its parameters, optimizer state, update count and env steps"""
 
 
-def make_learner(args: Args, network):
+def make_network(args: Args, task: tasks.Task) -> agents.ActorCritic:
+    """The actor-critic of (resolved) `args` for `task`'s spaces."""
+    return agents.make_actor_critic(task.action_space, task.example_obs, hidden=args.hidden, torso=args.network)
+
+
+def updates_in_budget(args: Args) -> int:
+    """Learner updates the step budget pays for: the horizon of the annealed learning rate."""
+    return max(1, math.ceil(args.total_steps / (args.unroll_length * args.batch_size * args.envs_per_actor)))
+
+
+def optimizer_steps_per_update(args: Args) -> int:
+    return args.num_epochs * args.num_minibatches if args.agent == "ppo" else 1
+
+
+def learning_rate(args: Args):
+    """A float, or with anneal_lr an optax schedule over the learner's optimizer steps."""
+    if not args.anneal_lr:
+        return args.learning_rate
+    return optax.linear_schedule(args.learning_rate, 0.0, updates_in_budget(args) * optimizer_steps_per_update(args))
+
+
+def make_learner(args: Args, network: agents.ActorCritic) -> rlbatch.Learner:
+    """The learner of (resolved) `args`."""
+    common = dict(learning_rate=learning_rate(args), gamma=args.gamma, ent_coef=args.ent_coef, vf_coef=args.vf_coef,
+                  max_grad_norm=args.max_grad_norm)
     if args.agent == "ppo":
-        return agents.make_ppo(network, learning_rate=args.learning_rate, num_epochs=args.num_epochs,
-                               num_minibatches=args.num_minibatches, ent_coef=args.ent_coef, gamma=args.gamma)
+        return agents.make_ppo(network, num_epochs=args.num_epochs, num_minibatches=args.num_minibatches,
+                               clip_eps=args.clip_eps, gae_lambda=args.gae_lambda,
+                               clip_value_loss=args.clip_value_loss, **common)
     if args.agent == "impala":
-        return agents.make_impala(network, learning_rate=args.learning_rate, ent_coef=args.ent_coef, gamma=args.gamma)
+        return agents.make_impala(network, **common)
     raise ValueError(f"--agent: expected ppo or impala, got {args.agent!r}")
+
+
+class Job(NamedTuple):
+    """A built run, not started: what `main` runs and what tests inspect before the first update."""
+
+    args: Args  # resolved: no preset field is None
+    task: tasks.Task
+    learner: rlbatch.Learner
+    policy: rlbatch.PolicyService
+    pool: rlbatch.ActorPool
+    trainer: rlbatch.Trainer
+    resumed: Optional[dict[str, Any]]  # the checkpoint's metadata when resuming, else None
+
+    @property
+    def env_steps_offset(self) -> int:
+        return 0 if self.resumed is None else int(self.resumed["env_steps"])
+
+    def close(self) -> None:
+        """Releases a job that will not run (`Trainer.run` closes what it ran)."""
+        self.pool.stop()
+        self.policy.close()
+
+
+def _check_resume(args: Args, path: str) -> dict:
+    metadata = checkpoints.read_metadata(path)
+    saved = metadata["args"]
+    for key in ("env", "agent", "network", "hidden"):
+        value = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
+        if saved.get(key) != value:
+            raise ValueError(f"--resume {path}: the checkpoint was trained with --{key.replace('_', '-')} "
+                             f"{saved.get(key)!r}, this run has {value!r}")
+    if metadata["env_steps"] >= args.total_steps:
+        raise ValueError(f"--resume {path}: the checkpoint has {metadata['env_steps']:,} env steps already, "
+                         f"--total-steps {args.total_steps:,} leaves none to do")
+    return metadata
+
+
+def build(args: Args) -> Job:
+    """Resolves the presets, builds the learner, policy service, actor pool and trainer, and
+    restores the checkpoint of `--resume` (its parameters are published before any actor starts)."""
+    args = presets.resolve(args)
+    resumed = _check_resume(args, args.resume) if args.resume else None
+    task = tasks.probe(args.env)
+    learner = make_learner(args, make_network(args, task))
+    state = learner.init(jax.random.PRNGKey(args.seed), task.example_obs, task.action_space)
+    policy = rlbatch.PolicyService(learner.policy.apply, learner.params(state), example_obs=task.example_obs,
+                                   buckets=args.buckets, max_delay=args.max_delay, seed=args.seed)
+    pool = rlbatch.ActorPool(policy_service=policy, num_actors=args.num_actors, unroll_length=args.unroll_length,
+                             envs_per_actor=args.envs_per_actor, seed=args.seed, max_queue=4 * args.batch_size,
+                             **tasks.pool_envs(task, args.env))
+    trainer = rlbatch.Trainer(learner, pool, policy, state=state, batch_size=args.batch_size,
+                              max_policy_lag=args.max_policy_lag)
+    if resumed is not None:
+        trainer.restore(args.resume)
+    return Job(args, task, learner, policy, pool, trainer, resumed)
 
 
 def main(args: Args) -> report.Summary:
     runtime.prefer_sync_cpu_dispatch()
-    print(runtime.pin_python_threads(args.pin_python))
-    probe = gymnasium.make(args.env)
-    example_obs = np.asarray(probe.observation_space.sample())
-    action_space = probe.action_space
-    threshold = args.solve_return
-    if threshold is None:
-        threshold = probe.spec.reward_threshold if probe.spec and probe.spec.reward_threshold else float("inf")
-    probe.close()
-
-    network = agents.make_actor_critic(action_space, example_obs, hidden=(args.hidden, args.hidden))
-    learner = make_learner(args, network)
-    state = learner.init(jax.random.PRNGKey(args.seed), example_obs, action_space)
-    policy = rlbatch.PolicyService(learner.policy.apply, learner.params(state), example_obs=example_obs,
-                                   buckets=args.buckets, max_delay=args.max_delay, seed=args.seed)
-    pool = rlbatch.ActorPool(args.env, policy, num_actors=args.num_actors, unroll_length=args.unroll_length,
-                             envs_per_actor=args.envs_per_actor, seed=args.seed, max_queue=4 * args.batch_size)
-    trainer = rlbatch.Trainer(learner, pool, policy, state=state, batch_size=args.batch_size,
-                              max_policy_lag=args.max_policy_lag)
+    print(runtime.pin_python_threads(args.pin_python and presets.family_of(args.env) == "classic"))
+    job = build(args)
+    args, offset = job.args, job.env_steps_offset
+    if job.resumed is not None:
+        print(f"resumed from {args.resume}: {offset:,} env steps, {job.trainer.updates} updates")
+    threshold = args.solve_return if args.solve_return is not None else job.task.reward_threshold
+    os.makedirs(args.out, exist_ok=True)
+    config = dataclasses.asdict(args)
+    curve = curves.LearningCurve(env_steps_offset=offset)
+    saver = checkpoints.RunCheckpoints(os.path.join(args.out, "checkpoint.npz"), every=args.checkpoint_every,
+                                       args=config, env_steps_offset=offset)
     from tqdm.auto import tqdm
 
-    recorder = report.Recorder(pool, policy, echo=tqdm.write)  # a periodic line above the bar
-    result = trainer.run(total_steps=args.total_steps, until=rlbatch.solved(threshold), progress=args.progress,
-                         max_seconds=args.max_seconds, on_update=recorder.on_update)
-    summary = recorder.finish(result, config=dataclasses.asdict(args))
+    recorder = report.Recorder(job.pool, job.policy, echo=tqdm.write)  # a periodic line above the bar
+    board = None
+    if args.track_tensorboard and not tensorboard.tensorboard_available():
+        print("TensorBoard scalars skipped: tensorboardX is not installed (pip install -e \".[tensorboard]\")")
+    elif args.track_tensorboard:
+
+        schedule = learning_rate(args)
+        steps = optimizer_steps_per_update(args)
+        board = tensorboard.TensorBoardLog(os.path.join(args.out, "tensorboard"), pool=job.pool, policy=job.policy,
+                               lag=job.trainer.lag, env_steps_offset=offset, config=config,
+                               learning_rate_fn=(lambda u: schedule(u * steps)) if callable(schedule) else None)
+
+    def on_update(progress: rlbatch.Progress) -> None:
+        recorder.on_update(progress)
+        curve.on_update(progress)
+        if board is not None:
+            board.on_update(progress)
+        if args.save_checkpoint:
+            saver.on_update(job.trainer, progress)
+
+    try:
+        result = job.trainer.run(total_steps=args.total_steps - offset,
+                                 until=rlbatch.solved(threshold if threshold is not None else float("inf")),
+                                 progress=args.progress, max_seconds=args.max_seconds, on_update=on_update)
+    finally:
+        if board is not None:
+            board.close()
+    checkpoint = saver.save(job.trainer, job.pool.stats.env_steps) if args.save_checkpoint else None
+    summary = recorder.finish(result, config=config)
     print(report.format_table(summary))
-    os.makedirs(args.out, exist_ok=True)
-    path = report.write(summary, args.out, plots=args.plots)
-    print(f"report: {path}")
+    extra = {"learning_curve": curve.as_json(), "checkpoint": checkpoint, "env_steps_offset": offset,
+             "resumed_from": args.resume, "updates_total": job.trainer.updates}
+    path = report.write(summary, args.out, plots=args.plots, extra=extra)
+    if args.plots:
+        curve.plot(args.out, title=args.env)
+    print(f"report: {path}" + (f"\ncheckpoint: {checkpoint}" if checkpoint else ""))
     return summary
 
 

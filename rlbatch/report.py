@@ -320,15 +320,23 @@ def format_table(summary: Summary) -> str:
     return "\n".join(lines)
 
 
-def write(summary: Summary, out_dir: str, plots: bool = True, name: str = "report") -> str:
+def write(summary: Summary, out_dir: str, plots: bool = True, name: str = "report",
+          extra: Optional[Mapping[str, Any]] = None) -> str:
     """Appends the summary's JSON to `<out_dir>/<name>.jsonl`; with plots, writes PNGs beside it.
 
-    Plots need matplotlib (`pip install -e .[plots]`); without it they are skipped with a note.
+    extra: more top-level fields for the JSON line (a script's learning curve, its checkpoint's
+    path); a key the summary has already is refused. Plots need matplotlib (`pip install -e
+    .[plots]`); without it they are skipped with a note.
     """
+    line = summary.as_json()
+    clash = sorted(set(extra or {}) & set(line))
+    if clash:
+        raise ValueError(f"report.write: extra fields must not replace the summary's, got {clash}")
+    line.update(extra or {})
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.jsonl")
     with open(path, "a") as f:
-        f.write(json.dumps(summary.as_json(), default=float) + "\n")
+        f.write(json.dumps(line, default=float) + "\n")
     if plots:
         try:
             plot(summary, out_dir, name)

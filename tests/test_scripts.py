@@ -20,7 +20,7 @@ import tyro
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-SCRIPTS = ("train", "throughput", "bench_actors", "bench_batching", "bench_policy")
+SCRIPTS = ("train", "evaluate", "throughput", "bench_actors", "bench_batching", "bench_policy")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -58,6 +58,25 @@ def test_train_takes_the_flags_its_users_type():
     assert tyro.cli(Args, args=[]) == Args()
     with pytest.raises(SystemExit):
         tyro.cli(Args, args=["--agent", "dqn"])
+    args = tyro.cli(Args, args=["--env", "ALE/Pong-v5", "--network", "impala", "--hidden", "256", "256",
+                                "--learning-rate", "1e-4", "--anneal-lr", "False", "--checkpoint-every", "50",
+                                "--resume", "runs/train/checkpoint.npz", "--no-track-tensorboard",
+                                "--no-save-checkpoint"])
+    assert args == Args(env="ALE/Pong-v5", network="impala", hidden=(256, 256), learning_rate=1e-4, anneal_lr=False,
+                        checkpoint_every=50, resume="runs/train/checkpoint.npz", track_tensorboard=False,
+                        save_checkpoint=False)
+    with pytest.raises(SystemExit):
+        tyro.cli(Args, args=["--network", "resnet"])
+
+
+def test_evaluate_takes_the_flags_its_users_type():
+    from experiments.evaluate import Args
+
+    args = tyro.cli(Args, args=["--checkpoint", "runs/train/checkpoint.npz", "--episodes", "5", "--greedy",
+                                "--capture-video"])
+    assert args == Args(checkpoint="runs/train/checkpoint.npz", episodes=5, greedy=True, capture_video=True)
+    with pytest.raises(SystemExit):
+        tyro.cli(Args, args=["--episodes", "5"])  # the checkpoint is required
 
 
 def test_benchmarks_take_the_flags_their_users_type():
@@ -260,7 +279,8 @@ def test_train_script_runs_as_subprocess_and_writes_json_and_png(tmp_path):
     summary = json.loads((out / "report.jsonl").read_text().splitlines()[-1])
     assert summary["throughput"]["env_steps"] >= 3000
     assert summary["learning"]["updates"] > 0 and summary["batching"]["compile_count"] == 1
-    assert list(summary) == ["config", "time", "throughput", "actors", "stages", "batching", "learning"]
+    assert list(summary) == ["config", "time", "throughput", "actors", "stages", "batching", "learning",
+                             "learning_curve", "checkpoint", "env_steps_offset", "resumed_from", "updates_total"]
     assert len(summary["stages"]) == 9 and summary["stages"]["learner_update"] > 0
     assert summary["config"]["num_actors"] == 8 and summary["config"]["buckets"] == [8]
     assert (out / "report_steps_per_sec.png").exists()
