@@ -181,6 +181,15 @@ def test_evaluate_plays_a_checkpoint_and_prints_the_mean_of_its_returns(cartpole
     assert json.loads(printed.strip().splitlines()[-1])["returns"] == result["returns"]
 
 
+def test_evaluate_captures_a_video_of_each_episode(cartpole, tmp_path):
+    _, report, _ = cartpole
+    result = evaluate.main(evaluate.Args(checkpoint=report["checkpoint"], episodes=2, capture_video=True,
+                                         video_dir=str(tmp_path / "videos")))
+    videos = sorted((tmp_path / "videos").glob("*.mp4"))
+    assert len(videos) == 2 and all(v.stat().st_size > 0 for v in videos)
+    assert result["video_dir"] == str(tmp_path / "videos")
+
+
 def test_halfcheetah_trains_ppo_with_a_gaussian_policy_and_cleanrl_settings(tmp_path):
     out = tmp_path / "out"
     # cwd: MuJoCo writes MUJOCO_LOG.TXT (a model deprecation warning) into the working directory.
@@ -194,7 +203,7 @@ def test_halfcheetah_trains_ppo_with_a_gaussian_policy_and_cleanrl_settings(tmp_
     rates = [v for _, v in scalars["charts/learning_rate"]]
     assert rates[0] < 3e-4 and rates == sorted(rates, reverse=True)  # annealed
     state, _ = load_checkpoint_of(report)
-    assert state.params["log_std"].shape == (6,)  # a Gaussian over HalfCheetah's 6 joints
+    assert state.params["params"]["log_std"].shape == (6,)  # a Gaussian over HalfCheetah's 6 joints
 
 
 def test_pong_trains_on_envpool_vector_envs_with_the_cnn(tmp_path):
@@ -207,7 +216,9 @@ def test_pong_trains_on_envpool_vector_envs_with_the_cnn(tmp_path):
     assert report["actors"]["num_envs"] == 4  # one actor owning the preset's 4 EnvPool environments
     assert report["batching"]["batch_size_hist"] == {"4": report["batching"]["batches"]}
     state, _ = load_checkpoint_of(report)
-    assert "conv" in state.params and state.params["policy_head"]["w"].shape == (16, 6)
+    net = state.params["params"]
+    assert net["torso"]["Conv_2"]["kernel"].shape == (3, 3, 64, 64)  # the Nature CNN, frames first
+    assert net["torso"]["Conv_0"]["kernel"].shape == (8, 8, 4, 32) and net["policy_head"]["kernel"].shape == (16, 6)
 
 
 def test_presets_fill_what_the_user_left_unset_and_keep_what_they_set():
