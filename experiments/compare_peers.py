@@ -12,9 +12,8 @@ first held, and the env steps then, as a Markdown table, and writes them as JSON
     python -m experiments.compare_peers                              # CartPole-v1, seeds 0 1 2
     python -m experiments.compare_peers --seeds 0 --peers rlbatch    # without SBX installed
 
-The sbx peer needs `pip install -e .[peers]` (README, "Comparing with SBX"). rlbatch's moment of
-solving is measured as launch -> first draw of the Trainer's progress bar (drawn as `Trainer.run`
-starts its clock) plus the report's `solved_at_seconds`; the JSON's notes say so.
+The sbx peer needs `pip install -e .[peers]` (README, "Comparing with SBX"). Both peers report
+their moments (start of training, rule first held) as Unix times, placed on the launch's clock.
 """
 from __future__ import annotations
 
@@ -31,12 +30,6 @@ from experiments.lib.peer_process import TimedProcess, run_timed
 from experiments.lib.peers import PeerRun, SolveRule, as_json, format_markdown, rule_for
 
 Peer = Literal["rlbatch", "sbx"]
-# What the progress bar's first draw holds (tqdm's rate unit, "step/s"): the start of Trainer.run.
-_RUN_START_MARKER = "step/s"
-# The window of the recent mean that experiments.train stops on (its actor pool's).
-_RLBATCH_WINDOW = 100
-
-
 @dataclasses.dataclass(frozen=True)
 class Args:
     env: str = "CartPole-v1"
@@ -59,16 +52,14 @@ class Args:
     """directory for the JSON and each process's output"""
 
 
-def _rlbatch_command(args: Args, rule: SolveRule, seed: int, out_dir: str) -> list[str]:
-    if rule.window != _RLBATCH_WINDOW:
-        raise ValueError(f"compare_peers --peers rlbatch: experiments.train stops on the mean of the last "
-                         f"{_RLBATCH_WINDOW} episodes, the rule for {args.env!r} asks for {rule.window}")
+def rlbatch_command(args: Args, rule: SolveRule, seed: int, out_dir: str) -> list[str]:
     return [sys.executable, "-m", "experiments.train", "--env", args.env, "--seed", str(seed),
             "--total-steps", str(args.total_steps), "--max-seconds", str(args.max_seconds),
-            "--solve-return", repr(rule.threshold), "--out", out_dir, "--no-plots", *shlex.split(args.train_args)]
+            "--solve-return", repr(rule.threshold), "--solve-window", str(rule.window), "--out", out_dir,
+            "--no-plots", *shlex.split(args.train_args)]
 
 
-def _sbx_command(args: Args, rule: SolveRule, seed: int) -> list[str]:
+def sbx_command(args: Args, rule: SolveRule, seed: int) -> list[str]:
     return [sys.executable, "-m", "experiments.lib.sbx_runner", "--env", args.env, "--seed", str(seed),
             "--total-steps", str(args.total_steps), "--max-seconds", str(args.max_seconds),
             "--solve-return", repr(rule.threshold), "--solve-window", str(rule.window)]
@@ -90,18 +81,14 @@ def rlbatch_result(seed: int, proc: TimedProcess, report_path: str) -> PeerRun:
     except (OSError, IndexError, ValueError) as e:
         return _failed("rlbatch", seed, proc, f"expected a JSON report at {report_path}, got {e!r}")
     learning, throughput = report.get("learning", {}), report.get("throughput", {})
-    solved_in_run = learning.get("solved_at_seconds")
-    note = "s to threshold = launch -> Trainer.run's progress bar + the report's solved_at_seconds"
-    seconds = None
-    if solved_in_run is not None:
-        if proc.marker_seconds is None:
-            note = f"solved, but no progress bar ({_RUN_START_MARKER!r}) on stderr to place Trainer.run's start"
-        else:
-            seconds = proc.marker_seconds + solved_in_run
-    return PeerRun(peer="rlbatch", seed=seed, process_seconds=proc.seconds, seconds_to_threshold=seconds,
-                   steps_to_threshold=learning.get("solved_at_steps") if seconds is not None else None,
+    solved_at, training_at = report.get("solved_at"), report.get("training_started_at")
+    return PeerRun(peer="rlbatch", seed=seed, process_seconds=proc.seconds,
+                   seconds_to_threshold=None if solved_at is None else proc.seconds_since_launch(solved_at),
+                   steps_to_threshold=learning.get("solved_at_steps") if solved_at is not None else None,
                    env_steps=throughput.get("env_steps"), stop_reason=learning.get("stop_reason", "unknown"),
-                   seconds_to_training=proc.marker_seconds, note=note)
+                   seconds_to_training=None if training_at is None else proc.seconds_since_launch(training_at),
+                   note="s to threshold = launch -> the report's solved_at (Unix time of the first update "
+                        "after which the rule held)")
 
 
 def sbx_result(seed: int, proc: TimedProcess) -> PeerRun:
@@ -131,17 +118,15 @@ def run_peer(peer: str, args: Args, rule: SolveRule, seed: int) -> PeerRun:
         report_path = os.path.join(run_dir, "report.jsonl")
         if os.path.exists(report_path):  # train.py appends: a report left by an earlier comparison must not count
             os.remove(report_path)
-        proc = run_timed(_rlbatch_command(args, rule, seed, run_dir), args.out, name, stderr_marker=_RUN_START_MARKER)
+        proc = run_timed(rlbatch_command(args, rule, seed, run_dir), args.out, name)
         return rlbatch_result(seed, proc, report_path)
     if peer == "sbx":
-        return sbx_result(seed, run_timed(_sbx_command(args, rule, seed), args.out, name))
+        return sbx_result(seed, run_timed(sbx_command(args, rule, seed), args.out, name))
     raise ValueError(f"compare_peers --peers: expected rlbatch or sbx, got {peer!r}")
 
 
 def main(args: Args) -> dict:
     rule = rule_for(args.env, args.solve_return, args.solve_window)
-    if "rlbatch" in args.peers:
-        _rlbatch_command(args, rule, 0, args.out)  # refuses a rule train.py cannot apply before anything runs
     runs = [run_peer(peer, args, rule, seed) for seed in args.seeds for peer in args.peers]
     table = format_markdown(args.env, rule, runs)
     print(table)

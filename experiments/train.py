@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from typing import Any, Literal, NamedTuple, Optional
 
 import jax
@@ -68,7 +69,9 @@ class Args:
     max_seconds: Optional[float] = None
     """wall-clock budget in seconds of this run (preset: 300 classic, 3600 MuJoCo, 1800 Atari)"""
     solve_return: Optional[float] = None
-    """stop once the mean return of the last 100 episodes reaches this; None: the env's reward threshold"""
+    """stop once the mean return of the last --solve-window episodes reaches this; None: the env's reward threshold"""
+    solve_window: int = 100
+    """episodes in the solve rule's mean (and in the reported recent return)"""
     learning_rate: Optional[float] = None
     """optimizer step size (preset: 2e-3 classic, 3e-4 MuJoCo, 2.5e-4 Atari PPO, 6e-4 Atari IMPALA)"""
     anneal_lr: Optional[bool] = None
@@ -93,6 +96,11 @@ class Args:
     """PPO: GAE lambda (preset: 0.95)"""
     max_policy_lag: Optional[int] = None
     """drop trajectories staler than this many updates"""
+    normalize_obs: Optional[bool] = None
+    """normalise observations by running mean and variance kept in the learner state and applied inside the
+    served policy (preset: on MuJoCo)"""
+    normalize_reward: Optional[bool] = None
+    """scale rewards by the running std of the discounted return, as CleanRL's NormalizeReward (preset: on MuJoCo)"""
     hidden: Optional[tuple[int, ...]] = None
     """widths of the hidden dense layers (preset: 64 64; 512 after the CNN)"""
     out: str = "runs/train"
@@ -110,6 +118,8 @@ class Args:
     """also write the checkpoint every this many learner updates"""
     resume: Optional[str] = None
     """continue from this checkpoint: its parameters, optimizer state, update count and env steps"""
+    compilation_cache: str = runtime.DEFAULT_COMPILATION_CACHE
+    """JAX's persistent compilation cache: later runs load the policy's buckets and the update from it ('' for none)"""
 
 
 def make_network(args: Args, task: tasks.Task) -> agents.ActorCritic:
@@ -136,7 +146,8 @@ def learning_rate(args: Args):
 def make_learner(args: Args, network: agents.ActorCritic) -> rlbatch.Learner:
     """The learner of (resolved) `args`."""
     common = dict(learning_rate=learning_rate(args), gamma=args.gamma, ent_coef=args.ent_coef, vf_coef=args.vf_coef,
-                  max_grad_norm=args.max_grad_norm)
+                  max_grad_norm=args.max_grad_norm, normalize_obs=args.normalize_obs,
+                  normalize_reward=args.normalize_reward)
     if args.agent == "ppo":
         return agents.make_ppo(network, num_epochs=args.num_epochs, num_minibatches=args.num_minibatches,
                                clip_eps=args.clip_eps, gae_lambda=args.gae_lambda,
@@ -193,7 +204,7 @@ def build(args: Args) -> Job:
                                    buckets=args.buckets, max_delay=args.max_delay, seed=args.seed)
     pool = rlbatch.ActorPool(policy_service=policy, num_actors=args.num_actors, unroll_length=args.unroll_length,
                              envs_per_actor=args.envs_per_actor, seed=args.seed, max_queue=4 * args.batch_size,
-                             **tasks.pool_envs(task, args.env))
+                             recent_episodes=args.solve_window, **tasks.pool_envs(task, args.env))
     trainer = rlbatch.Trainer(learner, pool, policy, state=state, batch_size=args.batch_size,
                               max_policy_lag=args.max_policy_lag)
     if resumed is not None:
@@ -202,6 +213,7 @@ def build(args: Args) -> Job:
 
 
 def main(args: Args) -> report.Summary:
+    print(runtime.enable_compilation_cache(args.compilation_cache))
     runtime.prefer_sync_cpu_dispatch()
     print(runtime.pin_python_threads(args.pin_python and presets.family_of(args.env) == "classic"))
     job = build(args)
@@ -236,9 +248,11 @@ def main(args: Args) -> report.Summary:
         if args.save_checkpoint:
             saver.on_update(job.trainer, progress)
 
+    training_started_at = time.time()  # Unix time: a comparison places it on its own clock (compare_peers)
     try:
         result = job.trainer.run(total_steps=args.total_steps - offset,
-                                 until=rlbatch.solved(threshold if threshold is not None else float("inf")),
+                                 until=rlbatch.solved(threshold if threshold is not None else float("inf"),
+                                                      args.solve_window),
                                  progress=args.progress, max_seconds=args.max_seconds, on_update=on_update)
     finally:
         if board is not None:
@@ -247,7 +261,10 @@ def main(args: Args) -> report.Summary:
     summary = recorder.finish(result, config=config)
     print(report.format_table(summary))
     extra = {"learning_curve": curve.as_json(), "checkpoint": checkpoint, "env_steps_offset": offset,
-             "resumed_from": args.resume, "updates_total": job.trainer.updates}
+             "resumed_from": args.resume, "updates_total": job.trainer.updates,
+             "training_started_at": training_started_at,
+             "solved_at": (None if result.solved_at_seconds is None
+                           else training_started_at + result.solved_at_seconds)}
     path = report.write(summary, args.out, plots=args.plots, extra=extra)
     if args.plots:
         curve.plot(args.out, title=args.env)

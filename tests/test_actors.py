@@ -94,6 +94,20 @@ def test_single_env_trajectories_match_the_script_exactly():
     assert [n for _, n in episodes[:4]] == [3, 5, 2, 3]
 
 
+def test_recent_return_is_the_mean_over_the_pools_window_of_episodes():
+    with scripted_service() as svc:
+        pool = rlbatch.ActorPool(lambda: fakes.ScriptedEnv(LENGTHS, TRUNCATE), svc, num_actors=1, unroll_length=4,
+                                 recent_episodes=3)
+        with pool:
+            for _ in range(6):
+                pool.get(timeout=30)
+        stats, episodes = pool.stats, pool.episodes
+    assert len(episodes) > 3
+    assert stats.recent_return_mean == pytest.approx(np.mean([r for r, _ in episodes[-3:]]))
+    with pytest.raises(ValueError, match="recent_episodes must be a positive int, got 0"):
+        rlbatch.ActorPool("CartPole-v1", svc, num_actors=1, unroll_length=4, recent_episodes=0)
+
+
 def test_several_envs_per_actor_put_the_env_axis_second_and_stack():
     T, k = 5, 3
     with scripted_service() as svc:

@@ -11,7 +11,8 @@ line is never None, so an explicit flag always wins over the table.
 Sources of the numbers:
 - classic: the main job's own CartPole settings (tuned against SBX PPO, issue 15 item 2);
 - mujoco, PPO: CleanRL's ppo_continuous_action (lr 3e-4 annealed, 2048 steps per update, 32
-  minibatches, 10 epochs, clip 0.2, no entropy bonus, clipped value loss) with 4 actors x 4
+  minibatches, 10 epochs, clip 0.2, no entropy bonus, clipped value loss, observations normalised
+  and rewards scaled, in the learner rather than by per-environment wrappers) with 4 actors x 4
   environments x T=128 instead of 1 environment x T=2048: the same 2048 samples per update and
   minibatches of 64, while 16 environments give the policy service batches to fill and a
   trajectory is ready 16 times sooner, so the learner waits less and samples are less stale;
@@ -36,12 +37,12 @@ _CLASSIC = dict(
     num_actors=256, envs_per_actor=1, unroll_length=16, batch_size=64, buckets=(8, 16, 32, 64, 128, 256),
     learning_rate=2e-3, anneal_lr=False, num_epochs=4, num_minibatches=4, clip_eps=0.2, ent_coef=0.01,
     vf_coef=0.5, max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95, clip_value_loss=False, hidden=(64, 64),
-    network="mlp", total_steps=2_000_000, max_seconds=300.0)
+    network="mlp", normalize_obs=False, normalize_reward=False, total_steps=2_000_000, max_seconds=300.0)
 
 _MUJOCO = dict(
     _CLASSIC, num_actors=4, envs_per_actor=4, unroll_length=128, batch_size=4, buckets=(4, 8, 16),
     learning_rate=3e-4, anneal_lr=True, num_epochs=10, num_minibatches=32, clip_eps=0.2, ent_coef=0.0,
-    clip_value_loss=True, total_steps=1_000_000, max_seconds=3600.0)
+    clip_value_loss=True, normalize_obs=True, normalize_reward=True, total_steps=1_000_000, max_seconds=3600.0)
 
 _ATARI_PPO = dict(
     _CLASSIC, num_actors=2, envs_per_actor=4, unroll_length=128, batch_size=2, buckets=(4, 8),

@@ -52,7 +52,6 @@ from rlbatch.errors import PoolStopped
 __all__ = ["ActorPool", "ActorStats", "ActorFault", "PoolStopped"]
 
 _clock = time.perf_counter
-_RECENT_EPISODES = 100  # episodes in the recent-return window of `stats`
 _KEEP_FAULTS = 32  # faults kept for `errors`
 _RECENT_FAULTS = 8  # faults shown in `stats.recent_errors`
 
@@ -89,13 +88,16 @@ class ActorPool:
         that finished first go to the policy as one request, and trajectories have width b
         (obs [T+1, b, ...]), each column one environment's T consecutive steps (see
         rlbatch.actors.async_actor). Without it, an EnvPool with batch_size < num_envs is refused.
+      recent_episodes: episodes in the window of `stats.recent_return_mean` (a solve rule's window).
     """
 
     def __init__(self, env_fn, policy_service, num_actors: int, unroll_length: int, *, envs_per_actor: int = 1,
                  seed: int = 0, max_queue: int = 64, on_full: str = "block", max_backoff: float = 1.0,
-                 name: str = "actor", vector_env_fn=None, async_batch_size: int | None = None):
+                 name: str = "actor", vector_env_fn=None, async_batch_size: int | None = None,
+                 recent_episodes: int = 100):
         for key, value in (("num_actors", num_actors), ("unroll_length", unroll_length),
-                           ("envs_per_actor", envs_per_actor), ("max_queue", max_queue)):
+                           ("envs_per_actor", envs_per_actor), ("max_queue", max_queue),
+                           ("recent_episodes", recent_episodes)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ActorPool: {key} must be a positive int, got {value!r}")
         if on_full not in ON_FULL:
@@ -127,7 +129,7 @@ class ActorPool:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._counters = [ActorCounters() for _ in range(num_actors)]
-        self._episodes = EpisodeLog(_RECENT_EPISODES)
+        self._episodes = EpisodeLog(recent_episodes)
         self._faults = FaultLog(_KEEP_FAULTS)
         self._start_time = None
         self._stop_time = None

@@ -46,7 +46,7 @@ class ActorStats:
     elapsed: float
     steps_per_sec: float
     episodes: int
-    recent_return_mean: float  # mean return of the last 100 finished episodes (nan before any)
+    recent_return_mean: float  # mean return of the last `recent_episodes` (100) finished episodes (nan before any)
     recent_length_mean: float
     trajectories: int  # emitted into the queue
     queue_depth: int
