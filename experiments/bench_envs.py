@@ -45,6 +45,7 @@ from rlbatch import report
 _clock = time.perf_counter
 _START_TIMEOUT = 300.0  # seconds a pool may take to deliver its first trajectories
 PEERS = ("gym-sync", "gym-async", "envpool-sync", "envpool-async", "ale-vector")
+IN_PROCESS = ("gym-sync", "envpool-sync", "ale-vector")  # kinds whose environments step in this process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Args:
     """numbers of environments N"""
     threads: tuple[int, ...] = (1, 2, 4)
     """actor threads of the rlbatch vector rows (k = N / threads envs each): the sweep"""
+    subprocess_threads: tuple[int, ...] = (2,)
+    """the sweep for gym-async, whose N subprocesses take a second each to start on 2 CPUs"""
     kinds: tuple[str, ...] = ("single",) + PEERS
     """what to run: "single" (rlbatch, one env per thread) and the vector kinds (peer loop and rlbatch rows)"""
     async_batch: float = 0.5
@@ -115,7 +118,7 @@ def build_policy(workload: Workload, seed: int) -> Served:
 
 def _rate_row(rate: env_loops.StepRate, **extra) -> dict:
     return dict(steps_per_s=rate.steps_per_s, threads=rate.num_actors, envs_per_thread=rate.envs_per_actor,
-                mean_batch=rate.mean_batch, **extra)
+                mean_batch=rate.mean_batch, cpu_util=rate.cpu_s / rate.elapsed_s, **extra)
 
 
 def run_peer(workload: Workload, kind: str, served: Served, n: int, args: Args) -> dict:
@@ -127,13 +130,10 @@ def run_peer(workload: Workload, kind: str, served: Served, n: int, args: Args) 
     return _rate_row(vector_loops.run_vector_loop(workload.vector_env_fn(kind), served.act, n, **timing))
 
 
-def run_floor(workload: Workload, kind: str, n: int, args: Args) -> dict:
+def run_floor(workload: Workload, kind: str, n: int, args: Args) -> env_loops.StepRate:
     """The vector environment of `kind` with fixed actions and no policy."""
     timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
-    if kind == "envpool-async":
-        kind = "envpool-sync"  # with no policy to overlap, the same environments and threads
-    rate = vector_loops.run_env_alone(workload.vector_env_fn(kind), workload.fixed_actions(n), n, **timing)
-    return _rate_row(rate)
+    return vector_loops.run_env_alone(workload.vector_env_fn(kind), workload.fixed_actions(n), n, **timing)
 
 
 def _async_batch(num_envs: int, args: Args) -> int:
@@ -202,20 +202,25 @@ def run_workload(workload: Workload, args: Args, reports: list) -> list[dict]:
               f"{row['steps_per_s']:10,.0f} steps/s  ({now - started[0]:.1f} s)", flush=True)
         started[0] = now
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     for n in args.num_envs:
         obs = np.repeat(served.example_obs[None], n, axis=0)
-        add(n, "floor", "policy alone", _rate_row(vector_loops.run_policy_alone(
-            served.act, obs, warmup=args.warmup, duration=args.duration)))
+        policy_alone = vector_loops.run_policy_alone(served.act, obs, warmup=args.warmup, duration=args.duration)
+        add(n, "floor", "policy alone", _rate_row(policy_alone))
         for kind in args.kinds:
             if kind != "single" and kind not in workload.kinds:
                 continue
             if kind == "single":
                 add(n, "rlbatch", "1 env per thread", run_pool(workload, "single", served, n, n, args, reports))
                 continue
-            if kind != "envpool-async":
-                add(n, "floor", f"{kind}, no policy", run_floor(workload, kind, n, args))
+            if kind in IN_PROCESS:  # subprocesses' CPU time is not the process's: no ceiling for gym-async
+                env_alone = run_floor(workload, kind, n, args)
+                add(n, "floor", f"{kind}, no policy", _rate_row(env_alone))
+                ceiling = vector_loops.cpu_ceiling(env_alone, policy_alone, cores)
+                add(n, "ceiling", f"{kind} + policy, CPU time", dict(_rate_row(env_alone), steps_per_s=ceiling))
             add(n, "peer", f"{kind} loop", run_peer(workload, kind, served, n, args))
-            for t in splits(n, args.threads):
+            threads = args.threads if kind in IN_PROCESS or kind == "envpool-async" else args.subprocess_threads
+            for t in splits(n, threads):
                 add(n, "sweep", f"rlbatch {kind}", run_pool(workload, kind, served, n, t, args, reports))
     return rows
 
@@ -230,7 +235,7 @@ def best_rows(rows: list[dict]) -> list[dict]:
             if key not in best or r["steps_per_s"] > best[key]["steps_per_s"]:
                 best[key] = r
     out += [dict(r, group="rlbatch", mode=f"{r['mode']} (best split)") for r in best.values()]
-    order = {"peer": 0, "rlbatch": 1, "floor": 2}
+    order = {"peer": 0, "rlbatch": 1, "ceiling": 2, "floor": 3}
     return sorted(out, key=lambda r: (r["workload"], r["num_envs"], order[r["group"]], r["mode"]))
 
 
@@ -244,17 +249,17 @@ def targets(rows: list[dict], args: Args) -> list[dict]:
             here = [r for r in rows if r["workload"] == workload and r["num_envs"] == n]
             peers = [r for r in here if r["group"] == "peer"]
             ours = [r for r in here if r["group"] == "rlbatch"]
-            floors = [r for r in here if r["group"] == "floor" and r["mode"] != "policy alone"]
+            ceilings = [r for r in here if r["group"] == "ceiling"]
             if not peers or not ours:
                 continue
             peer, mine = max(peers, key=_rate), max(ours, key=_rate)
-            floor = max(floors, key=_rate) if floors else None
+            ceiling = max(ceilings, key=_rate) if ceilings else None
             out.append(dict(workload=workload, num_envs=n, best_peer=peer["mode"], best_peer_steps_per_s=_rate(peer),
                             best_rlbatch=mine["mode"], best_rlbatch_steps_per_s=_rate(mine),
                             ratio=_rate(mine) / _rate(peer), met=_rate(mine) >= 1.1 * _rate(peer),
-                            env_floor=None if floor is None else floor["mode"],
-                            env_floor_steps_per_s=None if floor is None else _rate(floor),
-                            floor_over_best_peer=None if floor is None else _rate(floor) / _rate(peer)))
+                            cpu_ceiling=None if ceiling is None else ceiling["mode"],
+                            cpu_ceiling_steps_per_s=None if ceiling is None else _rate(ceiling),
+                            ceiling_over_best_peer=None if ceiling is None else _rate(ceiling) / _rate(peer)))
     return out
 
 
@@ -268,15 +273,15 @@ def render(rows: list[dict], goals: list[dict], devices: list[str], args: Args) 
              f"{args.async_batch:g} x N.", ""]
     for workload in args.workloads:
         here = [r for r in rows if r["workload"] == workload]
-        lines += [f"### {workload}", "", "| N | | mode | threads x envs | steps/s | x best peer |",
-                  "|---:|---|---|---|---:|---:|"]
+        lines += [f"### {workload}", "", "| N | | mode | threads x envs | steps/s | x best peer | CPUs busy |",
+                  "|---:|---|---|---|---:|---:|---:|"]
         for n in args.num_envs:
             at_n = [r for r in here if r["num_envs"] == n]
             peers = [r for r in at_n if r["group"] == "peer"]
             best = max(map(_rate, peers)) if peers else float("nan")
             for r in at_n:
                 lines.append(f"| {n} | {r['group']} | {r['mode']} | {r['threads']} x {r['envs_per_thread']} | "
-                             f"{r['steps_per_s']:,.0f} | {r['steps_per_s'] / best:.2f} |")
+                             f"{r['steps_per_s']:,.0f} | {r['steps_per_s'] / best:.2f} | {r.get('cpu_util', float('nan')):.2f} |")
         lines += ["", "Time by stage of the rlbatch rows (ms per 1,000 env steps, summed over threads):", "",
                   "| N | mode | threads x envs | env step | wait for action | host prep | device compute |",
                   "|---:|---|---|---:|---:|---:|---:|"]
@@ -287,10 +292,12 @@ def render(rows: list[dict], goals: list[dict], devices: list[str], args: Args) 
                              + " | ".join(f"{s.get(k, float('nan')):.1f}" for k in
                                           ("env_step", "wait_for_action", "host_prep", "device_compute")) + " |")
         lines.append("")
-    lines += ["| target: rlbatch >= 1.1x the best peer | best peer | rlbatch's best | ratio | env floor "
-              "(no policy) / best peer | met |", "|---|---|---|---:|---:|---|"]
+    lines += ["CPU ceiling: the CPU seconds of one environment step (environment alone) plus one policy row "
+              "(policy alone at batch N), both measured above; no design on these cores steps faster.", "",
+              "| target: rlbatch >= 1.1x the best peer | best peer | rlbatch's best | ratio | best CPU ceiling "
+              "/ best peer | met |", "|---|---|---|---:|---:|---|"]
     for g in goals:
-        floor = "n/a" if g["floor_over_best_peer"] is None else f"{g['floor_over_best_peer']:.2f}x"
+        floor = "n/a" if g["ceiling_over_best_peer"] is None else f"{g['ceiling_over_best_peer']:.2f}x"
         lines.append(f"| {g['workload']}, N={g['num_envs']} | {g['best_peer']} ({g['best_peer_steps_per_s']:,.0f}) | "
                      f"{g['best_rlbatch']} ({g['best_rlbatch_steps_per_s']:,.0f}) | {g['ratio']:.2f}x | {floor} | "
                      f"{'yes' if g['met'] else 'NO'} |")
@@ -307,7 +314,7 @@ def plot(rows: list[dict], args: Args, path: str) -> str | None:
     except ImportError:
         return None
     fig, axes = plt.subplots(1, len(args.workloads), figsize=(6.5 * len(args.workloads), 4.5), squeeze=False)
-    styles = {"peer": "--", "rlbatch": "-", "floor": ":"}
+    styles = {"peer": "--", "rlbatch": "-", "ceiling": "-.", "floor": ":"}
     for ax, workload in zip(axes[0], args.workloads):
         here = [r for r in rows if r["workload"] == workload]
         for mode in dict.fromkeys(r["mode"] for r in here):

@@ -2,6 +2,7 @@
 of a workload gives the same observations, and a small real run writes every row."""
 
 import json
+import os
 
 import gymnasium
 import numpy as np
@@ -54,10 +55,21 @@ def test_envpool_async_loop_asks_the_policy_about_each_recv_batch():
 def test_floors_step_without_a_policy_and_the_policy_without_environments():
     rate = vector_loops.run_env_alone(_cartpole_vec, np.zeros(3, np.int64), 3, **TIMING)
     assert rate.env_steps > 0 and rate.env_steps % 3 == 0
+    assert 0 < rate.cpu_s <= 2.5 * rate.elapsed_s  # this process's CPU time over the measurement
     calls = []
     rate = vector_loops.run_policy_alone(lambda obs, i: calls.append(i), np.zeros((5, 4)), **TIMING)
     # Rows of the calls in the measured span: not the first (it compiles, before the clock), nor warm-up's.
     assert rate.env_steps > 0 and rate.env_steps % 5 == 0 and rate.env_steps < 5 * (len(calls) - 1)
+
+
+def test_cpu_ceiling_adds_the_cpu_time_of_a_step_and_of_a_row():
+    from experiments.lib.env_loops import StepRate
+
+    env = StepRate(steps_per_s=0, num_actors=1, envs_per_actor=1, mean_batch=0, env_steps=1000, elapsed_s=1,
+                   cpu_s=2.0)  # 2 ms of CPU per step
+    policy = StepRate(steps_per_s=0, num_actors=1, envs_per_actor=1, mean_batch=0, env_steps=4000, elapsed_s=1,
+                      cpu_s=2.0)  # 0.5 ms per row
+    assert vector_loops.cpu_ceiling(env, policy, cores=2) == pytest.approx(2 / 0.0025)
 
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
@@ -85,18 +97,19 @@ def test_every_vector_kind_of_a_workload_gives_the_single_env_layout(name):
         pool.close()
 
 
-def test_targets_compare_the_best_rlbatch_row_with_the_best_peer_beside_the_floor():
+def test_targets_compare_the_best_rlbatch_row_with_the_best_peer_beside_the_cpu_ceiling():
     rows = [dict(workload="w", num_envs=32, group="peer", mode="a loop", steps_per_s=100.0),
             dict(workload="w", num_envs=32, group="peer", mode="b loop", steps_per_s=200.0),
             dict(workload="w", num_envs=32, group="rlbatch", mode="x", steps_per_s=230.0),
             dict(workload="w", num_envs=32, group="rlbatch", mode="y", steps_per_s=150.0),
-            dict(workload="w", num_envs=32, group="floor", mode="b, no policy", steps_per_s=210.0),
+            dict(workload="w", num_envs=32, group="ceiling", mode="b + policy, CPU time", steps_per_s=210.0),
+            dict(workload="w", num_envs=32, group="ceiling", mode="a + policy, CPU time", steps_per_s=150.0),
             dict(workload="w", num_envs=32, group="floor", mode="policy alone", steps_per_s=9999.0),
             dict(workload="w", num_envs=8, group="peer", mode="a loop", steps_per_s=1.0)]
     [goal] = bench_envs.targets(rows, bench_envs.Args(workloads=("w",)))
     assert goal["best_peer"] == "b loop" and goal["best_rlbatch"] == "x"
     assert goal["ratio"] == pytest.approx(1.15) and goal["met"]
-    assert goal["env_floor"] == "b, no policy" and goal["floor_over_best_peer"] == pytest.approx(1.05)
+    assert goal["cpu_ceiling"] == "b + policy, CPU time" and goal["ceiling_over_best_peer"] == pytest.approx(1.05)
 
 
 def test_best_rows_keep_each_kinds_best_split():
@@ -114,9 +127,16 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
     rows = bench_envs.main(args)
     modes = {(r["group"], r["mode"]) for r in rows}
     assert modes == {("floor", "policy alone"), ("floor", "envpool-sync, no policy"), ("peer", "envpool-sync loop"),
+                     ("ceiling", "envpool-sync + policy, CPU time"),
                      ("peer", "envpool-async loop"), ("rlbatch", "1 env per thread"),
                      ("rlbatch", "rlbatch envpool-sync (best split)"), ("rlbatch", "rlbatch envpool-async (best split)")}
-    assert all(r["steps_per_s"] > 0 for r in rows)
+    assert all(r["steps_per_s"] > 0 and r["cpu_util"] > 0 for r in rows)
+    by_mode = {r["mode"]: r for r in rows}
+    # The ceiling adds the policy's CPU time to the environment's: below what the environment's CPU
+    # time alone would allow on every core.
+    env = by_mode["envpool-sync, no policy"]
+    cores = len(os.sched_getaffinity(0))
+    assert by_mode["envpool-sync + policy, CPU time"]["steps_per_s"] < env["steps_per_s"] * cores / env["cpu_util"]
     for r in rows:
         if r["group"] == "rlbatch":
             assert r["stages"]["env_step"] > 0 and r["stages"]["wait_for_action"] > 0

@@ -59,6 +59,7 @@ class StepRate:
     env_steps: int  # counted between the end of the warm-up and the end of the measurement
     elapsed_s: float
     series: tuple = ()
+    cpu_s: float = float("nan")  # CPU seconds of this process (all its threads) over the measurement
 
 
 def grouping(num_envs: int, envs_per_actor: int | None = None) -> tuple[int, int]:
@@ -282,10 +283,10 @@ def measure_pool(pool, policy=None, *, warmup: float, duration: float,
     actor if any actor recorded an error. The caller stops the pool.
     """
     drain_until(pool, _clock() + warmup, sample, sample_every)
-    a0, t0 = pool.stats, _clock()
+    a0, t0, cpu0 = pool.stats, _clock(), time.process_time()
     b0 = policy.stats if policy is not None else None
     drain_until(pool, t0 + duration, sample, sample_every)
-    a1, t1 = pool.stats, _clock()
+    a1, t1, cpu1 = pool.stats, _clock(), time.process_time()
     b1 = policy.stats if policy is not None else None
     errors = pool.errors
     if errors:
@@ -295,7 +296,8 @@ def measure_pool(pool, policy=None, *, warmup: float, duration: float,
     steps = a1.env_steps - a0.env_steps
     return StepRate(steps_per_s=steps / (t1 - t0), num_actors=pool.num_actors, envs_per_actor=pool.envs_per_actor,
                     mean_batch=_mean_rows(b0, b1) if policy is not None else float("nan"), env_steps=steps,
-                    elapsed_s=t1 - t0, series=((a0.elapsed, a0.env_steps), (a1.elapsed, a1.env_steps)))
+                    elapsed_s=t1 - t0, series=((a0.elapsed, a0.env_steps), (a1.elapsed, a1.env_steps)),
+                    cpu_s=cpu1 - cpu0)
 
 
 def _mean_rows(before, after) -> float:

@@ -13,6 +13,11 @@ users write it (CleanRL's `ppo_atari_envpool` and `ppo_continuous_action` loops)
   environment floor, what no loop that steps these environments on this machine can beat;
 - `run_policy_alone`: the policy on batches of N observations and no environment: the policy floor.
 
+Every loop also measures the CPU time the process spent over the measurement (`StepRate.cpu_s`,
+`time.process_time`: all its threads, EnvPool's and XLA's included; not subprocesses'). On a machine
+of C cores, a step that needs c_env CPU-seconds of environment and c_policy of policy can be done at
+most C / (c_env + c_policy) times a second however the two overlap: `cpu_ceiling`.
+
 A loop counts N (or B) env steps per `step` (or `recv`), over `duration` seconds after `warmup`.
 A policy is `act_fn(obs, i) -> np.ndarray actions` (experiments.lib.policy_step.policy_act_fn).
 """
@@ -25,7 +30,7 @@ import numpy as np
 
 from experiments.lib.env_loops import StepRate
 
-__all__ = ["run_env_alone", "run_envpool_async_loop", "run_policy_alone", "run_vector_loop"]
+__all__ = ["cpu_ceiling", "run_env_alone", "run_envpool_async_loop", "run_policy_alone", "run_vector_loop"]
 
 _clock = time.perf_counter
 
@@ -37,17 +42,17 @@ class _Clock:
         self.warm_until = _clock() + warmup
         self.duration = duration
         self.steps = 0
-        self.t0 = self.s0 = None
-        self.t1 = None
+        self.t0 = self.s0 = self.cpu0 = None
+        self.t1 = self.cpu1 = None
 
     def running(self) -> bool:
         now = _clock()
         if self.t0 is None:
             if now >= self.warm_until:
-                self.t0, self.s0 = now, self.steps
+                self.t0, self.s0, self.cpu0 = now, self.steps, time.process_time()
             return True
         if now >= self.t0 + self.duration:
-            self.t1 = now
+            self.t1, self.cpu1 = now, time.process_time()
             return False
         return True
 
@@ -55,7 +60,7 @@ class _Clock:
         steps = self.steps - self.s0
         elapsed = self.t1 - self.t0
         return StepRate(steps_per_s=steps / elapsed, num_actors=num_actors, envs_per_actor=envs_per_actor,
-                        mean_batch=mean_batch, env_steps=steps, elapsed_s=elapsed)
+                        mean_batch=mean_batch, env_steps=steps, elapsed_s=elapsed, cpu_s=self.cpu1 - self.cpu0)
 
 
 def _seeded_reset(vec, seed: int, n: int):
@@ -132,3 +137,10 @@ def run_policy_alone(act_fn: Callable, obs: Any, *, warmup: float, duration: flo
         i += 1
         clock.steps += n
     return clock.rate(1, n, float(n))
+
+
+def cpu_ceiling(env_alone: StepRate, policy_alone: StepRate, cores: int) -> float:
+    """Steps/s no design can exceed on `cores` CPUs when every step needs the CPU time of one
+    environment step (measured by `run_env_alone`) and of one policy row (`run_policy_alone`)."""
+    per_step = env_alone.cpu_s / env_alone.env_steps + policy_alone.cpu_s / policy_alone.env_steps
+    return cores / per_step
