@@ -126,7 +126,7 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
                            out=str(out))
     rows = bench_envs.main(args)
     modes = {(r["group"], r["mode"]) for r in rows}
-    assert modes == {("floor", "policy alone"), ("floor", "envpool-sync, no policy"), ("peer", "envpool-sync loop"),
+    assert modes == {("floor", "policy alone (batch 4: least CPU per row)"), ("floor", "envpool-sync, no policy"), ("peer", "envpool-sync loop"),
                      ("ceiling", "envpool-sync + policy, CPU time"),
                      ("peer", "envpool-async loop"), ("rlbatch", "1 env per thread"),
                      ("rlbatch", "rlbatch envpool-sync (best split)"), ("rlbatch", "rlbatch envpool-async (best split)")}
