@@ -32,7 +32,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import gymnasium
 import jax
@@ -75,6 +75,9 @@ class Args:
     """seconds run and discarded before each measurement"""
     duration: float = 2.0
     """seconds of measurement per row"""
+    cpu_dispatch: Literal["sync", "async"] = "sync"
+    """JAX's CPU dispatch (experiments.lib.runtime.prefer_sync_cpu_dispatch): "async" lets the policy
+    service run a batch while the next is being prepared"""
     seed: int = 0
     quick: bool = False
     """a smoke run: 8 environments, threads 1 and 2, 0.3 s warm-up, 0.7 s measurement"""
@@ -348,7 +351,8 @@ def main(args: Args) -> list[dict]:
     if unknown:
         raise SystemExit(f"bench_envs: expected workloads of {sorted(WORKLOADS)}, got {unknown}")
     print(runtime.enable_compilation_cache(args.compilation_cache))
-    runtime.prefer_sync_cpu_dispatch()
+    if args.cpu_dispatch == "sync":
+        runtime.prefer_sync_cpu_dispatch()
     preload_forkserver()
     devices = [str(d) for d in jax.devices()]
     print(f"jax.devices(): {devices}; {os.cpu_count()} CPUs", flush=True)
