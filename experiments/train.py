@@ -8,12 +8,12 @@ the end, and writes to --out: report.jsonl (the report, the learning curve, the 
 PNG plots of the learning curve and of throughput, checkpoint.npz (the learner state, step and
 update counts, these arguments) and TensorBoard scalars in tensorboard/ (when tensorboardX is installed).
 
-The environment picks the defaults (experiments/lib/presets.py): classic control (256 actor threads,
-PPO tuned on CartPole), gymnasium MuJoCo ids (PPO with a Gaussian policy, CleanRL's
+The environment picks the defaults (experiments/lib/presets.py): classic control (4 actor threads
+x 8 environments, PPO with rl-baselines3-zoo's CartPole settings), gymnasium MuJoCo ids (PPO with a Gaussian policy, CleanRL's
 ppo_continuous_action settings), ALE ids (actors owning EnvPool vector environments, the Nature CNN,
 CleanRL's ppo_atari_envpool settings, or IMPALA's). A flag given explicitly wins over the preset.
 
-    python -m experiments.train                          # CartPole-v1, PPO, 256 actors
+    python -m experiments.train                          # CartPole-v1, PPO, 4 actors x 8 envs
     python -m experiments.train --seed 1 --agent impala
     python -m experiments.train --env rlbatch/Catch-v0 --solve-return 0.9
     python -m experiments.train --env HalfCheetah-v5
@@ -35,6 +35,7 @@ import tyro
 import agents
 import rlbatch
 from experiments.lib import checkpoints, curves, presets, runtime, tasks, tensorboard
+from experiments.lib.warmup import UpdateWarmUp
 from rlbatch import report
 
 
@@ -47,15 +48,18 @@ class Args:
     network: Optional[Literal["mlp", "cnn", "impala"]] = None
     """torso of the actor-critic (preset: mlp; cnn, the Nature CNN, for Atari)"""
     num_actors: Optional[int] = None
-    """actor threads (preset: 256 classic control, 4 MuJoCo, 2 Atari PPO, 4 Atari IMPALA)"""
+    """actor threads (preset: 4 classic control, 4 MuJoCo, 2 Atari PPO, 4 Atari IMPALA)"""
     envs_per_actor: Optional[int] = None
-    """environments per actor thread, sent to the policy as one request (preset: 1, 4 MuJoCo, 4 or 8 Atari)"""
+    """environments per actor thread, sent to the policy as one request (preset: 8 classic control, 4 MuJoCo, 4 or 8 Atari)"""
     unroll_length: Optional[int] = None
     """T: steps per trajectory (preset: 16, 128 MuJoCo and Atari PPO, 20 Atari IMPALA)"""
     batch_size: Optional[int] = None
-    """B: trajectories per learner update, times envs_per_actor columns (preset: 64, 4 MuJoCo, 2 or 4 Atari)"""
+    """B: trajectories per learner update, times envs_per_actor columns (preset: 2 classic control, 4 MuJoCo, 2 or 4 Atari)"""
+    queue_batches: Optional[int] = None
+    """learner batches of finished trajectories the actors may have waiting; fewer keep the policy lag down
+    (preset: 1 classic control, 4 otherwise)"""
     buckets: Optional[tuple[int, ...]] = None
-    """padded batch sizes of the policy service, each compiled once (preset: 8 ... 256 classic control)"""
+    """padded batch sizes of the policy service, each compiled once (preset: 8 16 32 classic control)"""
     max_delay: float = 0.002
     """seconds a request may wait for its batch to fill"""
     seed: int = 0
@@ -73,27 +77,27 @@ class Args:
     solve_window: int = 100
     """episodes in the solve rule's mean (and in the reported recent return)"""
     learning_rate: Optional[float] = None
-    """optimizer step size (preset: 2e-3 classic, 3e-4 MuJoCo, 2.5e-4 Atari PPO, 6e-4 Atari IMPALA)"""
+    """optimizer step size (preset: 1e-3 classic, 3e-4 MuJoCo, 2.5e-4 Atari PPO, 6e-4 Atari IMPALA)"""
     anneal_lr: Optional[bool] = None
     """anneal the learning rate linearly to 0 over the step budget (preset: off classic, on MuJoCo and Atari)"""
     num_epochs: Optional[int] = None
-    """PPO: passes over each batch (preset: 4, 10 MuJoCo)"""
+    """PPO: passes over each batch (preset: 20 classic control, 10 MuJoCo, 4 Atari)"""
     num_minibatches: Optional[int] = None
-    """PPO: minibatches per pass (preset: 4, 32 MuJoCo)"""
+    """PPO: minibatches per pass (preset: 1 classic control, 32 MuJoCo, 4 Atari)"""
     clip_eps: Optional[float] = None
     """PPO: clipping of the probability ratio (preset: 0.2, 0.1 Atari)"""
     clip_value_loss: Optional[bool] = None
     """PPO: CleanRL's clipped value loss (preset: off classic, on MuJoCo and Atari)"""
     ent_coef: Optional[float] = None
-    """entropy bonus (preset: 0.01, 0 MuJoCo)"""
+    """entropy bonus (preset: 0 classic control and MuJoCo, 0.01 Atari)"""
     vf_coef: Optional[float] = None
     """value loss weight (preset: 0.5)"""
     max_grad_norm: Optional[float] = None
     """global gradient norm clip (preset: 0.5, 40 Atari IMPALA)"""
     gamma: Optional[float] = None
-    """discount (preset: 0.99)"""
+    """discount (preset: 0.98 classic control, 0.99 MuJoCo and Atari)"""
     gae_lambda: Optional[float] = None
-    """PPO: GAE lambda (preset: 0.95)"""
+    """PPO: GAE lambda (preset: 0.8 classic control, 0.95 MuJoCo and Atari)"""
     max_policy_lag: Optional[int] = None
     """drop trajectories staler than this many updates"""
     normalize_obs: Optional[bool] = None
@@ -200,15 +204,20 @@ def build(args: Args) -> Job:
     task = tasks.probe(args.env)
     learner = make_learner(args, make_network(args, task))
     state = learner.init(jax.random.PRNGKey(args.seed), task.example_obs, task.action_space)
+    # The update compiles in a thread of its own while the service compiles and the pool is built.
+    warm_up = UpdateWarmUp(learner, state, task.example_obs, unroll_length=args.unroll_length,
+                           columns=args.batch_size * args.envs_per_actor).start()
     policy = rlbatch.PolicyService(learner.policy.apply, learner.params(state), example_obs=task.example_obs,
                                    buckets=args.buckets, max_delay=args.max_delay, seed=args.seed)
     pool = rlbatch.ActorPool(policy_service=policy, num_actors=args.num_actors, unroll_length=args.unroll_length,
-                             envs_per_actor=args.envs_per_actor, seed=args.seed, max_queue=4 * args.batch_size,
+                             envs_per_actor=args.envs_per_actor, seed=args.seed,
+                             max_queue=args.queue_batches * args.batch_size,
                              recent_episodes=args.solve_window, **tasks.pool_envs(task, args.env))
     trainer = rlbatch.Trainer(learner, pool, policy, state=state, batch_size=args.batch_size,
                               max_policy_lag=args.max_policy_lag)
     if resumed is not None:
         trainer.restore(args.resume)
+    warm_up.join()
     return Job(args, task, learner, policy, pool, trainer, resumed)
 
 

@@ -224,7 +224,8 @@ def test_pong_trains_on_envpool_vector_envs_with_the_cnn(tmp_path):
 def test_presets_fill_what_the_user_left_unset_and_keep_what_they_set():
     cartpole = presets.resolve(train.Args())
     assert (cartpole.num_actors, cartpole.unroll_length, cartpole.batch_size, cartpole.learning_rate,
-            cartpole.buckets, cartpole.hidden) == (256, 16, 64, 2e-3, (8, 16, 32, 64, 128, 256), (64, 64))
+            cartpole.buckets, cartpole.hidden) == (4, 16, 2, 1e-3, (8, 16, 32), (64, 64))
+    assert (cartpole.envs_per_actor, cartpole.num_epochs, cartpole.num_minibatches, cartpole.gamma) == (8, 20, 1, 0.98)
     cheetah = presets.resolve(train.Args(env="HalfCheetah-v5", learning_rate=1e-3, num_epochs=3))
     assert (cheetah.learning_rate, cheetah.num_epochs, cheetah.num_minibatches, cheetah.ent_coef) == (1e-3, 3, 32, 0.0)
     impala = presets.resolve(train.Args(env="ALE/Breakout-v5", agent="impala"))

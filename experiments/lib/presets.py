@@ -9,7 +9,15 @@ through EnvPool vector environments, pixels through a CNN). A field the user set
 line is never None, so an explicit flag always wins over the table.
 
 Sources of the numbers:
-- classic: the main job's own CartPole settings (tuned against SBX PPO, issue 15 item 2);
+- classic: rl-baselines3-zoo's CartPole PPO (256 samples per update as one minibatch, 20 epochs,
+  lr 1e-3, gamma 0.98, GAE lambda 0.8, no entropy bonus) on 4 actor threads x 8 environments, T=16,
+  2 trajectories per update. Measured on the 2-core machine against 256 threads x 1 environment:
+  a few threads whose requests are already batches of 8 step 8-9k env steps/s while the learner
+  updates, and the zoo's small, many-epoch updates solve CartPole in about 60-90k env steps rather
+  than 160k (seed 0 in 9.2-9.4 s of process time against 27-30 s; `python -m experiments.compare_peers`).
+  One learner batch of trajectories may wait (`queue_batches=1`): the actors outrun this learner,
+  and with four batches waiting the mean policy lag was 5.7-5.9 updates and seeds 0-2 took
+  9.7-12.5 s, with one 2.9-3.0 updates and 7.6-9.2 s;
 - mujoco, PPO: CleanRL's ppo_continuous_action (lr 3e-4 annealed, 2048 steps per update, 32
   minibatches, 10 epochs, clip 0.2, no entropy bonus, clipped value loss, observations normalised
   and rewards scaled, in the learner rather than by per-environment wrappers) with 4 actors x 4
@@ -34,18 +42,18 @@ __all__ = ["FAMILIES", "PRESETS", "family_of", "preset_for", "resolve"]
 FAMILIES = ("classic", "mujoco", "atari")
 
 _CLASSIC = dict(
-    num_actors=256, envs_per_actor=1, unroll_length=16, batch_size=64, buckets=(8, 16, 32, 64, 128, 256),
-    learning_rate=2e-3, anneal_lr=False, num_epochs=4, num_minibatches=4, clip_eps=0.2, ent_coef=0.01,
-    vf_coef=0.5, max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95, clip_value_loss=False, hidden=(64, 64),
+    num_actors=4, envs_per_actor=8, unroll_length=16, batch_size=2, queue_batches=1, buckets=(8, 16, 32),
+    learning_rate=1e-3, anneal_lr=False, num_epochs=20, num_minibatches=1, clip_eps=0.2, ent_coef=0.0,
+    vf_coef=0.5, max_grad_norm=0.5, gamma=0.98, gae_lambda=0.8, clip_value_loss=False, hidden=(64, 64),
     network="mlp", normalize_obs=False, normalize_reward=False, total_steps=2_000_000, max_seconds=300.0)
 
 _MUJOCO = dict(
-    _CLASSIC, num_actors=4, envs_per_actor=4, unroll_length=128, batch_size=4, buckets=(4, 8, 16),
+    _CLASSIC, num_actors=4, envs_per_actor=4, unroll_length=128, batch_size=4, queue_batches=4, buckets=(4, 8, 16),
     learning_rate=3e-4, anneal_lr=True, num_epochs=10, num_minibatches=32, clip_eps=0.2, ent_coef=0.0,
     clip_value_loss=True, normalize_obs=True, normalize_reward=True, total_steps=1_000_000, max_seconds=3600.0)
 
 _ATARI_PPO = dict(
-    _CLASSIC, num_actors=2, envs_per_actor=4, unroll_length=128, batch_size=2, buckets=(4, 8),
+    _CLASSIC, num_actors=2, envs_per_actor=4, unroll_length=128, batch_size=2, queue_batches=4, buckets=(4, 8),
     learning_rate=2.5e-4, anneal_lr=True, num_epochs=4, num_minibatches=4, clip_eps=0.1, ent_coef=0.01,
     clip_value_loss=True, hidden=(512,), network="cnn", total_steps=10_000_000, max_seconds=1800.0)
 
