@@ -280,7 +280,9 @@ def test_train_script_runs_as_subprocess_and_writes_json_and_png(tmp_path):
     assert summary["throughput"]["env_steps"] >= 3000
     assert summary["learning"]["updates"] > 0 and summary["batching"]["compile_count"] == 1
     assert list(summary) == ["config", "time", "throughput", "actors", "stages", "batching", "learning",
-                             "learning_curve", "checkpoint", "env_steps_offset", "resumed_from", "updates_total"]
+                             "learning_curve", "checkpoint", "env_steps_offset", "resumed_from", "updates_total",
+                             "training_started_at", "solved_at"]
+    assert summary["solved_at"] is None or summary["solved_at"] > summary["training_started_at"]
     assert len(summary["stages"]) == 9 and summary["stages"]["learner_update"] > 0
     assert summary["config"]["num_actors"] == 8 and summary["config"]["buckets"] == [8]
     assert (out / "report_steps_per_sec.png").exists()

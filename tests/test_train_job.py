@@ -96,7 +96,7 @@ def cartpole(tmp_path_factory):
 
 def test_cartpole_run_writes_report_curve_plots_tensorboard_and_checkpoint(cartpole):
     out, report, stdout = cartpole
-    scalars = assert_common_report(report, out, family_flags={"num_actors": 8, "learning_rate": 2e-3,
+    scalars = assert_common_report(report, out, family_flags={"num_actors": 8, "learning_rate": 1e-3,
                                                               "anneal_lr": False, "network": "mlp"})
     curve = report["learning_curve"]
     finite = [r for r in curve["return"] if not np.isnan(r)]
@@ -199,7 +199,7 @@ def test_halfcheetah_trains_ppo_with_a_gaussian_policy_and_cleanrl_settings(tmp_
     scalars = assert_common_report(report, out, family_flags={
         "num_epochs": 1, "num_minibatches": 32, "learning_rate": 3e-4, "anneal_lr": True, "ent_coef": 0.0,
         "clip_eps": 0.2, "clip_value_loss": True, "gamma": 0.99, "gae_lambda": 0.95, "vf_coef": 0.5,
-        "max_grad_norm": 0.5})
+        "max_grad_norm": 0.5, "normalize_obs": True, "normalize_reward": True})
     rates = [v for _, v in scalars["charts/learning_rate"]]
     assert rates[0] < 3e-4 and rates == sorted(rates, reverse=True)  # annealed
     state, _ = load_checkpoint_of(report)

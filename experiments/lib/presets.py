@@ -41,19 +41,22 @@ __all__ = ["FAMILIES", "PRESETS", "family_of", "preset_for", "resolve"]
 
 FAMILIES = ("classic", "mujoco", "atari")
 
+# CleanRL's common PPO settings, which every family starts from.
+_CLEANRL = dict(vf_coef=0.5, max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, hidden=(64, 64),
+                network="mlp", normalize_obs=False, normalize_reward=False, queue_batches=4)
+
 _CLASSIC = dict(
-    num_actors=4, envs_per_actor=8, unroll_length=16, batch_size=2, queue_batches=1, buckets=(8, 16, 32),
-    learning_rate=1e-3, anneal_lr=False, num_epochs=20, num_minibatches=1, clip_eps=0.2, ent_coef=0.0,
-    vf_coef=0.5, max_grad_norm=0.5, gamma=0.98, gae_lambda=0.8, clip_value_loss=False, hidden=(64, 64),
-    network="mlp", normalize_obs=False, normalize_reward=False, total_steps=2_000_000, max_seconds=300.0)
+    _CLEANRL, num_actors=4, envs_per_actor=8, unroll_length=16, batch_size=2, queue_batches=1, buckets=(8, 16, 32),
+    learning_rate=1e-3, anneal_lr=False, num_epochs=20, num_minibatches=1, ent_coef=0.0, gamma=0.98,
+    gae_lambda=0.8, clip_value_loss=False, total_steps=2_000_000, max_seconds=300.0)
 
 _MUJOCO = dict(
-    _CLASSIC, num_actors=4, envs_per_actor=4, unroll_length=128, batch_size=4, queue_batches=4, buckets=(4, 8, 16),
+    _CLEANRL, num_actors=4, envs_per_actor=4, unroll_length=128, batch_size=4, buckets=(4, 8, 16),
     learning_rate=3e-4, anneal_lr=True, num_epochs=10, num_minibatches=32, clip_eps=0.2, ent_coef=0.0,
     clip_value_loss=True, normalize_obs=True, normalize_reward=True, total_steps=1_000_000, max_seconds=3600.0)
 
 _ATARI_PPO = dict(
-    _CLASSIC, num_actors=2, envs_per_actor=4, unroll_length=128, batch_size=2, queue_batches=4, buckets=(4, 8),
+    _CLEANRL, num_actors=2, envs_per_actor=4, unroll_length=128, batch_size=2, buckets=(4, 8),
     learning_rate=2.5e-4, anneal_lr=True, num_epochs=4, num_minibatches=4, clip_eps=0.1, ent_coef=0.01,
     clip_value_loss=True, hidden=(512,), network="cnn", total_steps=10_000_000, max_seconds=1800.0)
 
