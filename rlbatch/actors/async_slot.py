@@ -58,6 +58,7 @@ class AsyncVectorSlot(RebuildingSlot):
                  actor_id: int, *, seed: int, num_envs: int, max_backoff: float, stop: threading.Event,
                  counters: ActorCounters, faults: FaultLog, episodes: EpisodeLog):
         self.first_index, self.n, self.b, self.actor_id = first_index, n, b, actor_id
+        self.envs_per_build = n
         self.env = None
         self.rebuilds = 0
         self.episode = np.zeros(n, np.int64)  # episodes each column has started
@@ -183,24 +184,7 @@ class AsyncVectorSlot(RebuildingSlot):
         self._counters.obs_refused += len(ids)
         self.rebuild()
 
-    def rebuild(self) -> None:
-        """Closes the EnvPool and builds a new one (see `open`); every column starts a new episode."""
-        self.close()
-        self.rebuilds += 1
-        self._counters.env_rebuilds += 1
+    def _restart_episodes(self) -> None:
         self.episode_return[:] = 0.0
         self.episode_length[:] = 0
         self.episode += 1
-        self.open()
-
-    def close(self) -> None:
-        env, self.env = self.env, None
-        if env is not None:
-            self._close(env)
-
-    def _close(self, env) -> None:
-        try:
-            env.close()
-        except Exception:  # noqa: BLE001 - a failing close must not stop the actor
-            pass
-        self._counters.envs_open -= self.n

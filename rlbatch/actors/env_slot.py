@@ -52,9 +52,33 @@ def env_factory(env_fn) -> Callable[[], gymnasium.Env]:
 class RebuildingSlot:
     """What a single-env slot and a vector-env slot share: building with back-off until it works.
 
-    Subclasses set `actor_id`, `rebuilds`, `_faults`, `_counters`, `_stop`, `_max_backoff` and
-    define `_close(env)`.
+    Subclasses set `env`, `actor_id`, `rebuilds`, `_faults`, `_counters`, `_stop`, `_max_backoff` and
+    `envs_per_build` (the environments one build opens: 1, or a vector environment's sub-environments),
+    and define `open()` and `_restart_episodes()`.
     """
+
+    envs_per_build = 1
+
+    def rebuild(self):
+        """Closes the environment and builds a new one (see `open`), every episode starting over;
+        what `open` returns."""
+        self.close()
+        self.rebuilds += 1
+        self._counters.env_rebuilds += 1
+        self._restart_episodes()
+        return self.open()
+
+    def close(self) -> None:
+        env, self.env = self.env, None
+        if env is not None:
+            self._close(env)
+
+    def _close(self, env) -> None:
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001 - a failing close must not stop the actor
+            pass
+        self._counters.envs_open -= self.envs_per_build
 
     def _build_until_stopped(self, attempt, index: int, fatal: tuple = ()):
         """Calls `attempt(made)` until it returns; `attempt` appends the environment to `made` as
@@ -168,19 +192,9 @@ class EnvSlot(RebuildingSlot):
         except EnvFault as fault:
             return self.recover(fault)
 
-    def rebuild(self):
-        """Closes the environment and builds a new one (see `open`); its first observation."""
-        self.close()
-        self.rebuilds += 1
-        self._counters.env_rebuilds += 1
+    def _restart_episodes(self) -> None:
         self.episode_return, self.episode_length = 0.0, 0
         self.episode += 1
-        return self.open()
-
-    def close(self) -> None:
-        env, self.env = self.env, None
-        if env is not None:
-            self._close(env)
 
     def _reset(self):
         self.episode_return, self.episode_length = 0.0, 0
@@ -190,10 +204,3 @@ class EnvSlot(RebuildingSlot):
         except Exception as e:  # noqa: BLE001
             raise EnvFault(self.column, "env.reset", e) from e
         return obs
-
-    def _close(self, env) -> None:
-        try:
-            env.close()
-        except Exception:  # noqa: BLE001 - a failing close must not stop the actor
-            pass
-        self._counters.envs_open -= 1

@@ -112,6 +112,7 @@ class VectorSlot(RebuildingSlot):
                  seed: int, num_envs: int, max_backoff: float, stop: threading.Event, counters: ActorCounters,
                  faults: FaultLog, episodes: EpisodeLog):
         self.first_index, self.k, self.actor_id = first_index, k, actor_id
+        self.envs_per_build = k
         self.env = None
         self.autoreset_mode = None
         self.rebuilds = 0
@@ -253,27 +254,7 @@ class VectorSlot(RebuildingSlot):
         self._counters.obs_refused += len(columns)
         return self.rebuild()
 
-    def rebuild(self) -> np.ndarray:
-        """Closes the vector environment and builds a new one (see `open`); every column starts a new
-        episode. Its first observations."""
-        self.close()
-        self.rebuilds += 1
-        self._counters.env_rebuilds += 1
+    def _restart_episodes(self) -> None:
         self.episode_return[:] = 0.0
         self.episode_length[:] = 0
         self.episode += 1
-        return self.open()
-
-    def close(self) -> None:
-        env, self.env = self.env, None
-        if env is not None:
-            self._close(env)
-
-    def _close(self, env) -> None:
-        try:
-            env.close()
-        except Exception:  # noqa: BLE001 - a failing close must not stop the actor
-            pass
-        self._counters.envs_open -= self.k
-
-
