@@ -1,0 +1,446 @@
+"""ActorFleet: N actor processes (Ray actors), each an ActorPool, feeding one Trainer.
+
+    fleet = ActorFleet("CartPole-v1", learner.policy.apply, learner.params(state),
+                       example_obs=np.zeros(4, np.float32), num_processes=2, num_actors=64,
+                       unroll_length=32, group_size=4)
+    report = rlbatch.Trainer(learner, fleet, fleet, state=state, batch_size=16).run(total_steps=10**6)
+
+The fleet is both the Trainer's trajectory source (`start`, `started`, `get`, `stop`, `stats`)
+and the sink it publishes to (`update_params`, `version`, `params`, `close`).
+
+Trajectories: each process ships its trajectories in stacked groups of `group_size`, one object
+in Ray's object store per group; the fleet keeps `fetches_per_process` calls outstanding per
+process and waits on all of them at once (`ray.wait`, in `get`, on the caller's thread: no thread
+of its own, nothing polls). A group is checked against the shapes the policy implies
+(rlbatch.distributed.spec) and refused, naming its process, if it differs; `get` hands out its
+trajectories one at a time, as an ActorPool does, each with the fleet version of the parameters
+behind every step.
+
+Parameters: `update_params` puts each version into the object store once (`ray.put`) and sends
+its reference to every process; a process gets one update at a time and never a version older
+than one it has (a slow process skips to the newest).
+
+Faults: a process that dies (SIGKILL, a lost node) is restarted by Ray up to `max_restarts`
+times; the fleet counts the restart and the trajectories lost with it, sends the new incarnation
+the newest parameters, and goes on. A process whose pool stops for good (an environment that can
+never fit the policy) stops the fleet: `get` raises PoolStopped naming it. `stop()` closes every
+pool, kills every process and server, waits until Ray reports them dead, and shuts Ray down if
+the fleet started it.
+
+Network: a fleet that starts Ray itself starts a local instance with no dashboard; with
+`address=` it joins that cluster, and inside an initialised Ray it uses that one.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+import ray
+
+from rlbatch.actors.stats import EpisodeLog
+from rlbatch.distributed.cluster import connect, end_actors, start_servers
+from rlbatch.distributed.process import ActorProcess, ProcessConfig
+from rlbatch.distributed.records import FleetFault, FleetStats, ParamLink, ProcessRecord, ProcessReport
+from rlbatch.distributed.spec import GroupSpec, TrajectoryRefused, split_group
+from rlbatch.errors import ParamsMismatch, PoolStopped
+from rlbatch.policy.collate import leaf_specs
+from rlbatch.policy.service import DEFAULT_BUCKETS
+
+__all__ = ["ActorFleet", "PLACEMENTS"]
+
+PLACEMENTS = ("local", "server")
+_clock = time.perf_counter
+_KEEP_FAULTS = 64
+
+
+def _nbytes(tree) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
+
+
+class ActorFleet:
+    """N Ray actor processes, each an ActorPool with its own inference or its node's server.
+
+    Args:
+      env_fn, vector_env_fn, num_actors, unroll_length, envs_per_actor, async_batch_size: each
+        process's ActorPool, as ActorPool takes them (num_actors is per process).
+      apply_fn, params, example_obs, example_state, buckets, max_delay: the policy, as
+        PolicyService takes them; `params` is version 0 of the fleet.
+      num_processes: N actor processes.
+      seed: process i seeds its environments from seed + i * num_actors * envs_per_actor and its
+        policy's key schedule from seed + i.
+      group_size: g trajectories per object shipped.
+      fetches_per_process: groups requested ahead from each process.
+      placement: "local" (a PolicyService in every process) or "server" (one InferenceServer per
+        node; feed-forward policies only).
+      server_buckets: the server's bucket sizes (default: powers of two up to every process's
+        environments together, at most 1024).
+      policy_options, pool_options: more keyword arguments for PolicyService and ActorPool.
+      max_restarts: how often Ray restarts a process that died.
+      address: a Ray cluster to join (None: start a local Ray, or use the one already initialised).
+      num_cpus: the local Ray's logical CPUs (default: enough for the fleet, at least os.cpu_count()).
+      process_cpus, server_cpus, server_gpus: Ray resources of each process and each server.
+      runtime_env: Ray's runtime_env for the processes and servers (e.g. env_vars).
+      recent_episodes: episodes (of every process together) in `stats.recent_return_mean`.
+      process_class: the class each process runs: ActorProcess, or a subclass that changes what a
+        process does (its constructor and methods keep ActorProcess's signatures).
+    """
+
+    def __init__(self, env_fn, apply_fn: Callable, params: Any, *, example_obs: Any, num_processes: int,
+                 num_actors: int, unroll_length: int, envs_per_actor: int = 1, vector_env_fn=None,
+                 async_batch_size: int | None = None, example_state: Any = None, seed: int = 0,
+                 group_size: int = 4, fetches_per_process: int = 2, placement: str = "local",
+                 buckets=DEFAULT_BUCKETS, server_buckets=None, max_delay: float = 0.002,
+                 policy_options: Mapping | None = None, pool_options: Mapping | None = None,
+                 max_restarts: int = 3, address: str | None = None, num_cpus: int | None = None,
+                 process_cpus: float = 1, server_cpus: float = 1, server_gpus: float = 0,
+                 runtime_env: dict | None = None, recent_episodes: int = 100, process_class: type = ActorProcess):
+        for key, value in (("num_processes", num_processes), ("num_actors", num_actors),
+                           ("unroll_length", unroll_length), ("envs_per_actor", envs_per_actor),
+                           ("group_size", group_size), ("fetches_per_process", fetches_per_process)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ActorFleet: {key} must be a positive int, got {value!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f'ActorFleet: placement must be "local" or "server", got {placement!r}')
+        if placement == "server" and example_state is not None:
+            raise ValueError("ActorFleet: placement \"server\" serves feed-forward policies only, got example_state")
+        if not (isinstance(process_class, type) and issubclass(process_class, ActorProcess)):
+            raise TypeError(f"ActorFleet: process_class must be ActorProcess or a subclass, got {process_class!r}")
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"ActorFleet: max_restarts must be an int >= 0, got {max_restarts!r}")
+        self.config = ProcessConfig(
+            env_fn=env_fn, vector_env_fn=vector_env_fn, apply_fn=apply_fn, example_obs=example_obs,
+            example_state=example_state, num_actors=num_actors, unroll_length=unroll_length,
+            envs_per_actor=envs_per_actor, async_batch_size=async_batch_size, seed=seed, group_size=group_size,
+            placement=placement, buckets=tuple(buckets), max_delay=max_delay,
+            policy_options=tuple(dict(policy_options or {}).items()),
+            pool_options=tuple(dict(pool_options or {}).items()))
+        self.num_processes = num_processes
+        self.placement = placement
+        self.fetches_per_process = fetches_per_process
+        self.max_restarts = max_restarts
+        rows = num_processes * self.config.envs_per_process
+        self.server_buckets = tuple(server_buckets) if server_buckets is not None else tuple(
+            2 ** i for i in range(3, 11) if 2 ** (i - 1) < min(rows, 1024))
+        self._address, self._num_cpus = address, num_cpus
+        self._process_cpus, self._server_cpus, self._server_gpus = process_cpus, server_cpus, server_gpus
+        self._runtime_env = runtime_env
+        self._process_class = process_class
+        self.spec = GroupSpec(apply_fn, params, example_obs, unroll_length=unroll_length, width=self.config.width,
+                              group_size=group_size, example_state=example_state)
+        self._params = jax.device_get(params)
+        self._param_specs = leaf_specs(self._params)
+        self._param_treedef = jax.tree_util.tree_structure(self._params)
+        self._version = 0
+        self._start_version = 0  # what processes are constructed with (and restart with)
+        self._latest_ref = None
+        self._param_bytes = 0
+        # Driver-side state; `_lock` guards it, `_consume_lock` admits one consumer into get().
+        self._lock = threading.Lock()
+        self._consume_lock = threading.Lock()
+        self._records = [ProcessRecord(i, max_restarts) for i in range(num_processes)]
+        self._links = [ParamLink(0) for _ in range(num_processes)]
+        self._processes: list = []
+        self._servers: dict = {}
+        self._fetches: dict = {}  # ref -> (process, epoch)
+        self._acks: dict = {}  # ref -> (process, version, epoch)
+        self._ready: collections.deque = collections.deque()
+        self._episodes = EpisodeLog(recent_episodes)
+        self._episode_counts = [0] * num_processes
+        self._faults: collections.deque = collections.deque(maxlen=_KEEP_FAULTS)
+        self._trajectory_bytes = 0
+        self._started = self._stopping = self._stopped = False
+        self._stop_reason: str | None = None
+        self._owns_ray = False
+        self._start_time = self._stop_time = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "ActorFleet":
+        """Starts Ray if needed, the servers (placement "server") and the N processes."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError("ActorFleet.start: already started")
+            self._started = True
+        self._owns_ray = connect(self._address, self._num_cpus or max(
+            os.cpu_count() or 1, int(np.ceil(self.num_processes * self._process_cpus + self._server_cpus))))
+        self._start_time = _clock()
+        self._start_version = self._version
+        ref = self._put_latest()
+        options = {} if self._runtime_env is None else {"runtime_env": self._runtime_env}
+        if self.placement == "server":
+            self._servers = start_servers(self.config, self.server_buckets, ref, self._version,
+                                          num_cpus=self._server_cpus, num_gpus=self._server_gpus,
+                                          max_concurrency=self.num_processes + 4, options=options)
+        remote = ray.remote(self._process_class).options(
+            num_cpus=self._process_cpus, max_restarts=self.max_restarts, max_task_retries=0,
+            max_concurrency=self.fetches_per_process + 4, scheduling_strategy="SPREAD", **options)
+        with self._lock:
+            self._processes = [remote.remote(i, self.config, ref, self._version, self._servers or None)
+                               for i in range(self.num_processes)]
+            for i in range(self.num_processes):
+                self._links[i].reset(self._version)
+                for _ in range(self.fetches_per_process):
+                    self._fetch(i)
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Closes every pool, kills every process and server, and waits (up to `timeout` s) until
+        Ray reports them dead; shuts Ray down if the fleet started it. True if all that finished
+        in time. Safe to call more than once."""
+        with self._lock:
+            if self._stopped or not self._started:
+                self._stopped = self._stopping = True
+                return True
+            self._stopping = True
+            if self._stop_reason is None:
+                self._stop_reason = "the fleet was stopped"
+            actors = list(self._processes) + list(self._servers.values())
+        end = None if timeout is None else time.monotonic() + timeout
+        closing = [p.close.remote(1.0) for p in self._processes] + [s.close.remote() for s in self._servers.values()]
+        gone = end_actors(actors, closing, timeout)
+        left = None if end is None else max(0.0, end - time.monotonic())
+        if self._consume_lock.acquire(timeout=-1 if left is None else left):
+            self._consume_lock.release()
+        else:
+            gone = False
+        with self._lock:
+            self._fetches.clear()
+            self._acks.clear()
+            self._stopped = True
+            self._stop_time = _clock()
+        if self._owns_ray:
+            ray.shutdown()
+        return gone
+
+    def close(self) -> None:
+        """`stop()` under PolicySink's name."""
+        self.stop()
+
+    def __enter__(self):
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._stopping
+
+    # ------------------------------------------------------------------ calls to processes (under _lock)
+
+    def _fetch(self, i: int) -> None:
+        ref = self._processes[i].next_group.remote()
+        self._fetches[ref] = (i, self._records[i].epoch)
+
+    def _send_params(self, i: int) -> None:
+        link = self._links[i]
+        if self._stopping or self._records[i].given_up or not link.wants(self._version):
+            return
+        ref = self._processes[i].set_params.remote(self._version, self._latest_ref)
+        link.sent(self._version)
+        self._acks[ref] = (i, self._version, self._records[i].epoch)
+
+    def _put_latest(self):
+        self._latest_ref = ray.put(self._params)
+        self._param_bytes += _nbytes(self._params)
+        return self._latest_ref
+
+    def _fault(self, i: int, where: str, error: str) -> None:
+        fault = FleetFault(i, where, error, time.time())
+        self._faults.append(fault)
+        self._records[i].faults.append(fault)
+
+    # ------------------------------------------------------------------ consuming
+
+    def get(self, timeout: float | None = None):
+        """The next trajectory (as the ActorPool in its process made it, with fleet versions).
+
+        TimeoutError after `timeout` s; PoolStopped once the fleet is stopped (or every process
+        is gone for good) and the trajectories received are handed out."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._consume_lock:
+            while True:
+                with self._lock:
+                    if self._ready:
+                        return self._ready.popleft()
+                    if self._stopping:
+                        raise PoolStopped(self._stop_reason)
+                    refs = list(self._fetches) + list(self._acks)
+                    fetching = bool(self._fetches)
+                if not fetching:
+                    raise PoolStopped(f"every process of the fleet has died more than max_restarts="
+                                      f"{self.max_restarts} times; last fault: "
+                                      f"{self._faults[-1].error if self._faults else None}")
+                wait = None if end is None else max(0.0, end - time.monotonic())
+                ready, _ = ray.wait(refs, num_returns=1, timeout=wait)
+                if not ready:
+                    raise TimeoutError(f"ActorFleet.get: no trajectory within {timeout} s")
+                self._handle(ready[0])
+
+    def _handle(self, ref) -> None:
+        with self._lock:
+            if ref in self._acks:
+                self._handle_ack(ref, *self._acks.pop(ref))
+            elif ref in self._fetches:
+                self._handle_group(ref, *self._fetches.pop(ref))
+
+    def _handle_ack(self, ref, i: int, version: int, epoch: int) -> None:
+        try:
+            has = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # raised by the process's own code
+            self._fault(i, "params", f"process {i} refused parameters version {version}: {e.cause!r}")
+            if epoch == self._records[i].epoch:
+                self._links[i].failed()
+            return
+        except ray.exceptions.RayError as e:  # the process died (or its node, with the answer)
+            self._died(i, epoch, e)
+            return
+        if epoch == self._records[i].epoch:
+            self._links[i].confirmed(has)
+            self._send_params(i)
+
+    def _handle_group(self, ref, i: int, epoch: int) -> None:
+        record = self._records[i]
+        try:
+            payload = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # raised by the process's own code
+            if not self._stopping:
+                self._halt(f"process {i}'s pool stopped: {e.cause}" if isinstance(e.cause, PoolStopped)
+                           else f"process {i} failed in next_group: {e.cause!r}")
+                self._fault(i, "pool", self._stop_reason)
+            return
+        except ray.exceptions.RayError as e:  # the process died, or its node with the group
+            self._died(i, epoch, e)
+            self._refetch(i)  # Ray holds the call until the restarted process is up
+            return
+        try:
+            group, report = self.spec.unpack(payload, f"process {i}")
+            self.spec.check(group, f"process {i} (pid {report.token[1]})", (0, self._version))
+        except TrajectoryRefused as e:
+            record.refuse()
+            self._fault(i, "trajectory", str(e))
+            self._refetch(i)
+            return
+        self._take_report(i, report, self.config.group_size)
+        self._trajectory_bytes += _nbytes(group)
+        self._ready.extend(split_group(group, self.config.group_size, self.config.width))
+        self._refetch(i)
+
+    def _take_report(self, i: int, report, received: int) -> None:
+        if self._records[i].report(report, received):
+            self._links[i].reset(self._start_version)  # a new incarnation: its constructor's params
+            self._fault(i, "process", f"process {i} was restarted (now pid {report.token[1]})")
+        self._send_params(i)
+        for r, n in zip(report.episode_returns, report.episode_lengths):
+            self._episodes.add(float(r), int(n))
+        self._episode_counts[i] += len(report.episode_returns)
+
+    def _refetch(self, i: int) -> None:
+        if not self._stopping and not self._records[i].given_up:
+            self._fetch(i)
+
+    def _died(self, i: int, epoch: int, error: BaseException) -> bool:
+        """A call to process i failed because it died: counts the death once, resets its params."""
+        if self._stopping or not self._records[i].died(epoch):
+            return False
+        self._links[i].reset(self._start_version)
+        state = "given up" if self._records[i].given_up else "restarting"
+        self._fault(i, "process", f"process {i} died ({state}): {type(error).__name__}: {str(error)[:200]}")
+        return True
+
+    def _halt(self, reason: str) -> None:
+        self._stopping = True
+        self._stop_reason = reason
+
+    # ------------------------------------------------------------------ parameters (PolicySink)
+
+    def update_params(self, params: Any) -> int:
+        """Publishes `params` to every process (one copy in the object store); returns their
+        version. ParamsMismatch if they do not have the structure, shapes and dtypes of the first."""
+        treedef = jax.tree_util.tree_structure(params)
+        if treedef != self._param_treedef:
+            raise ParamsMismatch(f"ActorFleet.update_params: expected a parameter tree of structure "
+                                 f"{self._param_treedef}, got {treedef}; the old parameters stay in use")
+        host = jax.device_get(params)
+        for (path, shape, dtype), (_, got_shape, got_dtype) in zip(self._param_specs, leaf_specs(host)):
+            if shape != got_shape or dtype != got_dtype:
+                raise ParamsMismatch(f"ActorFleet.update_params: parameter {path} expected {dtype}{list(shape)}, "
+                                     f"got {got_dtype}{list(got_shape)}; the old parameters stay in use")
+        with self._lock:
+            self._params = host
+            self._version += 1
+            if self._started and not self._stopping:
+                self._put_latest()
+                for i in range(len(self._processes)):
+                    self._send_params(i)
+            return self._version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def params(self):
+        return self._params
+
+    # ------------------------------------------------------------------ stats
+
+    def process_info(self, timeout: float = 30.0) -> list[dict]:
+        """{"index", "node_id", "pid"} of every process's current incarnation (asks each one)."""
+        return ray.get([p.info.remote() for p in self._processes], timeout=timeout)
+
+    def refresh_stats(self, timeout: float = 30.0) -> FleetStats:
+        """Asks every live process for its report now (stats otherwise come with each group);
+        returns the stats. A process that does not answer within `timeout` s keeps its last report."""
+        with self._lock:
+            asked = {p.report.remote(): i for i, p in enumerate(self._processes)
+                     if not self._records[i].given_up and not self._stopping}
+        if not asked:
+            return self.stats
+        done, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout)
+        for ref in done:
+            try:
+                report = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue  # a dead process: the calls that fetch its groups count the death
+            if type(report) is not ProcessReport:
+                continue
+            with self._lock:
+                self._take_report(asked[ref], report, 0)
+        return self.stats
+
+    @property
+    def errors(self) -> list:
+        """The fleet's most recent FleetFaults (up to 64), oldest first."""
+        return list(self._faults)
+
+    @property
+    def stats(self) -> FleetStats:
+        with self._lock:
+            alive = self._started and not self._stopped
+            procs = tuple(r.stats(self._episode_counts[r.index], self._links[r.index].has, alive)
+                          for r in self._records)
+            now = _clock() if self._stop_time is None else self._stop_time
+            elapsed = 0.0 if self._start_time is None else now - self._start_time
+            steps = sum(p.env_steps for p in procs)
+            ret, length = self._episodes.recent_means()
+            return FleetStats(
+                num_processes=self.num_processes, processes_alive=sum(p.alive for p in procs), env_steps=steps,
+                elapsed=elapsed, steps_per_sec=steps / elapsed if elapsed > 0 else 0.0,
+                episodes=sum(self._episode_counts), recent_return_mean=ret, recent_length_mean=length,
+                trajectories=sum(p.trajectories for p in procs),
+                trajectories_lost=sum(p.trajectories_lost for p in procs),
+                trajectories_refused=sum(p.trajectories_refused for p in procs),
+                restarts=sum(p.restarts for p in procs), params_version=self._version,
+                trajectory_bytes=self._trajectory_bytes, param_bytes=self._param_bytes, processes=procs)

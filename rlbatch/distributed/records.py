@@ -1,0 +1,227 @@
+"""What the fleet knows of each actor process: its incarnations, counters, faults and parameters.
+
+A process (one Ray actor) may die and be restarted by Ray; each life is an *incarnation*, told
+apart by the token `(node id, pid)` its reports carry. `ProcessRecord` is the state machine that
+turns the two signals the fleet gets, a report that comes with every group of trajectories and a
+failed call, into restarts, lost trajectories and totals that never go backwards. `ParamLink`
+is which parameter version a process has and which one is on its way. Neither touches Ray: the
+fleet drives them, and tests drive them without processes.
+
+Counting rules:
+- a restart is a death: a failed call in the epoch it was issued in (`died(epoch)`), or a report
+  from a new incarnation while the old one was still current (a death no call saw fail);
+- the trajectories an incarnation lost are those it had finished by its last report
+  (`ProcessReport.trajectories`) and the fleet never received: a lower bound, since what it
+  finished after its last report is not known;
+- totals (steps, episodes, errors) are the sums over incarnations of their last reports.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["FleetFault", "FleetStats", "ParamLink", "ProcessRecord", "ProcessReport", "ProcessStats"]
+
+_KEEP_FAULTS = 16
+
+
+class ProcessReport(NamedTuple):
+    """A process's counters, sent with every group (plain numbers and arrays only)."""
+
+    token: tuple  # (node id, pid): which incarnation sent it
+    env_steps: int
+    elapsed: float  # seconds since this incarnation's pool started
+    trajectories: int  # finished by this incarnation's pool (put into its queue)
+    episode_returns: np.ndarray  # [n] float64: episodes finished since the previous report
+    episode_lengths: np.ndarray  # [n] int64
+    env_errors: int
+    policy_errors: int
+    dropped_on_error: int
+    actors_running: int
+    recent_errors: tuple  # the pool's last ActorFaults, as "actor a, where: error" strings
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetFault:
+    """A fault the fleet saw: `where` is "process" (a process died), "trajectory" (a group was
+    refused), "params" (a parameter update failed) or "pool" (a process's pool stopped)."""
+
+    process: int
+    where: str
+    error: str
+    time: float  # time.time()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessStats:
+    """One process, over all its incarnations; rates are the current incarnation's."""
+
+    index: int
+    node_id: str | None
+    pid: int | None
+    alive: bool  # False once Ray gave up restarting it, or the fleet stopped
+    env_steps: int
+    steps_per_sec: float
+    episodes: int
+    trajectories: int  # received by the fleet
+    trajectories_finished: int  # finished by the process's pool (by its last report)
+    trajectories_lost: int  # finished but never received, because the process died
+    trajectories_refused: int  # received with the wrong shapes or dtypes, never handed out
+    restarts: int
+    env_errors: int
+    policy_errors: int
+    params_version: int  # the newest version the process confirmed
+    recent_errors: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetStats:
+    """A snapshot of a fleet. `env_steps`, `episodes` and `recent_return_mean` are what the
+    Trainer reads (rlbatch.training.interfaces.SourceStats)."""
+
+    num_processes: int
+    processes_alive: int
+    env_steps: int
+    elapsed: float
+    steps_per_sec: float
+    episodes: int
+    recent_return_mean: float  # the last `recent_episodes` episodes of every process (nan before any)
+    recent_length_mean: float
+    trajectories: int
+    trajectories_lost: int
+    trajectories_refused: int
+    restarts: int
+    params_version: int
+    trajectory_bytes: int  # trajectory arrays received through the object store
+    param_bytes: int  # parameter arrays put into the object store (once per version)
+    processes: tuple  # ProcessStats, by process index
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Incarnation:
+    __slots__ = ("report", "received")
+
+    def __init__(self):
+        self.report: ProcessReport | None = None
+        self.received = 0
+
+
+class ProcessRecord:
+    """The fleet's record of process `index` (see the module docstring for the counting rules)."""
+
+    def __init__(self, index: int, max_restarts: int):
+        self.index = index
+        self.max_restarts = max_restarts
+        self.deaths = 0  # also the epoch: calls are tagged with it when issued
+        self.refused = 0
+        self._incarnations: dict[tuple, _Incarnation] = {}
+        self._current: tuple | None = None
+        self._ended: set = set()
+        self.faults: collections.deque = collections.deque(maxlen=_KEEP_FAULTS)
+
+    @property
+    def epoch(self) -> int:
+        return self.deaths
+
+    @property
+    def given_up(self) -> bool:
+        """Ray restarts a process at most `max_restarts` times; after that it stays dead."""
+        return self.deaths > self.max_restarts
+
+    def died(self, epoch: int) -> bool:
+        """A call issued in `epoch` failed because the process died. True if this is a death not
+        counted before (a stale failure of a death already counted returns False)."""
+        if epoch < self.deaths:
+            return False
+        self.deaths += 1
+        if self._current is not None:
+            self._ended.add(self._current)
+            self._current = None
+        return True
+
+    def report(self, report: ProcessReport, received: int) -> bool:
+        """Counts a group of `received` trajectories and the report that came with it. True if it
+        comes from an incarnation that replaced an earlier one (it has the constructor's
+        parameters, not the newest)."""
+        token = tuple(report.token)
+        life = self._incarnations.setdefault(token, _Incarnation())
+        life.received += received
+        if life.report is None or report.env_steps >= life.report.env_steps:
+            life.report = report
+        if token in self._ended or token == self._current:
+            return False  # a late group of a dead incarnation, or the current one
+        replaced = self._current is not None or self.deaths > 0
+        if self._current is not None:  # died without a failed call telling us
+            self.deaths += 1
+            self._ended.add(self._current)
+        self._current = token
+        return replaced
+
+    def refuse(self) -> None:
+        self.refused += 1
+
+    # ------------------------------------------------------------------ totals
+
+    def _sum(self, field: str) -> int:
+        return sum(getattr(life.report, field) for life in self._incarnations.values() if life.report is not None)
+
+    @property
+    def received(self) -> int:
+        return sum(life.received for life in self._incarnations.values())
+
+    @property
+    def lost(self) -> int:
+        return sum(max(0, life.report.trajectories - life.received) for token, life in self._incarnations.items()
+                   if token in self._ended and life.report is not None)
+
+    @property
+    def current_report(self) -> ProcessReport | None:
+        life = self._incarnations.get(self._current)
+        return None if life is None else life.report
+
+    def stats(self, episodes: int, params_version: int, alive: bool) -> ProcessStats:
+        report = self.current_report
+        token = (None, None) if report is None else report.token
+        rate = report.env_steps / report.elapsed if report is not None and report.elapsed > 0 else 0.0
+        errors = tuple(report.recent_errors) if report is not None else ()
+        return ProcessStats(
+            index=self.index, node_id=token[0], pid=token[1], alive=alive and not self.given_up,
+            env_steps=self._sum("env_steps"), steps_per_sec=rate, episodes=episodes, trajectories=self.received,
+            trajectories_finished=self._sum("trajectories"),
+            trajectories_lost=self.lost, trajectories_refused=self.refused, restarts=self.deaths,
+            env_errors=self._sum("env_errors"), policy_errors=self._sum("policy_errors"),
+            params_version=params_version, recent_errors=errors + tuple(f.error for f in self.faults))
+
+
+class ParamLink:
+    """The parameter versions of one process: the newest it confirmed (`has`) and the one on its
+    way (`in_flight`). At most one update travels to a process at a time, and a process is only
+    ever sent a version newer than the one it has, so a slow process gets the newest version next
+    rather than a backlog of old ones."""
+
+    def __init__(self, has: int):
+        self.has = has
+        self.in_flight: int | None = None
+
+    def wants(self, latest: int) -> bool:
+        return self.in_flight is None and latest > self.has
+
+    def sent(self, version: int) -> None:
+        self.in_flight = version
+
+    def confirmed(self, version: int) -> None:
+        self.in_flight = None
+        self.has = max(self.has, version)
+
+    def failed(self) -> None:
+        self.in_flight = None
+
+    def reset(self, has: int) -> None:
+        """A new incarnation: it has the parameters it was constructed with."""
+        self.in_flight = None
+        self.has = has

@@ -1,0 +1,283 @@
+"""rlbatch.distributed: a fleet of actor processes on Ray feeding the Trainer.
+
+The pure parts (ProcessRecord, ParamLink, GroupSpec, split_group) are tested without Ray; the rest
+runs on one Ray instance per module: a simulated two-node cluster (ray.cluster_utils.Cluster) on
+this machine, so that the last test can remove a node.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import psutil
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+import rlbatch
+from rlbatch.distributed import ActorFleet, ActorProcess, TrajectoryRefused
+from rlbatch.distributed.records import ParamLink, ProcessRecord, ProcessReport
+from rlbatch.distributed.spec import GroupSpec, split_group
+from tests.conftest import wait_until
+
+OBS = np.zeros(4, np.float32)  # CartPole-v1
+T = 8
+
+
+def apply(params, obs, key):
+    """Always pushes left; its extras carry the parameter w, so a trajectory shows which
+    parameters chose each step."""
+    return jnp.zeros(obs.shape[0], jnp.int32), {"w": jnp.broadcast_to(params["w"], obs.shape[:1])}
+
+
+def params_of(version):
+    return {"w": jnp.float32(version)}
+
+
+def make_fleet(**kw):
+    options = dict(num_processes=2, num_actors=4, unroll_length=T, group_size=2, buckets=(4, 8),
+                   max_delay=0.001, pool_options={"max_queue": 16}, process_cpus=1)
+    options.update(kw)
+    return ActorFleet("CartPole-v1", apply, params_of(0), example_obs=OBS, **options)
+
+
+def report(token=("n", 1), steps=0, trajectories=0):
+    return ProcessReport(token=token, env_steps=steps, elapsed=1.0, trajectories=trajectories,
+                         episode_returns=np.zeros(0), episode_lengths=np.zeros(0, np.int64), env_errors=0,
+                         policy_errors=0, dropped_on_error=0, actors_running=1, recent_errors=())
+
+
+# ---------------------------------------------------------------------- without Ray
+
+
+def test_import_rlbatch_does_not_import_ray():
+    out = subprocess.run([sys.executable, "-c", "import sys, rlbatch; print('ray' in sys.modules)"],
+                         capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "False"
+
+
+def test_process_record_counts_a_death_once_and_what_it_lost():
+    record = ProcessRecord(0, max_restarts=2)
+    assert not record.report(report(("n", 1), steps=100, trajectories=10), received=4)
+    epoch = record.epoch
+    assert record.died(epoch) and not record.died(epoch)  # two failed calls of one death
+    assert record.deaths == 1 and record.lost == 6
+    assert record.report(report(("n", 2), steps=30, trajectories=2), received=2)  # the new incarnation
+    assert not record.report(report(("n", 1), steps=100, trajectories=10), received=2)  # a late group
+    assert record.deaths == 1 and record.lost == 4 and record.received == 8
+    stats = record.stats(episodes=0, params_version=0, alive=True)
+    assert stats.env_steps == 130 and stats.pid == 2 and stats.restarts == 1 and stats.trajectories_lost == 4
+
+
+def test_process_record_sees_a_death_no_call_reported_and_gives_up_after_max_restarts():
+    record = ProcessRecord(0, max_restarts=1)
+    record.report(report(("n", 1)), received=1)
+    assert record.report(report(("n", 2)), received=1) and record.deaths == 1 and not record.given_up
+    assert record.died(record.epoch) and record.given_up
+
+
+def test_param_link_sends_one_update_at_a_time_and_never_an_older_version():
+    link = ParamLink(has=0)
+    assert link.wants(1)
+    link.sent(1)
+    assert not link.wants(3)  # one in flight: the newest goes when it is confirmed
+    link.confirmed(1)
+    assert link.wants(3) and not link.wants(1)
+    link.sent(3)
+    link.confirmed(3)
+    assert not link.wants(2) and not link.wants(3)
+    link.reset(0)  # a restarted process has its constructor's parameters
+    assert link.wants(3)
+
+
+def test_group_spec_refuses_a_wrong_dtype_naming_the_process_and_split_gives_the_trajectories_back():
+    spec = GroupSpec(apply, params_of(0), OBS, unroll_length=T, width=1, group_size=2)
+    rng = np.random.default_rng(0)
+    trajectories = [rlbatch.Trajectory(
+        obs=rng.normal(size=(T + 1, 4)).astype(np.float32), action=np.zeros(T, np.int32),
+        reward=np.ones(T, np.float32), terminated=np.zeros(T, bool), truncated=np.zeros(T, bool),
+        final_obs=np.zeros((T, 4), np.float32), extras={"w": np.zeros(T, np.float32)},
+        policy_version=np.full(T, 1, np.int64), episode_id=np.arange(T, dtype=np.int64), actor_id=a)
+        for a in (3, 4)]
+    group = rlbatch.stack_trajectories(trajectories)
+    spec.check(group, "process 1", (0, 1))
+    back = split_group(group, 2, 1)
+    for got, want in zip(back, trajectories):
+        assert got.actor_id == want.actor_id
+        np.testing.assert_array_equal(got.obs, want.obs)
+        np.testing.assert_array_equal(got.policy_version, want.policy_version)
+    with pytest.raises(TrajectoryRefused, match=r"process 1 sent a trajectory whose reward is float64\[8, 2\], "
+                                                r"expected float32\[8, 2\]"):
+        spec.check(group._replace(reward=group.reward.astype(np.float64)), "process 1", (0, 1))
+    with pytest.raises(TrajectoryRefused, match=r"obs is float32\[9, 2, 3\], expected float32\[9, 2, 4\]"):
+        spec.check(group._replace(obs=group.obs[..., :3]), "process 1", (0, 1))
+    with pytest.raises(TrajectoryRefused, match=r"policy versions 1..1, expected versions in 0..0"):
+        spec.check(group, "process 1", (0, 0))
+
+
+# ---------------------------------------------------------------------- on Ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 6, "include_dashboard": False})
+    c.add_node(num_cpus=3)
+    ray.init(address=c.address)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def _gone(pids) -> bool:
+    def dead(pid):
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    return all(dead(p) for p in pids)
+
+
+def _trajectories(fleet, seconds):
+    """The fleet's trajectories for up to `seconds` (a bound on a wait, not a timing assertion)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        yield fleet.get(timeout=max(0.1, end - time.monotonic()))
+
+
+class RecordingLearner:
+    """A learner whose update counts and records what it was given."""
+
+    def __init__(self, fail_on=None):
+        self.fail_on = fail_on
+        self.batches = []
+
+    def learner(self):
+        def init(key, example_obs, action_space):
+            return params_of(0)
+
+        def update(state, batch):
+            n = int(state["w"]) + 1
+            if n == self.fail_on:
+                raise ValueError("learner bug")
+            self.batches.append(batch)
+            return params_of(n), {"loss": jnp.float32(0)}
+
+        return rlbatch.Learner(init, update, lambda s: s, rlbatch.Policy(init, apply))
+
+
+def test_a_fleet_of_two_processes_feeds_the_trainer_and_parameters_reach_both(cluster):
+    recorder = RecordingLearner()
+    fleet = make_fleet()
+    assert isinstance(fleet, rlbatch.TrajectorySource) and isinstance(fleet, rlbatch.PolicySink)
+    trainer = rlbatch.Trainer(recorder.learner(), fleet, fleet, state=params_of(0), batch_size=4)
+    result = trainer.run(total_steps=3000, progress=False)
+    assert result.updates >= 10 and fleet.version == result.updates
+    for batch in recorder.batches:
+        # The parameters behind every step are the version the step is labelled with.
+        np.testing.assert_array_equal(batch.extras["w"], batch.policy_version)
+    seen = np.concatenate([b.policy_version.ravel() for b in recorder.batches])
+    actors = np.concatenate([b.actor_id for b in recorder.batches])
+    assert seen.max() >= 2 and set(actors // 4) == {0, 1}  # both processes played with new parameters
+    stats = fleet.stats
+    assert [p.trajectories > 0 and p.params_version >= 1 for p in stats.processes] == [True, True]
+    assert stats.env_steps >= 3000 and stats.trajectory_bytes > 0 and stats.param_bytes > 0
+    assert stats.restarts == 0 and stats.trajectories_refused == 0
+
+
+@pytest.mark.parametrize("placement", ["local", "server"])
+def test_both_placements_give_trajectories_of_the_pool_shapes_with_fleet_versions(cluster, placement):
+    with make_fleet(envs_per_actor=2, placement=placement) as fleet:
+        first = fleet.get(timeout=60)
+        assert first.obs.shape == (T + 1, 2, 4) and first.obs.dtype == np.float32
+        assert first.action.shape == (T, 2) and first.reward.shape == (T, 2)
+        assert first.extras["w"].shape == (T, 2) and first.policy_version.shape == (T, 2)
+        assert 0 <= first.actor_id < 8
+        version = fleet.update_params(params_of(7))
+        for _ in range(400):
+            traj = fleet.get(timeout=60)
+            if traj.policy_version.min() == version:
+                break
+        np.testing.assert_array_equal(traj.extras["w"], np.full((T, 2), 7.0, np.float32))
+        ids = {int(t.episode_id[0, 0]) >> 32 for t in [fleet.get(timeout=60) for _ in range(16)]}
+        assert ids <= set(range(16))  # environment indices unique across the fleet
+    assert fleet.stop()
+
+
+class WrongDtypeProcess(ActorProcess):
+    """Process 1 sends rewards as float64: bad data the fleet must refuse."""
+
+    def next_group(self):
+        group, rep = super().next_group()
+        if self.index == 1:
+            group = group._replace(reward=group.reward.astype(np.float64))
+        return group, rep
+
+
+def test_bad_trajectories_are_refused_naming_their_process_and_never_handed_out(cluster):
+    with make_fleet(process_class=WrongDtypeProcess) as fleet:
+        got = [fleet.get(timeout=60) for _ in range(12)]
+        assert all(t.actor_id < 4 and t.reward.dtype == np.float32 for t in got)  # process 0's only
+        assert fleet.stats.processes[1].trajectories_refused >= 1
+        refusals = [f for f in fleet.errors if f.where == "trajectory"]
+        assert refusals and all(f.process == 1 for f in refusals)
+        assert refusals[0].error.startswith("process 1 (pid ") and "reward is float64[8, 2]" in refusals[0].error
+
+
+def test_a_killed_process_is_restarted_gets_the_newest_parameters_and_its_losses_are_counted(cluster):
+    with make_fleet(fetches_per_process=1) as fleet:
+        fleet.get(timeout=60)
+        version = fleet.update_params(params_of(5))
+        old = fleet.process_info()[0]["pid"]
+
+        def backlog():
+            fleet.refresh_stats()
+            p = fleet.stats.processes[0]
+            return p.trajectories_finished - p.trajectories >= 6
+        wait_until(backlog, timeout=30)
+        os.kill(old, signal.SIGKILL)
+        fresh = None
+        for traj in _trajectories(fleet, seconds=120):
+            p = fleet.stats.processes[0]
+            if p.restarts == 1 and p.pid != old and traj.actor_id < 4 and traj.policy_version.min() == version:
+                fresh = traj
+                break
+        assert fresh is not None, f"no trajectory of the restarted process 0 with version {version}: {fleet.stats}"
+        np.testing.assert_array_equal(fresh.extras["w"], np.full(T, 5.0, np.float32))
+        stats = fleet.stats
+        assert stats.processes[0].trajectories_lost >= 6 - 2  # at most a group in flight arrived late
+        assert stats.processes[1].restarts == 0 and stats.restarts == 1
+        assert any(f.where == "process" and f.process == 0 for f in fleet.errors)
+    assert _gone([old])
+
+
+def test_a_failing_trainer_stops_the_fleet_and_leaves_no_process(cluster):
+    fleet = make_fleet()
+    trainer = rlbatch.Trainer(RecordingLearner(fail_on=3).learner(), fleet, fleet, state=params_of(0), batch_size=2)
+    fleet.start()
+    pids = [p["pid"] for p in fleet.process_info()]
+    with pytest.raises(ValueError, match="learner bug"):
+        trainer.run(total_steps=10**9, progress=False)
+    assert not fleet.running and _gone(pids)
+    with pytest.raises(rlbatch.PoolStopped):
+        for _ in range(100):  # the trajectories received before the stop come first
+            fleet.get(timeout=1)
+    assert fleet.stop()  # a second stop is harmless
+
+
+def test_a_lost_node_restarts_its_processes_on_the_other_and_the_run_goes_on(cluster):
+    head = ray.get_runtime_context().get_node_id()
+    with make_fleet() as fleet:
+        fleet.get(timeout=60)
+        info = fleet.process_info()
+        moved = [p["index"] for p in info if p["node_id"] != head]
+        assert moved, f"expected a process on the second node, got {info}"
+        cluster.remove_node(cluster.list_all_nodes()[1])
+        for traj in _trajectories(fleet, seconds=120):
+            procs = fleet.stats.processes
+            if all(procs[i].restarts >= 1 and procs[i].node_id == head for i in moved) and traj.actor_id // 4 in moved:
+                break
+        assert all(fleet.stats.processes[i].node_id == head for i in moved)
+    assert fleet.stop()
