@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,7 @@ from ray.cluster_utils import Cluster
 
 import rlbatch
 from rlbatch.distributed import ActorFleet, ActorProcess, TrajectoryRefused
+from rlbatch.distributed.cluster import local_only
 from rlbatch.distributed.records import ParamLink, ProcessRecord, ProcessReport
 from rlbatch.distributed.spec import GroupSpec, split_group
 from tests.conftest import wait_until
@@ -59,24 +61,35 @@ def test_import_rlbatch_does_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
-def test_process_record_counts_a_death_once_and_what_it_lost():
-    record = ProcessRecord(0, max_restarts=2)
+def test_process_record_counts_a_restart_by_its_new_incarnation_and_what_the_old_one_lost():
+    record = ProcessRecord(0)
     assert not record.report(report(("n", 1), steps=100, trajectories=10), received=4)
-    epoch = record.epoch
-    assert record.died(epoch) and not record.died(epoch)  # two failed calls of one death
-    assert record.deaths == 1 and record.lost == 6
+    assert not record.report(report(("n", 1), steps=120, trajectories=12), received=2)
+    assert record.restarts == 0 and record.lost == 0
     assert record.report(report(("n", 2), steps=30, trajectories=2), received=2)  # the new incarnation
+    assert record.restarts == 1 and record.lost == 6  # finished 12, received 6
     assert not record.report(report(("n", 1), steps=100, trajectories=10), received=2)  # a late group
-    assert record.deaths == 1 and record.lost == 4 and record.received == 8
-    stats = record.stats(episodes=0, params_version=0, alive=True)
-    assert stats.env_steps == 130 and stats.pid == 2 and stats.restarts == 1 and stats.trajectories_lost == 4
+    assert record.restarts == 1 and record.lost == 4 and record.received == 10
+    stats = record.stats(episodes=0, alive=True)
+    assert stats.env_steps == 150 and stats.pid == 2 and stats.restarts == 1 and stats.trajectories_lost == 4
+    assert stats.trajectories_finished == 14 and stats.alive
 
 
-def test_process_record_sees_a_death_no_call_reported_and_gives_up_after_max_restarts():
-    record = ProcessRecord(0, max_restarts=1)
-    record.report(report(("n", 1)), received=1)
-    assert record.report(report(("n", 2)), received=1) and record.deaths == 1 and not record.given_up
-    assert record.died(record.epoch) and record.given_up
+def test_process_record_counts_the_restart_of_an_incarnation_that_never_answered():
+    record = ProcessRecord(0)
+    record.interrupted()  # calls failed: the first incarnation died before it answered
+    assert record.seen(("n", 2)) and record.restarts == 1
+    record.interrupted()  # a late failure of the same death, after the new one answered
+    assert not record.seen(("n", 2)) and record.restarts == 1
+    assert record.seen(("n", 3)) and record.restarts == 2
+
+
+def test_process_record_dead_for_good_counts_what_it_lost_once():
+    record = ProcessRecord(0)
+    record.report(report(("n", 1), trajectories=5), received=2)
+    assert record.died_for_good() and not record.died_for_good()
+    assert record.lost == 3 and record.restarts == 0
+    assert not record.stats(episodes=0, alive=True).alive
 
 
 def test_param_link_sends_one_update_at_a_time_and_never_an_older_version():
@@ -123,9 +136,10 @@ def test_group_spec_refuses_a_wrong_dtype_naming_the_process_and_split_gives_the
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 6, "include_dashboard": False})
-    c.add_node(num_cpus=3)
-    ray.init(address=c.address)
+    with local_only():
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+        c.add_node(num_cpus=2)
+        ray.init(address=c.address)
     yield c
     ray.shutdown()
     c.shutdown()
@@ -173,17 +187,23 @@ def test_a_fleet_of_two_processes_feeds_the_trainer_and_parameters_reach_both(cl
     fleet = make_fleet()
     assert isinstance(fleet, rlbatch.TrajectorySource) and isinstance(fleet, rlbatch.PolicySink)
     trainer = rlbatch.Trainer(recorder.learner(), fleet, fleet, state=params_of(0), batch_size=4)
-    result = trainer.run(total_steps=3000, progress=False)
-    assert result.updates >= 10 and fleet.version == result.updates
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Until both processes delivered and played with new parameters (capped: never forever).
+        both = lambda p: p.updates >= 10 and min(q.params_version for q in fleet.stats.processes) >= 2  # noqa: E731
+        result = trainer.run(until=both, max_seconds=90, progress=False)
+    # The Trainer warns if the fleet did not stop in time; the fleet says why in its errors.
+    assert not [w for w in caught if "did not stop" in str(w.message)], fleet.errors
+    assert result.stop_reason == "condition" and fleet.version == result.updates
     for batch in recorder.batches:
         # The parameters behind every step are the version the step is labelled with.
         np.testing.assert_array_equal(batch.extras["w"], batch.policy_version)
     seen = np.concatenate([b.policy_version.ravel() for b in recorder.batches])
     actors = np.concatenate([b.actor_id for b in recorder.batches])
-    assert seen.max() >= 2 and set(actors // 4) == {0, 1}  # both processes played with new parameters
+    assert seen.max() >= 2 and set(actors // 4) <= {0, 1}
     stats = fleet.stats
     assert [p.trajectories > 0 and p.params_version >= 1 for p in stats.processes] == [True, True]
-    assert stats.env_steps >= 3000 and stats.trajectory_bytes > 0 and stats.param_bytes > 0
+    assert stats.env_steps >= result.samples_trained and stats.trajectory_bytes > 0 and stats.param_bytes > 0
     assert stats.restarts == 0 and stats.trajectories_refused == 0
 
 
@@ -218,9 +238,13 @@ class WrongDtypeProcess(ActorProcess):
 
 def test_bad_trajectories_are_refused_naming_their_process_and_never_handed_out(cluster):
     with make_fleet(process_class=WrongDtypeProcess) as fleet:
-        got = [fleet.get(timeout=60) for _ in range(12)]
+        got = []
+        for traj in _trajectories(fleet, seconds=60):
+            got.append(traj)
+            if fleet.stats.processes[1].trajectories_refused >= 2:
+                break
         assert all(t.actor_id < 4 and t.reward.dtype == np.float32 for t in got)  # process 0's only
-        assert fleet.stats.processes[1].trajectories_refused >= 1
+        assert fleet.stats.processes[1].trajectories_refused >= 2 and fleet.stats.processes[1].trajectories == 0
         refusals = [f for f in fleet.errors if f.where == "trajectory"]
         assert refusals and all(f.process == 1 for f in refusals)
         assert refusals[0].error.startswith("process 1 (pid ") and "reward is float64[8, 2]" in refusals[0].error

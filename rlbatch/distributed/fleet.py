@@ -43,7 +43,7 @@ import numpy as np
 import ray
 
 from rlbatch.actors.stats import EpisodeLog
-from rlbatch.distributed.cluster import connect, end_actors, start_servers
+from rlbatch.distributed.cluster import connect, end_actors, start_servers, wait_exited
 from rlbatch.distributed.process import ActorProcess, ProcessConfig
 from rlbatch.distributed.records import FleetFault, FleetStats, ParamLink, ProcessRecord, ProcessReport
 from rlbatch.distributed.spec import GroupSpec, TrajectoryRefused, split_group
@@ -137,17 +137,20 @@ class ActorFleet:
         self._param_treedef = jax.tree_util.tree_structure(self._params)
         self._version = 0
         self._start_version = 0  # what processes are constructed with (and restart with)
-        self._latest_ref = None
+        self._latest_ref = self._start_ref = None
         self._param_bytes = 0
         # Driver-side state; `_lock` guards it, `_consume_lock` admits one consumer into get().
         self._lock = threading.Lock()
         self._consume_lock = threading.Lock()
-        self._records = [ProcessRecord(i, max_restarts) for i in range(num_processes)]
-        self._links = [ParamLink(0) for _ in range(num_processes)]
+        self._records = [ProcessRecord(i) for i in range(num_processes)]
+        # Who receives parameters: the processes (placement "local") or the servers ("server").
+        self._targets: list = []
+        self._links: list[ParamLink] = []
         self._processes: list = []
         self._servers: dict = {}
-        self._fetches: dict = {}  # ref -> (process, epoch)
+        self._fetches: dict = {}  # ref -> process
         self._acks: dict = {}  # ref -> (process, version, epoch)
+        self._hellos: dict = {}  # ref -> process: an `info` call, which says which incarnation runs
         self._ready: collections.deque = collections.deque()
         self._episodes = EpisodeLog(recent_episodes)
         self._episode_counts = [0] * num_processes
@@ -166,11 +169,12 @@ class ActorFleet:
             if self._started:
                 raise RuntimeError("ActorFleet.start: already started")
             self._started = True
-        self._owns_ray = connect(self._address, self._num_cpus or max(
-            os.cpu_count() or 1, int(np.ceil(self.num_processes * self._process_cpus + self._server_cpus))))
+        need = self.num_processes * self._process_cpus + (self._server_cpus if self.placement == "server" else 0)
+        self._owns_ray = connect(self._address, self._num_cpus or max(os.cpu_count() or 1, int(np.ceil(need))))
         self._start_time = _clock()
         self._start_version = self._version
-        ref = self._put_latest()
+        # Held for the fleet's life: Ray restarts a process with its constructor's arguments.
+        self._start_ref = ref = self._put_latest()
         options = {} if self._runtime_env is None else {"runtime_env": self._runtime_env}
         if self.placement == "server":
             self._servers = start_servers(self.config, self.server_buckets, ref, self._version,
@@ -182,8 +186,10 @@ class ActorFleet:
         with self._lock:
             self._processes = [remote.remote(i, self.config, ref, self._version, self._servers or None)
                                for i in range(self.num_processes)]
+            self._targets = list(self._servers.values()) if self._servers else list(self._processes)
+            self._links = [ParamLink(self._version) for _ in self._targets]
             for i in range(self.num_processes):
-                self._links[i].reset(self._version)
+                self._hello(i)
                 for _ in range(self.fetches_per_process):
                     self._fetch(i)
         return self
@@ -200,17 +206,38 @@ class ActorFleet:
             if self._stop_reason is None:
                 self._stop_reason = "the fleet was stopped"
             actors = list(self._processes) + list(self._servers.values())
+            tokens = [r.current_token for r in self._records if r.current_token is not None]
         end = None if timeout is None else time.monotonic() + timeout
+        infos = [p.info.remote() for p in self._processes]  # where each one runs, before it goes
         closing = [p.close.remote(1.0) for p in self._processes] + [s.close.remote() for s in self._servers.values()]
-        gone = end_actors(actors, closing, timeout)
+        problems = []
+        if not end_actors(actors, infos + closing, timeout):
+            problems.append("Ray did not report every process and server dead")
+        for ref in infos:
+            try:
+                info = ray.get(ref, timeout=0)
+                tokens.append((info["node_id"], info["pid"]))
+            except ray.exceptions.RayError:
+                pass  # it died before answering (its last report's token is there)
+        # Those on this machine: until their worker processes have exited, not only until Ray
+        # reports them dead. (Ray's own reaping covers the other machines.)
+        here = {n["NodeID"] for n in ray.nodes() if n.get("NodeManagerAddress") == ray.util.get_node_ip_address()}
+        left = None if end is None else max(0.0, end - time.monotonic())
+        if not wait_exited(sorted({pid for node, pid in tokens if node in here}), left):
+            problems.append("worker processes of this machine were still running")
         left = None if end is None else max(0.0, end - time.monotonic())
         if self._consume_lock.acquire(timeout=-1 if left is None else left):
             self._consume_lock.release()
         else:
-            gone = False
+            problems.append("a get() call was still waiting")
+        gone = not problems
+        with self._lock:
+            for problem in problems:
+                self._fault(None, "stop", f"stop(timeout={timeout}): {problem}")
         with self._lock:
             self._fetches.clear()
             self._acks.clear()
+            self._hellos.clear()
             self._stopped = True
             self._stop_time = _clock()
         if self._owns_ray:
@@ -240,26 +267,42 @@ class ActorFleet:
     # ------------------------------------------------------------------ calls to processes (under _lock)
 
     def _fetch(self, i: int) -> None:
-        ref = self._processes[i].next_group.remote()
-        self._fetches[ref] = (i, self._records[i].epoch)
+        self._fetches[self._processes[i].next_group.remote()] = i
 
-    def _send_params(self, i: int) -> None:
-        link = self._links[i]
-        if self._stopping or self._records[i].given_up or not link.wants(self._version):
+    def _hello(self, i: int) -> None:
+        if i not in self._hellos.values() and not self._stopping and not self._records[i].given_up:
+            self._hellos[self._processes[i].info.remote()] = i
+
+    def _unavailable(self, i: int) -> None:
+        """A call to process i failed as unavailable: it died and Ray restarts it; asking which
+        incarnation runs tells the fleet as soon as the new one is up."""
+        self._records[i].interrupted()
+        self._hello(i)
+
+    def _epoch(self, target: int) -> int:
+        """Which incarnation of a parameter target a call goes to (servers are never restarted)."""
+        return 0 if self._servers else self._records[target].epoch
+
+    def _send_params(self, target: int) -> None:
+        link = self._links[target]
+        if self._stopping or not link.wants(self._version):
             return
-        ref = self._processes[i].set_params.remote(self._version, self._latest_ref)
+        if not self._servers and self._records[target].given_up:
+            return
+        ref = self._targets[target].set_params.remote(self._version, self._latest_ref)
         link.sent(self._version)
-        self._acks[ref] = (i, self._version, self._records[i].epoch)
+        self._acks[ref] = (target, self._version, self._epoch(target))
 
     def _put_latest(self):
         self._latest_ref = ray.put(self._params)
         self._param_bytes += _nbytes(self._params)
         return self._latest_ref
 
-    def _fault(self, i: int, where: str, error: str) -> None:
+    def _fault(self, i: int | None, where: str, error: str) -> None:
         fault = FleetFault(i, where, error, time.time())
         self._faults.append(fault)
-        self._records[i].faults.append(fault)
+        if i is not None:
+            self._records[i].faults.append(fault)
 
     # ------------------------------------------------------------------ consuming
 
@@ -276,7 +319,7 @@ class ActorFleet:
                         return self._ready.popleft()
                     if self._stopping:
                         raise PoolStopped(self._stop_reason)
-                    refs = list(self._fetches) + list(self._acks)
+                    refs = list(self._fetches) + list(self._acks) + list(self._hellos)
                     fetching = bool(self._fetches)
                 if not fetching:
                     raise PoolStopped(f"every process of the fleet has died more than max_restarts="
@@ -290,27 +333,42 @@ class ActorFleet:
 
     def _handle(self, ref) -> None:
         with self._lock:
-            if ref in self._acks:
+            if ref in self._hellos:
+                self._handle_hello(ref, self._hellos.pop(ref))
+            elif ref in self._acks:
                 self._handle_ack(ref, *self._acks.pop(ref))
             elif ref in self._fetches:
-                self._handle_group(ref, *self._fetches.pop(ref))
+                self._handle_group(ref, self._fetches.pop(ref))
 
     def _handle_ack(self, ref, i: int, version: int, epoch: int) -> None:
+        current = epoch == self._epoch(i)  # else sent to an incarnation since replaced
+        name = f"server {i}" if self._servers else f"process {i}"
         try:
             has = ray.get(ref)
         except ray.exceptions.RayTaskError as e:  # raised by the process's own code
-            self._fault(i, "params", f"process {i} refused parameters version {version}: {e.cause!r}")
-            if epoch == self._records[i].epoch:
+            self._fault(None if self._servers else i, "params",
+                        f"{name} refused parameters version {version}: {e.cause!r}")
+            if current:
                 self._links[i].failed()
             return
-        except ray.exceptions.RayError as e:  # the process died (or its node, with the answer)
-            self._died(i, epoch, e)
+        except ray.exceptions.ActorDiedError as e:
+            if self._servers:
+                self._fault(None, "server", f"{name} died: {str(e)[:200]}")
+            else:
+                self._died_for_good(i, e)
             return
-        if epoch == self._records[i].epoch:
+        except ray.exceptions.RayError:  # restarting: its new incarnation's first answer resets the link
+            if not self._servers:
+                self._unavailable(i)
+            if current:
+                self._links[i].failed()
+                self._send_params(i)  # Ray holds the call until the process is up again
+            return
+        if current:
             self._links[i].confirmed(has)
             self._send_params(i)
 
-    def _handle_group(self, ref, i: int, epoch: int) -> None:
+    def _handle_group(self, ref, i: int) -> None:
         record = self._records[i]
         try:
             payload = ray.get(ref)
@@ -320,10 +378,19 @@ class ActorFleet:
                            else f"process {i} failed in next_group: {e.cause!r}")
                 self._fault(i, "pool", self._stop_reason)
             return
-        except ray.exceptions.RayError as e:  # the process died, or its node with the group
-            self._died(i, epoch, e)
-            self._refetch(i)  # Ray holds the call until the restarted process is up
+        except ray.exceptions.ActorDiedError as e:
+            self._died_for_good(i, e)
             return
+        except ray.exceptions.RayError as e:
+            # Restarting (ActorUnavailableError), or the group was lost with its node: what the
+            # process had finished is counted as lost when its new incarnation reports.
+            if not self._stopping:
+                self._fault(i, "process", f"process {i}: {type(e).__name__}: {str(e)[:200]}")
+                self._unavailable(i)
+            self._refetch(i)  # Ray holds the call until the process is up again
+            return
+        if payload is None and self._stopping:
+            return  # the process's pool was closed by stop()
         try:
             group, report = self.spec.unpack(payload, f"process {i}")
             self.spec.check(group, f"process {i} (pid {report.token[1]})", (0, self._version))
@@ -333,15 +400,33 @@ class ActorFleet:
             self._refetch(i)
             return
         self._take_report(i, report, self.config.group_size)
+        record.saw_version(int(group.policy_version.max()))
         self._trajectory_bytes += _nbytes(group)
         self._ready.extend(split_group(group, self.config.group_size, self.config.width))
         self._refetch(i)
 
+    def _handle_hello(self, ref, i: int) -> None:
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.ActorDiedError as e:
+            self._died_for_good(i, e)
+            return
+        except ray.exceptions.RayError:
+            if not self._stopping:
+                self._unavailable(i)
+            return
+        if type(info) is dict and isinstance(info.get("node_id"), str) and isinstance(info.get("pid"), int):
+            self._restarted(i, self._records[i].seen((info["node_id"], info["pid"])), info["pid"])
+
+    def _restarted(self, i: int, replaced: bool, pid: int) -> None:
+        if replaced:
+            self._fault(i, "process", f"process {i} was restarted (now pid {pid})")
+            if not self._servers:
+                self._links[i].reset(self._start_version)  # a new incarnation: its constructor's params
+                self._send_params(i)
+
     def _take_report(self, i: int, report, received: int) -> None:
-        if self._records[i].report(report, received):
-            self._links[i].reset(self._start_version)  # a new incarnation: its constructor's params
-            self._fault(i, "process", f"process {i} was restarted (now pid {report.token[1]})")
-        self._send_params(i)
+        self._restarted(i, self._records[i].report(report, received), report.token[1])
         for r, n in zip(report.episode_returns, report.episode_lengths):
             self._episodes.add(float(r), int(n))
         self._episode_counts[i] += len(report.episode_returns)
@@ -350,14 +435,10 @@ class ActorFleet:
         if not self._stopping and not self._records[i].given_up:
             self._fetch(i)
 
-    def _died(self, i: int, epoch: int, error: BaseException) -> bool:
-        """A call to process i failed because it died: counts the death once, resets its params."""
-        if self._stopping or not self._records[i].died(epoch):
-            return False
-        self._links[i].reset(self._start_version)
-        state = "given up" if self._records[i].given_up else "restarting"
-        self._fault(i, "process", f"process {i} died ({state}): {type(error).__name__}: {str(error)[:200]}")
-        return True
+    def _died_for_good(self, i: int, error: BaseException) -> None:
+        if not self._stopping and self._records[i].died_for_good():
+            self._fault(i, "process", f"process {i} is dead for good (Ray restarts a process at most "
+                                      f"max_restarts={self.max_restarts} times): {str(error)[:200]}")
 
     def _halt(self, reason: str) -> None:
         self._stopping = True
@@ -382,8 +463,8 @@ class ActorFleet:
             self._version += 1
             if self._started and not self._stopping:
                 self._put_latest()
-                for i in range(len(self._processes)):
-                    self._send_params(i)
+                for target in range(len(self._targets)):
+                    self._send_params(target)
             return self._version
 
     @property
@@ -429,7 +510,7 @@ class ActorFleet:
     def stats(self) -> FleetStats:
         with self._lock:
             alive = self._started and not self._stopped
-            procs = tuple(r.stats(self._episode_counts[r.index], self._links[r.index].has, alive)
+            procs = tuple(r.stats(self._episode_counts[r.index], alive)
                           for r in self._records)
             now = _clock() if self._stop_time is None else self._stop_time
             elapsed = 0.0 if self._start_time is None else now - self._start_time

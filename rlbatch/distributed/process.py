@@ -29,6 +29,7 @@ import numpy as np
 from rlbatch.actors.pool import ActorPool
 from rlbatch.actors.trajectory import Trajectory, stack_trajectories
 from rlbatch.distributed.records import ProcessReport
+from rlbatch.errors import PoolStopped
 from rlbatch.policy.service import PolicyService
 
 __all__ = ["ActorProcess", "ProcessConfig", "VersionMap"]
@@ -139,6 +140,7 @@ class ActorProcess:
                                name=f"p{index}-actor", vector_env_fn=config.vector_env_fn,
                                async_batch_size=config.async_batch_size, **dict(config.pool_options))
         self._report_lock = threading.Lock()
+        self._closing = False
         self._episodes_reported = 0
         self._pool.start()
 
@@ -149,8 +151,14 @@ class ActorProcess:
     def next_group(self) -> tuple[Trajectory, ProcessReport]:
         """The next `group_size` finished trajectories stacked [T, g * w, ...] with fleet versions,
         fleet-wide actor and episode ids and the policy's observation dtypes, and this process's
-        report. Blocks until they are finished; PoolStopped if the pool stopped."""
-        trajectories = [self._pool.get() for _ in range(self._config.group_size)]
+        report. Blocks until they are finished; PoolStopped if the pool stopped (None if `close`
+        stopped it)."""
+        try:
+            trajectories = [self._pool.get() for _ in range(self._config.group_size)]
+        except PoolStopped:
+            if self._closing:
+                return None  # the fleet is stopping: nothing to report
+            raise
         group = stack_trajectories(trajectories)
         example = self._config.example_obs
         cast = lambda x, e: x if x.dtype == np.asarray(e).dtype else x.astype(np.asarray(e).dtype)  # noqa: E731
@@ -189,6 +197,7 @@ class ActorProcess:
     def close(self, timeout: float = 5.0) -> bool:
         """Stops the pool (its environments closed, its threads joined) and the policy."""
         t0 = time.monotonic()
+        self._closing = True
         stopped = self._pool.stop(timeout)
         self._policy.close(wait=stopped and time.monotonic() - t0 < timeout)
         return stopped

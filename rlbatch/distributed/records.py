@@ -8,8 +8,10 @@ is which parameter version a process has and which one is on its way. Neither to
 fleet drives them, and tests drive them without processes.
 
 Counting rules:
-- a restart is a death: a failed call in the epoch it was issued in (`died(epoch)`), or a report
-  from a new incarnation while the old one was still current (a death no call saw fail);
+- a restart is an answer from a new incarnation (`seen`: a group's report, or `info`) while an
+  old one was current, or after calls failed as unavailable (`interrupted`: Ray fails the calls
+  in flight to a dying process, and those made while it restarts, with ActorUnavailableError);
+  Ray's ActorDiedError, once it gave up restarting, ends the process for good (`died_for_good`);
 - the trajectories an incarnation lost are those it had finished by its last report
   (`ProcessReport.trajectories`) and the fleet never received: a lower bound, since what it
   finished after its last report is not known;
@@ -46,10 +48,12 @@ class ProcessReport(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class FleetFault:
-    """A fault the fleet saw: `where` is "process" (a process died), "trajectory" (a group was
-    refused), "params" (a parameter update failed) or "pool" (a process's pool stopped)."""
+    """A fault the fleet saw: `where` is "process" (a process died or was restarted), "trajectory"
+    (a group was refused), "params" (a parameter update failed), "pool" (a process's pool
+    stopped), "server" (an inference server died) or "stop" (stop() ran out of time); `process`
+    is None for the last two."""
 
-    process: int
+    process: int | None
     where: str
     error: str
     time: float  # time.time()
@@ -73,7 +77,7 @@ class ProcessStats:
     restarts: int
     env_errors: int
     policy_errors: int
-    params_version: int  # the newest version the process confirmed
+    params_version: int  # the newest parameter version in its trajectories
     recent_errors: tuple
 
 
@@ -114,53 +118,62 @@ class _Incarnation:
 class ProcessRecord:
     """The fleet's record of process `index` (see the module docstring for the counting rules)."""
 
-    def __init__(self, index: int, max_restarts: int):
+    def __init__(self, index: int):
         self.index = index
-        self.max_restarts = max_restarts
-        self.deaths = 0  # also the epoch: calls are tagged with it when issued
+        self.restarts = 0  # also the epoch: parameter updates are tagged with it when sent
+        self.given_up = False  # Ray will not restart it again
         self.refused = 0
+        self.newest_version = 0
         self._incarnations: dict[tuple, _Incarnation] = {}
         self._current: tuple | None = None
         self._ended: set = set()
+        self._interrupted = False
         self.faults: collections.deque = collections.deque(maxlen=_KEEP_FAULTS)
 
     @property
     def epoch(self) -> int:
-        return self.deaths
+        return self.restarts
 
-    @property
-    def given_up(self) -> bool:
-        """Ray restarts a process at most `max_restarts` times; after that it stays dead."""
-        return self.deaths > self.max_restarts
-
-    def died(self, epoch: int) -> bool:
-        """A call issued in `epoch` failed because the process died. True if this is a death not
-        counted before (a stale failure of a death already counted returns False)."""
-        if epoch < self.deaths:
+    def died_for_good(self) -> bool:
+        """Ray reports the process dead for good (it used up its restarts). True the first time."""
+        if self.given_up:
             return False
-        self.deaths += 1
+        self.given_up = True
         if self._current is not None:
             self._ended.add(self._current)
             self._current = None
         return True
 
+    def interrupted(self) -> None:
+        """A call failed because the process was unavailable: it died, and Ray restarts it."""
+        self._interrupted = True
+
+    def seen(self, token: tuple) -> bool:
+        """Incarnation `token` answered. True if it is a new one that replaced another (a
+        restart: it runs its constructor's parameters, not the newest). An incarnation that died
+        before it ever answered is known only from the calls it left unanswered (`interrupted`)."""
+        token = tuple(token)
+        if token in self._ended or token == self._current:
+            return False  # a late answer of a dead incarnation, or the current one
+        replaced = self._current is not None or self._interrupted
+        if replaced:
+            self.restarts += 1
+            if self._current is not None:
+                self._ended.add(self._current)
+        self._current = token
+        self._interrupted = False
+        return replaced
+
     def report(self, report: ProcessReport, received: int) -> bool:
-        """Counts a group of `received` trajectories and the report that came with it. True if it
-        comes from an incarnation that replaced an earlier one (it has the constructor's
-        parameters, not the newest)."""
-        token = tuple(report.token)
-        life = self._incarnations.setdefault(token, _Incarnation())
+        """Counts a group of `received` trajectories and the report that came with it; as `seen`."""
+        life = self._incarnations.setdefault(tuple(report.token), _Incarnation())
         life.received += received
         if life.report is None or report.env_steps >= life.report.env_steps:
             life.report = report
-        if token in self._ended or token == self._current:
-            return False  # a late group of a dead incarnation, or the current one
-        replaced = self._current is not None or self.deaths > 0
-        if self._current is not None:  # died without a failed call telling us
-            self.deaths += 1
-            self._ended.add(self._current)
-        self._current = token
-        return replaced
+        return self.seen(report.token)
+
+    def saw_version(self, version: int) -> None:
+        self.newest_version = max(self.newest_version, version)
 
     def refuse(self) -> None:
         self.refused += 1
@@ -180,22 +193,27 @@ class ProcessRecord:
                    if token in self._ended and life.report is not None)
 
     @property
+    def current_token(self) -> tuple | None:
+        """(node id, pid) of the current incarnation, once it reported."""
+        return self._current
+
+    @property
     def current_report(self) -> ProcessReport | None:
         life = self._incarnations.get(self._current)
         return None if life is None else life.report
 
-    def stats(self, episodes: int, params_version: int, alive: bool) -> ProcessStats:
+    def stats(self, episodes: int, alive: bool) -> ProcessStats:
         report = self.current_report
-        token = (None, None) if report is None else report.token
+        token = self._current or (None, None)
         rate = report.env_steps / report.elapsed if report is not None and report.elapsed > 0 else 0.0
         errors = tuple(report.recent_errors) if report is not None else ()
         return ProcessStats(
             index=self.index, node_id=token[0], pid=token[1], alive=alive and not self.given_up,
             env_steps=self._sum("env_steps"), steps_per_sec=rate, episodes=episodes, trajectories=self.received,
             trajectories_finished=self._sum("trajectories"),
-            trajectories_lost=self.lost, trajectories_refused=self.refused, restarts=self.deaths,
+            trajectories_lost=self.lost, trajectories_refused=self.refused, restarts=self.restarts,
             env_errors=self._sum("env_errors"), policy_errors=self._sum("policy_errors"),
-            params_version=params_version, recent_errors=errors + tuple(f.error for f in self.faults))
+            params_version=self.newest_version, recent_errors=errors + tuple(f.error for f in self.faults))
 
 
 class ParamLink:
