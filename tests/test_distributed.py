@@ -4,6 +4,7 @@ The pure parts (ProcessRecord, ParamLink, GroupSpec, split_group) are tested wit
 runs on one Ray instance per module: a simulated two-node cluster (ray.cluster_utils.Cluster) on
 this machine, so that the last test can remove a node.
 """
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +133,32 @@ def test_group_spec_refuses_a_wrong_dtype_naming_the_process_and_split_gives_the
 
 
 # ---------------------------------------------------------------------- on Ray
+
+_SELF_STARTED = """
+import json, psutil, ray
+from tests.test_distributed import make_fleet
+with make_fleet(num_processes=1) as fleet:
+    fleet.get(timeout=60)
+    started = ray.is_initialized()
+    procs = psutil.Process().children(recursive=True)
+    listening = {c.laddr.ip for p in procs + [psutil.Process()] for c in p.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}
+gone, alive = psutil.wait_procs(procs, timeout=20)
+print(json.dumps([started, ray.is_initialized(), sorted(listening), [p.name() for p in alive]]))
+"""
+
+
+def test_a_fleet_that_starts_ray_listens_on_loopback_only_and_leaves_no_process():
+    """In a fresh interpreter (the module's cluster runs here): the fleet starts Ray itself."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _SELF_STARTED], capture_output=True, text=True, cwd=root,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    started, initialized, listening, alive = json.loads(out.stdout.strip().splitlines()[-1])
+    assert started and not initialized
+    assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
+    assert alive == []
+
 
 
 @pytest.fixture(scope="module")
