@@ -290,7 +290,7 @@ def test_a_killed_process_is_restarted_gets_the_newest_parameters_and_its_losses
         wait_until(backlog, timeout=30)
         os.kill(old, signal.SIGKILL)
         fresh = None
-        for traj in _trajectories(fleet, seconds=120):
+        for traj in _trajectories(fleet, seconds=60):
             p = fleet.stats.processes[0]
             if p.restarts == 1 and p.pid != old and traj.actor_id < 4 and traj.policy_version.min() == version:
                 fresh = traj
@@ -326,7 +326,7 @@ def test_a_lost_node_restarts_its_processes_on_the_other_and_the_run_goes_on(clu
         moved = [p["index"] for p in info if p["node_id"] != head]
         assert moved, f"expected a process on the second node, got {info}"
         cluster.remove_node(cluster.list_all_nodes()[1])
-        for traj in _trajectories(fleet, seconds=120):
+        for traj in _trajectories(fleet, seconds=60):
             procs = fleet.stats.processes
             if all(procs[i].restarts >= 1 and procs[i].node_id == head for i in moved) and traj.actor_id // 4 in moved:
                 break
