@@ -32,7 +32,6 @@ Network: a fleet that starts Ray itself starts a local instance with no dashboar
 """
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import time
@@ -42,11 +41,11 @@ import jax
 import numpy as np
 import ray
 
-from rlbatch.actors.stats import EpisodeLog
+from rlbatch.distributed.calls import FleetCalls, tree_nbytes
 from rlbatch.distributed.cluster import connect, end_actors, start_servers, wait_exited
 from rlbatch.distributed.process import ActorProcess, ProcessConfig
-from rlbatch.distributed.records import FleetFault, FleetStats, ParamLink, ProcessRecord, ProcessReport
-from rlbatch.distributed.spec import GroupSpec, TrajectoryRefused, split_group
+from rlbatch.distributed.records import FleetStats, ProcessReport
+from rlbatch.distributed.spec import GroupSpec
 from rlbatch.errors import ParamsMismatch, PoolStopped
 from rlbatch.policy.collate import leaf_specs
 from rlbatch.policy.service import DEFAULT_BUCKETS
@@ -55,11 +54,6 @@ __all__ = ["ActorFleet", "PLACEMENTS"]
 
 PLACEMENTS = ("local", "server")
 _clock = time.perf_counter
-_KEEP_FAULTS = 64
-
-
-def _nbytes(tree) -> int:
-    return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
 
 
 class ActorFleet:
@@ -136,28 +130,15 @@ class ActorFleet:
         self._param_specs = leaf_specs(self._params)
         self._param_treedef = jax.tree_util.tree_structure(self._params)
         self._version = 0
-        self._start_version = 0  # what processes are constructed with (and restart with)
-        self._latest_ref = self._start_ref = None
+        self._start_ref = None
         self._param_bytes = 0
-        # Driver-side state; `_lock` guards it, `_consume_lock` admits one consumer into get().
+        # `_lock` guards `_calls` and the fields below; `_consume_lock` admits one caller into get().
         self._lock = threading.Lock()
         self._consume_lock = threading.Lock()
-        self._records = [ProcessRecord(i) for i in range(num_processes)]
-        # Who receives parameters: the processes (placement "local") or the servers ("server").
-        self._targets: list = []
-        self._links: list[ParamLink] = []
+        self._calls = FleetCalls(self.config, self.spec, num_processes, max_restarts, recent_episodes)
         self._processes: list = []
         self._servers: dict = {}
-        self._fetches: dict = {}  # ref -> process
-        self._acks: dict = {}  # ref -> (process, version, epoch)
-        self._hellos: dict = {}  # ref -> process: an `info` call, which says which incarnation runs
-        self._ready: collections.deque = collections.deque()
-        self._episodes = EpisodeLog(recent_episodes)
-        self._episode_counts = [0] * num_processes
-        self._faults: collections.deque = collections.deque(maxlen=_KEEP_FAULTS)
-        self._trajectory_bytes = 0
-        self._started = self._stopping = self._stopped = False
-        self._stop_reason: str | None = None
+        self._started = self._stopped = False
         self._owns_ray = False
         self._start_time = self._stop_time = None
 
@@ -172,9 +153,9 @@ class ActorFleet:
         need = self.num_processes * self._process_cpus + (self._server_cpus if self.placement == "server" else 0)
         self._owns_ray = connect(self._address, self._num_cpus or max(os.cpu_count() or 1, int(np.ceil(need))))
         self._start_time = _clock()
-        self._start_version = self._version
         # Held for the fleet's life: Ray restarts a process with its constructor's arguments.
         self._start_ref = ref = self._put_latest()
+        self._calls.start_version = self._version
         options = {} if self._runtime_env is None else {"runtime_env": self._runtime_env}
         if self.placement == "server":
             self._servers = start_servers(self.config, self.server_buckets, ref, self._version,
@@ -186,27 +167,22 @@ class ActorFleet:
         with self._lock:
             self._processes = [remote.remote(i, self.config, ref, self._version, self._servers or None)
                                for i in range(self.num_processes)]
-            self._targets = list(self._servers.values()) if self._servers else list(self._processes)
-            self._links = [ParamLink(self._version) for _ in self._targets]
-            for i in range(self.num_processes):
-                self._hello(i)
-                for _ in range(self.fetches_per_process):
-                    self._fetch(i)
+            self._calls.attach(self._processes, self._servers, self.fetches_per_process)
         return self
 
     def stop(self, timeout: float | None = 10.0) -> bool:
         """Closes every pool, kills every process and server, and waits (up to `timeout` s) until
         Ray reports them dead; shuts Ray down if the fleet started it. True if all that finished
         in time. Safe to call more than once."""
+        calls = self._calls
         with self._lock:
             if self._stopped or not self._started:
-                self._stopped = self._stopping = True
+                self._stopped = calls.stopping = True
                 return True
-            self._stopping = True
-            if self._stop_reason is None:
-                self._stop_reason = "the fleet was stopped"
+            if not calls.stopping:
+                calls.halt("the fleet was stopped")
             actors = list(self._processes) + list(self._servers.values())
-            tokens = [r.current_token for r in self._records if r.current_token is not None]
+            tokens = [r.current_token for r in calls.records if r.current_token is not None]
         end = None if timeout is None else time.monotonic() + timeout
         infos = [p.info.remote() for p in self._processes]  # where each one runs, before it goes
         closing = [p.close.remote(1.0) for p in self._processes] + [s.close.remote() for s in self._servers.values()]
@@ -233,11 +209,9 @@ class ActorFleet:
         gone = not problems
         with self._lock:
             for problem in problems:
-                self._fault(None, "stop", f"stop(timeout={timeout}): {problem}")
+                calls.fault(None, "stop", f"stop(timeout={timeout}): {problem}")
         with self._lock:
-            self._fetches.clear()
-            self._acks.clear()
-            self._hellos.clear()
+            calls.clear()
             self._stopped = True
             self._stop_time = _clock()
         if self._owns_ray:
@@ -262,47 +236,15 @@ class ActorFleet:
 
     @property
     def running(self) -> bool:
-        return self._started and not self._stopping
+        return self._started and not self._calls.stopping
 
     # ------------------------------------------------------------------ calls to processes (under _lock)
 
-    def _fetch(self, i: int) -> None:
-        self._fetches[self._processes[i].next_group.remote()] = i
-
-    def _hello(self, i: int) -> None:
-        if i not in self._hellos.values() and not self._stopping and not self._records[i].given_up:
-            self._hellos[self._processes[i].info.remote()] = i
-
-    def _unavailable(self, i: int) -> None:
-        """A call to process i failed as unavailable: it died and Ray restarts it; asking which
-        incarnation runs tells the fleet as soon as the new one is up."""
-        self._records[i].interrupted()
-        self._hello(i)
-
-    def _epoch(self, target: int) -> int:
-        """Which incarnation of a parameter target a call goes to (servers are never restarted)."""
-        return 0 if self._servers else self._records[target].epoch
-
-    def _send_params(self, target: int) -> None:
-        link = self._links[target]
-        if self._stopping or not link.wants(self._version):
-            return
-        if not self._servers and self._records[target].given_up:
-            return
-        ref = self._targets[target].set_params.remote(self._version, self._latest_ref)
-        link.sent(self._version)
-        self._acks[ref] = (target, self._version, self._epoch(target))
-
     def _put_latest(self):
-        self._latest_ref = ray.put(self._params)
-        self._param_bytes += _nbytes(self._params)
-        return self._latest_ref
-
-    def _fault(self, i: int | None, where: str, error: str) -> None:
-        fault = FleetFault(i, where, error, time.time())
-        self._faults.append(fault)
-        if i is not None:
-            self._records[i].faults.append(fault)
+        ref = ray.put(self._params)
+        self._param_bytes += tree_nbytes(self._params)
+        self._calls.publish(self._version, ref)
+        return ref
 
     # ------------------------------------------------------------------ consuming
 
@@ -312,137 +254,25 @@ class ActorFleet:
         TimeoutError after `timeout` s; PoolStopped once the fleet is stopped (or every process
         is gone for good) and the trajectories received are handed out."""
         end = None if timeout is None else time.monotonic() + timeout
+        calls = self._calls
         with self._consume_lock:
             while True:
                 with self._lock:
-                    if self._ready:
-                        return self._ready.popleft()
-                    if self._stopping:
-                        raise PoolStopped(self._stop_reason)
-                    refs = list(self._fetches) + list(self._acks) + list(self._hellos)
-                    fetching = bool(self._fetches)
+                    if calls.ready:
+                        return calls.ready.popleft()
+                    if calls.stopping:
+                        raise PoolStopped(calls.stop_reason)
+                    refs, fetching = calls.refs()
                 if not fetching:
                     raise PoolStopped(f"every process of the fleet has died more than max_restarts="
                                       f"{self.max_restarts} times; last fault: "
-                                      f"{self._faults[-1].error if self._faults else None}")
+                                      f"{calls.faults[-1].error if calls.faults else None}")
                 wait = None if end is None else max(0.0, end - time.monotonic())
                 ready, _ = ray.wait(refs, num_returns=1, timeout=wait)
                 if not ready:
                     raise TimeoutError(f"ActorFleet.get: no trajectory within {timeout} s")
-                self._handle(ready[0])
-
-    def _handle(self, ref) -> None:
-        with self._lock:
-            if ref in self._hellos:
-                self._handle_hello(ref, self._hellos.pop(ref))
-            elif ref in self._acks:
-                self._handle_ack(ref, *self._acks.pop(ref))
-            elif ref in self._fetches:
-                self._handle_group(ref, self._fetches.pop(ref))
-
-    def _handle_ack(self, ref, i: int, version: int, epoch: int) -> None:
-        current = epoch == self._epoch(i)  # else sent to an incarnation since replaced
-        name = f"server {i}" if self._servers else f"process {i}"
-        try:
-            has = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:  # raised by the process's own code
-            self._fault(None if self._servers else i, "params",
-                        f"{name} refused parameters version {version}: {e.cause!r}")
-            if current:
-                self._links[i].failed()
-            return
-        except ray.exceptions.ActorDiedError as e:
-            if self._servers:
-                self._fault(None, "server", f"{name} died: {str(e)[:200]}")
-            else:
-                self._died_for_good(i, e)
-            return
-        except ray.exceptions.RayError:  # restarting: its new incarnation's first answer resets the link
-            if not self._servers:
-                self._unavailable(i)
-            if current:
-                self._links[i].failed()
-                self._send_params(i)  # Ray holds the call until the process is up again
-            return
-        if current:
-            self._links[i].confirmed(has)
-            self._send_params(i)
-
-    def _handle_group(self, ref, i: int) -> None:
-        record = self._records[i]
-        try:
-            payload = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:  # raised by the process's own code
-            if not self._stopping:
-                self._halt(f"process {i}'s pool stopped: {e.cause}" if isinstance(e.cause, PoolStopped)
-                           else f"process {i} failed in next_group: {e.cause!r}")
-                self._fault(i, "pool", self._stop_reason)
-            return
-        except ray.exceptions.ActorDiedError as e:
-            self._died_for_good(i, e)
-            return
-        except ray.exceptions.RayError as e:
-            # Restarting (ActorUnavailableError), or the group was lost with its node: what the
-            # process had finished is counted as lost when its new incarnation reports.
-            if not self._stopping:
-                self._fault(i, "process", f"process {i}: {type(e).__name__}: {str(e)[:200]}")
-                self._unavailable(i)
-            self._refetch(i)  # Ray holds the call until the process is up again
-            return
-        if payload is None and self._stopping:
-            return  # the process's pool was closed by stop()
-        try:
-            group, report = self.spec.unpack(payload, f"process {i}")
-            self.spec.check(group, f"process {i} (pid {report.token[1]})", (0, self._version))
-        except TrajectoryRefused as e:
-            record.refuse()
-            self._fault(i, "trajectory", str(e))
-            self._refetch(i)
-            return
-        self._take_report(i, report, self.config.group_size)
-        record.saw_version(int(group.policy_version.max()))
-        self._trajectory_bytes += _nbytes(group)
-        self._ready.extend(split_group(group, self.config.group_size, self.config.width))
-        self._refetch(i)
-
-    def _handle_hello(self, ref, i: int) -> None:
-        try:
-            info = ray.get(ref)
-        except ray.exceptions.ActorDiedError as e:
-            self._died_for_good(i, e)
-            return
-        except ray.exceptions.RayError:
-            if not self._stopping:
-                self._unavailable(i)
-            return
-        if type(info) is dict and isinstance(info.get("node_id"), str) and isinstance(info.get("pid"), int):
-            self._restarted(i, self._records[i].seen((info["node_id"], info["pid"])), info["pid"])
-
-    def _restarted(self, i: int, replaced: bool, pid: int) -> None:
-        if replaced:
-            self._fault(i, "process", f"process {i} was restarted (now pid {pid})")
-            if not self._servers:
-                self._links[i].reset(self._start_version)  # a new incarnation: its constructor's params
-                self._send_params(i)
-
-    def _take_report(self, i: int, report, received: int) -> None:
-        self._restarted(i, self._records[i].report(report, received), report.token[1])
-        for r, n in zip(report.episode_returns, report.episode_lengths):
-            self._episodes.add(float(r), int(n))
-        self._episode_counts[i] += len(report.episode_returns)
-
-    def _refetch(self, i: int) -> None:
-        if not self._stopping and not self._records[i].given_up:
-            self._fetch(i)
-
-    def _died_for_good(self, i: int, error: BaseException) -> None:
-        if not self._stopping and self._records[i].died_for_good():
-            self._fault(i, "process", f"process {i} is dead for good (Ray restarts a process at most "
-                                      f"max_restarts={self.max_restarts} times): {str(error)[:200]}")
-
-    def _halt(self, reason: str) -> None:
-        self._stopping = True
-        self._stop_reason = reason
+                with self._lock:
+                    calls.handle(ready[0])
 
     # ------------------------------------------------------------------ parameters (PolicySink)
 
@@ -461,10 +291,8 @@ class ActorFleet:
         with self._lock:
             self._params = host
             self._version += 1
-            if self._started and not self._stopping:
+            if self._started and not self._calls.stopping:
                 self._put_latest()
-                for target in range(len(self._targets)):
-                    self._send_params(target)
             return self._version
 
     @property
@@ -486,7 +314,7 @@ class ActorFleet:
         returns the stats. A process that does not answer within `timeout` s keeps its last report."""
         with self._lock:
             asked = {p.report.remote(): i for i, p in enumerate(self._processes)
-                     if not self._records[i].given_up and not self._stopping}
+                     if not self._calls.records[i].given_up and not self._calls.stopping}
         if not asked:
             return self.stats
         done, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout)
@@ -498,30 +326,31 @@ class ActorFleet:
             if type(report) is not ProcessReport:
                 continue
             with self._lock:
-                self._take_report(asked[ref], report, 0)
+                self._calls.take_report(asked[ref], report, 0)
         return self.stats
 
     @property
     def errors(self) -> list:
         """The fleet's most recent FleetFaults (up to 64), oldest first."""
-        return list(self._faults)
+        with self._lock:
+            return list(self._calls.faults)
 
     @property
     def stats(self) -> FleetStats:
+        calls = self._calls
         with self._lock:
             alive = self._started and not self._stopped
-            procs = tuple(r.stats(self._episode_counts[r.index], alive)
-                          for r in self._records)
+            procs = tuple(r.stats(calls.episode_counts[r.index], alive) for r in calls.records)
             now = _clock() if self._stop_time is None else self._stop_time
             elapsed = 0.0 if self._start_time is None else now - self._start_time
             steps = sum(p.env_steps for p in procs)
-            ret, length = self._episodes.recent_means()
+            ret, length = calls.episodes.recent_means()
             return FleetStats(
                 num_processes=self.num_processes, processes_alive=sum(p.alive for p in procs), env_steps=steps,
                 elapsed=elapsed, steps_per_sec=steps / elapsed if elapsed > 0 else 0.0,
-                episodes=sum(self._episode_counts), recent_return_mean=ret, recent_length_mean=length,
+                episodes=sum(calls.episode_counts), recent_return_mean=ret, recent_length_mean=length,
                 trajectories=sum(p.trajectories for p in procs),
                 trajectories_lost=sum(p.trajectories_lost for p in procs),
                 trajectories_refused=sum(p.trajectories_refused for p in procs),
                 restarts=sum(p.restarts for p in procs), params_version=self._version,
-                trajectory_bytes=self._trajectory_bytes, param_bytes=self._param_bytes, processes=procs)
+                trajectory_bytes=calls.trajectory_bytes, param_bytes=self._param_bytes, processes=procs)
