@@ -62,6 +62,14 @@ def test_import_rlbatch_does_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
+def test_without_ray_the_package_says_which_extra_to_install():
+    code = ("import sys; sys.modules['ray'] = None  # as if Ray were not installed\n"
+            "try:\n    import rlbatch.distributed\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "pip install 'rlbatch[ray]'" in out.stdout
+
+
 def test_process_record_counts_a_restart_by_its_new_incarnation_and_what_the_old_one_lost():
     record = ProcessRecord(0)
     assert not record.report(report(("n", 1), steps=100, trajectories=10), received=4)
@@ -191,8 +199,8 @@ def _trajectories(fleet, seconds):
 class RecordingLearner:
     """A learner whose update counts and records what it was given."""
 
-    def __init__(self, fail_on=None):
-        self.fail_on = fail_on
+    def __init__(self, fail_on=None, interrupt_on=None):
+        self.fail_on, self.interrupt_on = fail_on, interrupt_on
         self.batches = []
 
     def learner(self):
@@ -203,6 +211,8 @@ class RecordingLearner:
             n = int(state["w"]) + 1
             if n == self.fail_on:
                 raise ValueError("learner bug")
+            if n == self.interrupt_on:
+                raise KeyboardInterrupt
             self.batches.append(batch)
             return params_of(n), {"loss": jnp.float32(0)}
 
@@ -304,15 +314,20 @@ def test_a_killed_process_is_restarted_gets_the_newest_parameters_and_its_losses
     assert _gone([old])
 
 
-def test_a_failing_trainer_stops_the_fleet_and_leaves_no_process(cluster):
+@pytest.mark.parametrize("how", ["fails", "is interrupted"])
+def test_a_trainer_that_fails_or_is_interrupted_stops_the_fleet_and_leaves_no_process(cluster, how):
+    learner = RecordingLearner(**({"fail_on": 3} if how == "fails" else {"interrupt_on": 3})).learner()
     fleet = make_fleet()
-    trainer = rlbatch.Trainer(RecordingLearner(fail_on=3).learner(), fleet, fleet, state=params_of(0), batch_size=2)
+    trainer = rlbatch.Trainer(learner, fleet, fleet, state=params_of(0), batch_size=2)
     fleet.start()
     pids = [p["pid"] for p in fleet.process_info()]
-    with pytest.raises(ValueError, match="learner bug"):
-        trainer.run(total_steps=10**9, progress=False)
+    if how == "fails":
+        with pytest.raises(ValueError, match="learner bug"):
+            trainer.run(total_steps=10**9, progress=False)
+    else:
+        assert trainer.run(total_steps=10**9, progress=False).stop_reason == "interrupted"
     assert not fleet.running and _gone(pids)
-    with pytest.raises(rlbatch.PoolStopped):
+    with pytest.raises(rlbatch.PoolStopped, match="the fleet was stopped"):
         for _ in range(100):  # the trajectories received before the stop come first
             fleet.get(timeout=1)
     assert fleet.stop()  # a second stop is harmless
