@@ -139,7 +139,7 @@ class FleetCalls:
             has = ray.get(ref)
         except ray.exceptions.RayTaskError as e:  # raised by the process's own code
             self.fault(None if self.servers else i, "params",
-                        f"{name} refused parameters version {version}: {e.cause!r}")
+                       f"{name} refused parameters version {version}: {e.cause!r}")
             if current:
                 self.links[i].failed()
             return
@@ -167,7 +167,7 @@ class FleetCalls:
         except ray.exceptions.RayTaskError as e:  # raised by the process's own code
             if not self.stopping:
                 self.halt(f"process {i}'s pool stopped: {e.cause}" if isinstance(e.cause, PoolStopped)
-                           else f"process {i} failed in next_group: {e.cause!r}")
+                          else f"process {i} failed in next_group: {e.cause!r}")
                 self.fault(i, "pool", self.stop_reason)
             return
         except ray.exceptions.ActorDiedError as e:
@@ -230,7 +230,7 @@ class FleetCalls:
     def _died_for_good(self, i: int, error: BaseException) -> None:
         if not self.stopping and self.records[i].died_for_good():
             self.fault(i, "process", f"process {i} is dead for good (Ray restarts a process at most "
-                                      f"max_restarts={self.max_restarts} times): {str(error)[:200]}")
+                                     f"max_restarts={self.max_restarts} times): {str(error)[:200]}")
 
     def halt(self, reason: str) -> None:
         self.stopping = True

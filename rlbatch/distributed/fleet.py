@@ -172,8 +172,9 @@ class ActorFleet:
 
     def stop(self, timeout: float | None = 10.0) -> bool:
         """Closes every pool, kills every process and server, and waits (up to `timeout` s) until
-        Ray reports them dead; shuts Ray down if the fleet started it. True if all that finished
-        in time. Safe to call more than once."""
+        Ray reports them dead and those on this machine have exited; shuts Ray down if the fleet
+        started it. True if all that finished in time (else `errors` says what did not). Safe to
+        call more than once."""
         calls = self._calls
         with self._lock:
             if self._stopped or not self._started:
@@ -206,17 +207,15 @@ class ActorFleet:
             self._consume_lock.release()
         else:
             problems.append("a get() call was still waiting")
-        gone = not problems
         with self._lock:
             for problem in problems:
                 calls.fault(None, "stop", f"stop(timeout={timeout}): {problem}")
-        with self._lock:
             calls.clear()
             self._stopped = True
             self._stop_time = _clock()
         if self._owns_ray:
             ray.shutdown()
-        return gone
+        return not problems
 
     def close(self) -> None:
         """`stop()` under PolicySink's name."""
