@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster
 import rlbatch
 from rlbatch.distributed import ActorFleet, ActorProcess, TrajectoryRefused
 from rlbatch.distributed.cluster import local_only
-from rlbatch.distributed.records import ParamLink, ProcessRecord, ProcessReport
+from rlbatch.distributed.records import ParamLink, ProcessRecord, ProcessReport, recent_means
 from rlbatch.distributed.spec import GroupSpec, split_group
 from tests.conftest import wait_until
 
@@ -49,7 +49,8 @@ def make_fleet(**kw):
 
 def report(token=("n", 1), steps=0, trajectories=0):
     return ProcessReport(token=token, env_steps=steps, elapsed=1.0, trajectories=trajectories,
-                         episode_returns=np.zeros(0), episode_lengths=np.zeros(0, np.int64), env_errors=0,
+                         episodes=steps // 10, recent_return_mean=10.0, recent_length_mean=10.0,
+                         recent_count=min(steps // 10, 100), env_errors=0,
                          policy_errors=0, dropped_on_error=0, actors_running=1, recent_errors=())
 
 
@@ -79,7 +80,7 @@ def test_process_record_counts_a_restart_by_its_new_incarnation_and_what_the_old
     assert record.restarts == 1 and record.lost == 6  # finished 12, received 6
     assert not record.report(report(("n", 1), steps=100, trajectories=10), received=2)  # a late group
     assert record.restarts == 1 and record.lost == 4 and record.received == 10
-    stats = record.stats(episodes=0, alive=True)
+    stats = record.stats(alive=True)
     assert stats.env_steps == 150 and stats.pid == 2 and stats.restarts == 1 and stats.trajectories_lost == 4
     assert stats.trajectories_finished == 14 and stats.alive
 
@@ -98,7 +99,14 @@ def test_process_record_dead_for_good_counts_what_it_lost_once():
     record.report(report(("n", 1), trajectories=5), received=2)
     assert record.died_for_good() and not record.died_for_good()
     assert record.lost == 3 and record.restarts == 0
-    assert not record.stats(episodes=0, alive=True).alive
+    assert not record.stats(alive=True).alive
+
+
+def test_the_fleet_recent_return_weights_each_process_window_by_its_episodes():
+    a = report(("n", 1), steps=1000)._replace(recent_return_mean=10.0, recent_length_mean=10.0, recent_count=100)
+    b = report(("n", 2), steps=1000)._replace(recent_return_mean=40.0, recent_length_mean=40.0, recent_count=50)
+    assert recent_means([a, b, None]) == (20.0, 20.0)
+    assert all(np.isnan(recent_means([None, b._replace(recent_count=0)])))
 
 
 def test_param_link_sends_one_update_at_a_time_and_never_an_older_version():
@@ -242,6 +250,7 @@ def test_a_fleet_of_two_processes_feeds_the_trainer_and_parameters_reach_both(cl
     assert [p.trajectories > 0 and p.params_version >= 1 for p in stats.processes] == [True, True]
     assert stats.env_steps >= result.samples_trained and stats.trajectory_bytes > 0 and stats.param_bytes > 0
     assert stats.restarts == 0 and stats.trajectories_refused == 0
+    assert stats.episodes == sum(p.episodes for p in stats.processes) > 0 and 8 <= stats.recent_length_mean <= 100
 
 
 @pytest.mark.parametrize("placement", ["local", "server"])

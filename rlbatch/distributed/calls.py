@@ -21,7 +21,6 @@ import jax
 import numpy as np
 import ray
 
-from rlbatch.actors.stats import EpisodeLog
 from rlbatch.distributed.records import FleetFault, ParamLink, ProcessRecord
 from rlbatch.distributed.spec import GroupSpec, TrajectoryRefused, split_group
 from rlbatch.errors import PoolStopped
@@ -39,7 +38,7 @@ def tree_nbytes(tree) -> int:
 class FleetCalls:
     """The outstanding calls of a fleet of `num_processes` processes, and their answers' effects."""
 
-    def __init__(self, config, spec: GroupSpec, num_processes: int, max_restarts: int, recent_episodes: int):
+    def __init__(self, config, spec: GroupSpec, num_processes: int, max_restarts: int):
         self.config = config
         self.spec = spec
         self.max_restarts = max_restarts
@@ -53,8 +52,6 @@ class FleetCalls:
         self.acks: dict = {}  # ref -> (target, version, epoch)
         self.hellos: dict = {}  # ref -> process
         self.ready: collections.deque = collections.deque()  # trajectories received, not handed out
-        self.episodes = EpisodeLog(recent_episodes)
-        self.episode_counts = [0] * num_processes
         self.faults: collections.deque = collections.deque(maxlen=_KEEP_FAULTS)
         self.trajectory_bytes = 0
         self.version = 0  # the newest parameter version, and its object
@@ -219,9 +216,6 @@ class FleetCalls:
 
     def take_report(self, i: int, report, received: int) -> None:
         self._restarted(i, self.records[i].report(report, received), report.token[1])
-        for r, n in zip(report.episode_returns, report.episode_lengths):
-            self.episodes.add(float(r), int(n))
-        self.episode_counts[i] += len(report.episode_returns)
 
     def _refetch(self, i: int) -> None:
         if not self.stopping and not self.records[i].given_up:

@@ -44,7 +44,7 @@ import ray
 from rlbatch.distributed.calls import FleetCalls, tree_nbytes
 from rlbatch.distributed.cluster import connect, end_actors, start_servers, wait_exited
 from rlbatch.distributed.process import ActorProcess, ProcessConfig
-from rlbatch.distributed.records import FleetStats, ProcessReport
+from rlbatch.distributed.records import FleetStats, ProcessReport, recent_means
 from rlbatch.distributed.spec import GroupSpec
 from rlbatch.errors import ParamsMismatch, PoolStopped
 from rlbatch.policy.collate import leaf_specs
@@ -79,7 +79,8 @@ class ActorFleet:
       num_cpus: the local Ray's logical CPUs (default: enough for the fleet, at least os.cpu_count()).
       process_cpus, server_cpus, server_gpus: Ray resources of each process and each server.
       runtime_env: Ray's runtime_env for the processes and servers (e.g. env_vars).
-      recent_episodes: episodes (of every process together) in `stats.recent_return_mean`.
+      recent_episodes: each process's window of recent episodes; `stats.recent_return_mean` is
+        the mean over every process's window together.
       process_class: the class each process runs: ActorProcess, or a subclass that changes what a
         process does (its constructor and methods keep ActorProcess's signatures).
     """
@@ -110,7 +111,7 @@ class ActorFleet:
             env_fn=env_fn, vector_env_fn=vector_env_fn, apply_fn=apply_fn, example_obs=example_obs,
             example_state=example_state, num_actors=num_actors, unroll_length=unroll_length,
             envs_per_actor=envs_per_actor, async_batch_size=async_batch_size, seed=seed, group_size=group_size,
-            placement=placement, buckets=tuple(buckets), max_delay=max_delay,
+            placement=placement, buckets=tuple(buckets), max_delay=max_delay, recent_episodes=recent_episodes,
             policy_options=tuple(dict(policy_options or {}).items()),
             pool_options=tuple(dict(pool_options or {}).items()))
         self.num_processes = num_processes
@@ -135,7 +136,7 @@ class ActorFleet:
         # `_lock` guards `_calls` and the fields below; `_consume_lock` admits one caller into get().
         self._lock = threading.Lock()
         self._consume_lock = threading.Lock()
-        self._calls = FleetCalls(self.config, self.spec, num_processes, max_restarts, recent_episodes)
+        self._calls = FleetCalls(self.config, self.spec, num_processes, max_restarts)
         self._processes: list = []
         self._servers: dict = {}
         self._started = self._stopped = False
@@ -339,15 +340,15 @@ class ActorFleet:
         calls = self._calls
         with self._lock:
             alive = self._started and not self._stopped
-            procs = tuple(r.stats(calls.episode_counts[r.index], alive) for r in calls.records)
+            procs = tuple(r.stats(alive) for r in calls.records)
             now = _clock() if self._stop_time is None else self._stop_time
             elapsed = 0.0 if self._start_time is None else now - self._start_time
             steps = sum(p.env_steps for p in procs)
-            ret, length = calls.episodes.recent_means()
+            ret, length = recent_means([r.current_report for r in calls.records])
             return FleetStats(
                 num_processes=self.num_processes, processes_alive=sum(p.alive for p in procs), env_steps=steps,
                 elapsed=elapsed, steps_per_sec=steps / elapsed if elapsed > 0 else 0.0,
-                episodes=sum(calls.episode_counts), recent_return_mean=ret, recent_length_mean=length,
+                episodes=sum(p.episodes for p in procs), recent_return_mean=ret, recent_length_mean=length,
                 trajectories=sum(p.trajectories for p in procs),
                 trajectories_lost=sum(p.trajectories_lost for p in procs),
                 trajectories_refused=sum(p.trajectories_refused for p in procs),

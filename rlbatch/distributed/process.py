@@ -55,6 +55,7 @@ class ProcessConfig:
     placement: str
     buckets: tuple
     max_delay: float
+    recent_episodes: int  # the window of each pool's recent return
     policy_options: tuple  # (name, value) pairs for PolicyService
     pool_options: tuple  # (name, value) pairs for ActorPool
 
@@ -138,10 +139,9 @@ class ActorProcess:
         self._pool = ActorPool(config.env_fn, self._policy, config.num_actors, config.unroll_length,
                                envs_per_actor=config.envs_per_actor, seed=config.seed + index * n,
                                name=f"p{index}-actor", vector_env_fn=config.vector_env_fn,
-                               async_batch_size=config.async_batch_size, **dict(config.pool_options))
-        self._report_lock = threading.Lock()
+                               async_batch_size=config.async_batch_size, recent_episodes=config.recent_episodes,
+                               **dict(config.pool_options))
         self._closing = False
-        self._episodes_reported = 0
         self._pool.start()
 
     def info(self) -> dict:
@@ -170,17 +170,15 @@ class ActorProcess:
         return group, self.report()
 
     def report(self) -> ProcessReport:
-        """This incarnation's counters, and the episodes finished since the previous report."""
-        with self._report_lock:  # two fetches may report at once: each episode is sent once
-            stats = self._pool.stats
-            new = self._pool.episodes[self._episodes_reported:] if stats.episodes > self._episodes_reported else []
-            self._episodes_reported += len(new)
-        returns = np.asarray([r for r, _ in new], np.float64)
-        lengths = np.asarray([n for _, n in new], np.int64)
+        """This incarnation's counters (what it costs does not grow with the episodes played)."""
+        stats = self._pool.stats
         errors = tuple(f"actor {f.actor_id + self._actor_offset}, {f.where}: {f.error}"
                        for f in stats.recent_errors[-_RECENT_ERRORS:])
         return ProcessReport(token=self._token, env_steps=stats.env_steps, elapsed=stats.elapsed,
-                             trajectories=stats.trajectories, episode_returns=returns, episode_lengths=lengths,
+                             trajectories=stats.trajectories, episodes=stats.episodes,
+                             recent_return_mean=stats.recent_return_mean,
+                             recent_length_mean=stats.recent_length_mean,
+                             recent_count=min(stats.episodes, self._config.recent_episodes),
                              env_errors=stats.env_errors, policy_errors=stats.policy_errors,
                              dropped_on_error=stats.dropped_on_error, actors_running=stats.actors_running,
                              recent_errors=errors)

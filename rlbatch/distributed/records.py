@@ -23,9 +23,7 @@ import collections
 import dataclasses
 from typing import NamedTuple
 
-import numpy as np
-
-__all__ = ["FleetFault", "FleetStats", "ParamLink", "ProcessRecord", "ProcessReport", "ProcessStats"]
+__all__ = ["FleetFault", "FleetStats", "ParamLink", "ProcessRecord", "ProcessReport", "ProcessStats", "recent_means"]
 
 _KEEP_FAULTS = 16
 
@@ -37,8 +35,10 @@ class ProcessReport(NamedTuple):
     env_steps: int
     elapsed: float  # seconds since this incarnation's pool started
     trajectories: int  # finished by this incarnation's pool (put into its queue)
-    episode_returns: np.ndarray  # [n] float64: episodes finished since the previous report
-    episode_lengths: np.ndarray  # [n] int64
+    episodes: int  # finished by this incarnation
+    recent_return_mean: float  # over its pool's last `recent_episodes` episodes (nan before any)
+    recent_length_mean: float
+    recent_count: int  # episodes in that window
     env_errors: int
     policy_errors: int
     dropped_on_error: int
@@ -92,7 +92,7 @@ class FleetStats:
     elapsed: float
     steps_per_sec: float
     episodes: int
-    recent_return_mean: float  # the last `recent_episodes` episodes of every process (nan before any)
+    recent_return_mean: float  # each process's last `recent_episodes` episodes together (nan before any)
     recent_length_mean: float
     trajectories: int
     trajectories_lost: int
@@ -105,6 +105,17 @@ class FleetStats:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def recent_means(reports) -> tuple[float, float]:
+    """Mean return and length over the recent-episode windows of `reports` (None: no report yet),
+    each window weighted by the episodes in it; nan before any episode."""
+    reports = [r for r in reports if r is not None and r.recent_count > 0]
+    n = sum(r.recent_count for r in reports)
+    if not n:
+        return float("nan"), float("nan")
+    return (sum(r.recent_return_mean * r.recent_count for r in reports) / n,
+            sum(r.recent_length_mean * r.recent_count for r in reports) / n)
 
 
 class _Incarnation:
@@ -202,14 +213,14 @@ class ProcessRecord:
         life = self._incarnations.get(self._current)
         return None if life is None else life.report
 
-    def stats(self, episodes: int, alive: bool) -> ProcessStats:
+    def stats(self, alive: bool) -> ProcessStats:
         report = self.current_report
         token = self._current or (None, None)
         rate = report.env_steps / report.elapsed if report is not None and report.elapsed > 0 else 0.0
         errors = tuple(report.recent_errors) if report is not None else ()
         return ProcessStats(
             index=self.index, node_id=token[0], pid=token[1], alive=alive and not self.given_up,
-            env_steps=self._sum("env_steps"), steps_per_sec=rate, episodes=episodes, trajectories=self.received,
+            env_steps=self._sum("env_steps"), steps_per_sec=rate, episodes=self._sum("episodes"), trajectories=self.received,
             trajectories_finished=self._sum("trajectories"),
             trajectories_lost=self.lost, trajectories_refused=self.refused, restarts=self.restarts,
             env_errors=self._sum("env_errors"), policy_errors=self._sum("policy_errors"),
