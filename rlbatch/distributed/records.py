@@ -1,9 +1,9 @@
 """What the fleet knows of each actor process: its incarnations, counters, faults and parameters.
 
 A process (one Ray actor) may die and be restarted by Ray; each life is an *incarnation*, told
-apart by the token `(node id, pid)` its reports carry. `ProcessRecord` is the state machine that
-turns the two signals the fleet gets, a report that comes with every group of trajectories and a
-failed call, into restarts, lost trajectories and totals that never go backwards. `ParamLink`
+apart by the token `(node id, pid)` its answers carry. `ProcessRecord` is the state machine that
+turns what the fleet hears (the report that comes with every group, an answer to `info`, a call
+that failed) into restarts, lost trajectories and totals that never go backwards. `ParamLink`
 is which parameter version a process has and which one is on its way. Neither touches Ray: the
 fleet drives them, and tests drive them without processes.
 
@@ -29,7 +29,7 @@ _KEEP_FAULTS = 16
 
 
 class ProcessReport(NamedTuple):
-    """A process's counters, sent with every group (plain numbers and arrays only)."""
+    """A process's counters, sent with every group (plain numbers and strings only)."""
 
     token: tuple  # (node id, pid): which incarnation sent it
     env_steps: int
