@@ -164,6 +164,24 @@ print(json.dumps([started, ray.is_initialized(), sorted(listening), [p.name() fo
 """
 
 
+_CTRL_C = """
+import os, signal, threading
+from tests.test_distributed import make_fleet
+fleet = make_fleet(num_processes=1, unroll_length=10**6).start()  # no trajectory for a long while
+threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    fleet.get()
+except KeyboardInterrupt:
+    print("interrupted", fleet.stop())
+"""
+
+
+def test_ctrl_c_reaches_a_get_waiting_inside_ray_and_the_fleet_then_stops():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _CTRL_C], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.stdout.strip().splitlines()[-1:] == ["interrupted True"], out.stderr[-3000:]
+
+
 def test_a_fleet_that_starts_ray_listens_on_loopback_only_and_leaves_no_process():
     """In a fresh interpreter (the module's cluster runs here): the fleet starts Ray itself."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
