@@ -209,7 +209,8 @@ def cluster():
 def _gone(pids) -> bool:
     def dead(pid):
         try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            # Exited: a zombie, or dead ("X": being reaped by its parent, the raylet, right now).
+            return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
         except psutil.NoSuchProcess:
             return True
     return all(dead(p) for p in pids)
