@@ -79,8 +79,10 @@ class FleetCalls:
             self.send_params(target)
 
     def refs(self) -> tuple[list, bool]:
-        """Every outstanding call, and whether any of them fetches trajectories."""
-        return list(self.fetches) + list(self.acks) + list(self.hellos), bool(self.fetches)
+        """Every outstanding call, and whether any of them fetches trajectories. `ray.wait` lists
+        the ready calls in the order given: the few `info` and `set_params` answers come before
+        the groups, which are almost always ready, so that they are never left waiting behind them."""
+        return list(self.hellos) + list(self.acks) + list(self.fetches), bool(self.fetches)
 
     def clear(self) -> None:
         self.fetches.clear()
