@@ -11,6 +11,7 @@ from rlbatch.errors import (
     QueueFull,
     RLBatchError,
     ServiceClosed,
+    TrajectoryRefused,
 )
 from rlbatch.policy import DEFAULT_BUCKETS, Policy, PolicyCaller, PolicyOutput, PolicyService, PolicyStats
 from rlbatch.training import (
@@ -71,6 +72,7 @@ __all__ = [
     "QueueFull",
     "RLBatchError",
     "ServiceClosed",
+    "TrajectoryRefused",
     # threads
     "pin_threads",
 ]

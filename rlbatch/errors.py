@@ -16,6 +16,7 @@ __all__ = [
     "ParamsMismatch",
     "PoolStopped",
     "CheckpointError",
+    "TrajectoryRefused",
 ]
 
 
@@ -61,3 +62,8 @@ class PoolStopped(RLBatchError):
 
 class CheckpointError(RLBatchError, ValueError):
     """A checkpoint does not match the template it is loaded into."""
+
+
+class TrajectoryRefused(RLBatchError, ValueError):
+    """A process of a fleet (rlbatch.distributed) sent trajectories that do not have the fleet's
+    structure, shapes or dtypes."""

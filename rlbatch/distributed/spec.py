@@ -19,13 +19,9 @@ import numpy as np
 
 from rlbatch.actors.trajectory import Trajectory
 from rlbatch.distributed.records import ProcessReport
-from rlbatch.errors import RLBatchError
+from rlbatch.errors import TrajectoryRefused
 
 __all__ = ["GroupSpec", "TrajectoryRefused", "split_group"]
-
-
-class TrajectoryRefused(RLBatchError, ValueError):
-    """A process sent trajectories that do not have the fleet's structure, shapes or dtypes."""
 
 
 def _describe(shape, dtype) -> str:
