@@ -18,6 +18,7 @@ CleanRL's ppo_atari_envpool settings, or IMPALA's). A flag given explicitly wins
     python -m experiments.train --env rlbatch/Catch-v0 --solve-return 0.9
     python -m experiments.train --env HalfCheetah-v5
     python -m experiments.train --env ALE/Pong-v5 --agent impala
+    python -m experiments.train --processes 2               # 2 actor processes on a local Ray
     python -m experiments.train --env HalfCheetah-v5 --resume runs/train/checkpoint.npz --total-steps 2000000
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import tyro
 
 import agents
 import rlbatch
-from experiments.lib import checkpoints, curves, presets, runtime, tasks, tensorboard
+from experiments.lib import checkpoints, curves, fleet_job, presets, runtime, tasks, tensorboard
 from experiments.lib.warmup import UpdateWarmUp
 from rlbatch import report
 
@@ -48,7 +49,7 @@ class Args:
     network: Optional[Literal["mlp", "cnn", "impala"]] = None
     """torso of the actor-critic (preset: mlp; cnn, the Nature CNN, for Atari)"""
     num_actors: Optional[int] = None
-    """actor threads (preset: 4 classic control, 4 MuJoCo, 2 Atari PPO, 4 Atari IMPALA)"""
+    """actor threads, per process with --processes (preset: 4 classic control, 4 MuJoCo, 2 Atari PPO, 4 Atari IMPALA)"""
     envs_per_actor: Optional[int] = None
     """environments per actor thread, sent to the policy as one request (preset: 8 classic control, 4 MuJoCo, 4 or 8 Atari)"""
     unroll_length: Optional[int] = None
@@ -122,6 +123,14 @@ class Args:
     """also write the checkpoint every this many learner updates"""
     resume: Optional[str] = None
     """continue from this checkpoint: its parameters, optimizer state, update count and env steps"""
+    processes: Optional[int] = None
+    """N >= 1: play in N actor processes on Ray (rlbatch.distributed.ActorFleet, the ray extra) instead
+    of this process's threads, each process with --num-actors actors x --envs-per-actor environments and
+    its own batched inference, shipping groups of --batch-size trajectories; None: one process"""
+    placement: Literal["local", "server"] = "local"
+    """with --processes: inference in every actor process ("local") or in one server per node ("server")"""
+    address: Optional[str] = None
+    """with --processes: the Ray cluster to join (None: start a local Ray bound to 127.0.0.1)"""
     compilation_cache: str = runtime.DEFAULT_COMPILATION_CACHE
     """JAX's persistent compilation cache: later runs load the policy's buckets and the update from it ('' for none)"""
 
@@ -167,8 +176,8 @@ class Job(NamedTuple):
     args: Args  # resolved: no preset field is None
     task: tasks.Task
     learner: rlbatch.Learner
-    policy: rlbatch.PolicyService
-    pool: rlbatch.ActorPool
+    policy: rlbatch.PolicyService  # with --processes: the ActorFleet (the sink the trainer publishes to)
+    pool: rlbatch.ActorPool  # with --processes: the ActorFleet (the source of trajectories)
     trainer: rlbatch.Trainer
     resumed: Optional[dict[str, Any]]  # the checkpoint's metadata when resuming, else None
 
@@ -207,6 +216,17 @@ def build(args: Args) -> Job:
     # The update compiles in a thread of its own while the service compiles and the pool is built.
     warm_up = UpdateWarmUp(learner, state, task.example_obs, unroll_length=args.unroll_length,
                            columns=args.batch_size * args.envs_per_actor).start()
+    if args.processes is not None:
+        if args.processes < 1:
+            raise ValueError(f"--processes: expected N >= 1 actor processes, got {args.processes}")
+        fleet = fleet_job.make_fleet(args, task, learner, state, num_processes=args.processes,
+                                     placement=args.placement, address=args.address)
+        trainer = rlbatch.Trainer(learner, fleet, fleet, state=state, batch_size=args.batch_size,
+                                  max_policy_lag=args.max_policy_lag)
+        if resumed is not None:
+            trainer.restore(args.resume)
+        warm_up.join()
+        return Job(args, task, learner, fleet, fleet, trainer, resumed)
     policy = rlbatch.PolicyService(learner.policy.apply, learner.params(state), example_obs=task.example_obs,
                                    buckets=args.buckets, max_delay=args.max_delay, seed=args.seed)
     pool = rlbatch.ActorPool(policy_service=policy, num_actors=args.num_actors, unroll_length=args.unroll_length,
@@ -224,7 +244,9 @@ def build(args: Args) -> Job:
 def main(args: Args) -> report.Summary:
     print(runtime.enable_compilation_cache(args.compilation_cache))
     runtime.prefer_sync_cpu_dispatch()
-    print(runtime.pin_python_threads(args.pin_python and presets.family_of(args.env) == "classic"))
+    # Not with --processes: Ray's processes, started from this thread, would inherit its one CPU.
+    print(runtime.pin_python_threads(args.pin_python and presets.family_of(args.env) == "classic"
+                                     and args.processes is None))
     job = build(args)
     args, offset = job.args, job.env_steps_offset
     if job.resumed is not None:
@@ -237,7 +259,9 @@ def main(args: Args) -> report.Summary:
                                        args=config, env_steps_offset=offset)
     from tqdm.auto import tqdm
 
-    recorder = report.Recorder(job.pool, job.policy, echo=tqdm.write)  # a periodic line above the bar
+    fleet = args.processes is not None
+    recorder = (fleet_job.FleetRecorder(job.pool) if fleet
+                else report.Recorder(job.pool, job.policy, echo=tqdm.write))  # a periodic line above the bar
     board = None
     if args.track_tensorboard and not tensorboard.tensorboard_available():
         print("TensorBoard scalars skipped: tensorboardX is not installed (pip install -e \".[tensorboard]\")")
@@ -245,7 +269,8 @@ def main(args: Args) -> report.Summary:
 
         schedule = learning_rate(args)
         steps = optimizer_steps_per_update(args)
-        board = tensorboard.TensorBoardLog(os.path.join(args.out, "tensorboard"), pool=job.pool, policy=job.policy,
+        board = tensorboard.TensorBoardLog(os.path.join(args.out, "tensorboard"),
+                               pool=None if fleet else job.pool, policy=None if fleet else job.policy,
                                lag=job.trainer.lag, env_steps_offset=offset, config=config,
                                learning_rate_fn=(lambda u: schedule(u * steps)) if callable(schedule) else None)
 
@@ -269,11 +294,16 @@ def main(args: Args) -> report.Summary:
     checkpoint = saver.save(job.trainer, job.pool.stats.env_steps) if args.save_checkpoint else None
     summary = recorder.finish(result, config=config)
     print(report.format_table(summary))
+    if fleet:
+        section = fleet_job.fleet_section(job.pool.stats)
+        print(fleet_job.format_fleet(section))
     extra = {"learning_curve": curve.as_json(), "checkpoint": checkpoint, "env_steps_offset": offset,
              "resumed_from": args.resume, "updates_total": job.trainer.updates,
              "training_started_at": training_started_at,
              "solved_at": (None if result.solved_at_seconds is None
                            else training_started_at + result.solved_at_seconds)}
+    if fleet:
+        extra["fleet"] = section
     path = report.write(summary, args.out, plots=args.plots, extra=extra)
     if args.plots:
         curve.plot(args.out, title=args.env)
