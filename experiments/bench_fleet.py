@@ -1,0 +1,241 @@
+"""Benchmark of ActorFleet: CartPole env steps/s across processes, and time to solve CartPole.
+
+In one run, with the same 4-64-64-2 MLP policy sampling its actions and `num_envs` (256) CartPole
+environments in total:
+
+- pool-grouped and pool-single: the single-process ActorPool, 8 actors x 32 environments and 256
+  actors x 1 (one PolicyService, max delay 2 ms);
+- fleet-local and fleet-server: an ActorFleet of 1, 2 and 4 processes, the same 256 environments
+  split evenly (8 / N actors x 32 environments per process), inference in every process ("local")
+  or in one inference server ("server"); a process ships groups of `group_size` trajectories.
+
+Steps/s are counted over `duration` s after a discarded `warmup` (ActorPool.stats.env_steps;
+ActorFleet.refresh_stats().env_steps, which asks every process for its count). The main thread
+drains the trajectories as a trainer would (pool.get / fleet.get), so nothing blocks on a full
+queue. Each row's ratio is to the better single-process pool, measured in the same run.
+
+Then time to solve CartPole-v1: `python -m experiments.train` (the classic preset) and the same
+with `--processes 2`, as subprocesses with the same seed, each to its report's solved_at_seconds
+(None: not solved within `solve_max_seconds`).
+
+Ray starts once (bound to 127.0.0.1) before the Python threads are pinned (`pin_python`, the
+single-process pool's better setting), so Ray's processes keep every CPU. Targets, shown and never
+asserted: 2 processes >= 1.6x the single-process pool's steps/s; time to solve with 2 processes
+below the single-process time.
+
+    python -m experiments.bench_fleet            # the table and the solve times (several minutes)
+    python -m experiments.bench_fleet --quick    # a smoke run (about a minute), no solve runs
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+import ray
+import tyro
+
+import rlbatch
+from experiments.bench_policy import mlp_policy
+from experiments.lib import env_loops, runtime
+from rlbatch.distributed import ActorFleet
+from rlbatch.distributed.cluster import connect
+
+_clock = time.perf_counter
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    num_envs: int = 256
+    """CartPole environments of every configuration"""
+    envs_per_actor: int = 32
+    """environments per actor in the grouped pool and in the fleets' processes"""
+    processes: tuple[int, ...] = (1, 2, 4)
+    """fleet sizes"""
+    placements: tuple[str, ...] = ("local", "server")
+    """where the fleets' inference runs"""
+    unroll_length: int = 32
+    """T: steps per trajectory"""
+    group_size: int = 4
+    """trajectories per object a fleet process ships"""
+    warmup: float = 3.0
+    """seconds discarded before each measurement (compiles, process start)"""
+    duration: float = 10.0
+    """seconds measured per configuration"""
+    solve: bool = True
+    """run the time-to-solve comparison (experiments.train with and without --processes 2)"""
+    solve_processes: int = 2
+    """--processes of the fleet's solve run"""
+    solve_max_seconds: float = 300.0
+    """--max-seconds of each solve run"""
+    solve_total_steps: Optional[int] = None
+    """--total-steps of each solve run (None: the preset's)"""
+    seed: int = 0
+    """seeds the parameters, the policies' key schedules, the environments and both solve runs"""
+    pin_python: bool = True
+    """confine this process's Python threads to one CPU (after Ray started) for the pool rows"""
+    quick: bool = False
+    """a smoke run: 1 s warm-up and measurement, no solve runs"""
+    out: str = "runs/bench_fleet"
+    """file stem for the JSON and Markdown outputs (and the solve runs' directories)"""
+
+
+def _policy(seed: int):
+    mlp = mlp_policy(4, (64, 64), 2)
+    return mlp.apply, mlp.init(jax.random.PRNGKey(seed), np.zeros(4, np.float32))
+
+
+def measure_pool(args: Args, apply_fn, params, num_actors: int, envs_per_actor: int) -> float:
+    """Steps/s of the single-process ActorPool."""
+    with rlbatch.PolicyService(apply_fn, params, example_obs=np.zeros(4, np.float32), seed=args.seed) as svc:
+        with rlbatch.ActorPool("CartPole-v1", svc, num_actors=num_actors, unroll_length=args.unroll_length,
+                               envs_per_actor=envs_per_actor, seed=args.seed) as pool:
+            return env_loops.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration).steps_per_s
+
+
+def measure_fleet(args: Args, apply_fn, params, num_processes: int, placement: str) -> dict:
+    """Steps/s of an ActorFleet of `num_processes` with the run's environments split evenly."""
+    per_process = args.num_envs // num_processes
+    envs_per_actor = min(args.envs_per_actor, per_process)
+    fleet = ActorFleet("CartPole-v1", apply_fn, params, example_obs=np.zeros(4, np.float32),
+                       num_processes=num_processes, num_actors=per_process // envs_per_actor,
+                       envs_per_actor=envs_per_actor, unroll_length=args.unroll_length,
+                       group_size=args.group_size, placement=placement, seed=args.seed)
+    with fleet:
+        env_loops.drain_until(fleet, _clock() + args.warmup)
+        # Until every process has shipped a group: a process not heard from yet would count its
+        # warm-up steps inside the measurement.
+        deadline = _clock() + 60.0
+        while not all(p.trajectories for p in fleet.stats.processes) and _clock() < deadline:
+            env_loops.drain_until(fleet, _clock() + 0.5)
+        s0, t0 = fleet.refresh_stats().env_steps, _clock()
+        env_loops.drain_until(fleet, t0 + args.duration)
+        stats, t1 = fleet.refresh_stats(), _clock()
+        errors = fleet.errors
+    if errors:
+        e = errors[-1]
+        raise RuntimeError(f"measure_fleet: {num_processes} processes, placement {placement!r}: process "
+                           f"{e.process} failed in {e.where}: {e.error}")
+    return dict(steps_per_s=(stats.env_steps - s0) / (t1 - t0), restarts=stats.restarts,
+                trajectory_mb=stats.trajectory_bytes / 1e6,
+                per_process_steps_per_s=[p.steps_per_sec for p in stats.processes])
+
+
+def throughput_rows(args: Args) -> list[dict]:
+    """The pool and fleet rows, each with its ratio to the better single-process pool."""
+    apply_fn, params = _policy(args.seed)
+    rows = []
+    for mode, actors, per_actor in (("pool-grouped", args.num_envs // args.envs_per_actor, args.envs_per_actor),
+                                    ("pool-single", args.num_envs, 1)):
+        rows.append(dict(mode=mode, processes=1, actors=actors, envs_per_actor=per_actor,
+                         steps_per_s=measure_pool(args, apply_fn, params, actors, per_actor)))
+        print(f"{mode:13s} {actors} x {per_actor}: {rows[-1]['steps_per_s']:,.0f} steps/s", flush=True)
+    for placement in args.placements:
+        for n in args.processes:
+            rows.append(dict(mode=f"fleet-{placement}", processes=n, **measure_fleet(args, apply_fn, params, n,
+                                                                                   placement)))
+            print(f"fleet-{placement:6s} {n} processes: {rows[-1]['steps_per_s']:,.0f} steps/s", flush=True)
+    reference = max(r["steps_per_s"] for r in rows if r["mode"].startswith("pool"))
+    for r in rows:
+        r["ratio_to_pool"] = r["steps_per_s"] / reference
+    return rows
+
+
+def solve_run(args: Args, processes: Optional[int]) -> dict:
+    """One `experiments.train` subprocess on CartPole-v1; its solve time from its report."""
+    name = "single" if processes is None else f"processes{processes}"
+    out = os.path.join(args.out + "_solve", name)
+    if os.path.exists(os.path.join(out, "report.jsonl")):
+        os.remove(os.path.join(out, "report.jsonl"))  # the report appends; one line per run here
+    command = [sys.executable, "-m", "experiments.train", "--seed", str(args.seed), "--out", out,
+               "--no-progress", "--no-plots", "--no-track-tensorboard", "--no-save-checkpoint",
+               "--max-seconds", str(args.solve_max_seconds)]
+    if args.solve_total_steps is not None:
+        command += ["--total-steps", str(args.solve_total_steps)]
+    if processes is not None:
+        command += ["--processes", str(processes)]
+    t0 = _clock()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = _clock() - t0
+    with open(os.path.join(out, "report.jsonl")) as f:
+        line = json.loads(f.readlines()[-1])
+    learning = line["learning"]
+    return dict(run=name, processes=processes or 1, solved_at_seconds=learning["solved_at_seconds"],
+                solved_at_steps=learning["solved_at_steps"], stop_reason=learning["stop_reason"],
+                steps_per_s=line["throughput"]["steps_per_sec"], wall_s=wall)
+
+
+def evaluate_targets(rows: list[dict], solves: list[dict], args: Args) -> list[dict]:
+    """The targets, measured (shown, never asserted: timings depend on the machine)."""
+    targets = []
+    two = [r for r in rows if r["processes"] == 2 and r["mode"].startswith("fleet")]
+    if two:
+        best = max(two, key=lambda r: r["ratio_to_pool"])
+        targets.append(dict(target=f"{args.num_envs} CartPole envs, 2 processes ({best['mode']}) >= 1.6x the pool",
+                            value=best["ratio_to_pool"], met=best["ratio_to_pool"] >= 1.6))
+    if len(solves) == 2:
+        single, fleet = solves
+        met = (fleet["solved_at_seconds"] is not None and
+               (single["solved_at_seconds"] is None or fleet["solved_at_seconds"] < single["solved_at_seconds"]))
+        targets.append(dict(target=f"solve CartPole with --processes {fleet['processes']} faster than one process",
+                            value=fleet["solved_at_seconds"], met=met))
+    return targets
+
+
+def _f(v, fmt="{:,.0f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def render(rows: list[dict], solves: list[dict], targets: list[dict], args: Args) -> str:
+    lines = [f"## ActorFleet: CartPole-v1, {args.num_envs} environments, {os.cpu_count()} CPUs", "",
+             "| configuration | processes | steps/s | x pool | per process steps/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        shape = (f" ({r['actors']} x {r['envs_per_actor']})" if "actors" in r else "")
+        per = ", ".join(f"{x:,.0f}" for x in r.get("per_process_steps_per_s", ()))
+        lines.append(f"| {r['mode']}{shape} | {r['processes']} | {r['steps_per_s']:,.0f} | "
+                     f"{r['ratio_to_pool']:.2f} | {per or '-'} |")
+    if solves:
+        lines += ["", "| solve run | processes | solved at (s) | solved at (steps) | stop | steps/s |",
+                  "|---|---|---|---|---|---|"]
+        for s in solves:
+            lines.append(f"| {s['run']} | {s['processes']} | {_f(s['solved_at_seconds'], '{:.1f}')} | "
+                         f"{_f(s['solved_at_steps'])} | {s['stop_reason']} | {s['steps_per_s']:,.0f} |")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for t in targets:
+        lines.append(f"| {t['target']} | {_f(t['value'], '{:.2f}')} | {'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(args: Args) -> dict:
+    if args.quick:
+        args = dataclasses.replace(args, warmup=1.0, duration=1.0, solve=False)
+    runtime.prefer_sync_cpu_dispatch()
+    owns_ray = connect(None, max(os.cpu_count() or 1, 1 + max(args.processes)))
+    try:
+        # After Ray started: its processes descend from its own, with every CPU.
+        print(runtime.pin_python_threads(args.pin_python))
+        rows = throughput_rows(args)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    solves = [solve_run(args, None), solve_run(args, args.solve_processes)] if args.solve else []
+    targets = evaluate_targets(rows, solves, args)
+    table = render(rows, solves, targets, args)
+    print(table)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    result = dict(args=dataclasses.asdict(args), cpus=os.cpu_count(), rows=rows, solves=solves, targets=targets)
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(table + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, prog="python -m experiments.bench_fleet", description=__doc__))
