@@ -102,3 +102,17 @@ def test_the_solve_target_needs_the_fleet_solved_and_sooner():
     assert not met(20.0, 30.0) and not met(20.0, None) and not met(None, None)
     table = bench_fleet.render([], [_solve(1, 30.0), _solve(2, None)], [], args)
     assert "| p1 | 1 | 30.0 |" in table and "| p2 | 2 | - |" in table
+
+
+def test_help_of_train_and_bench_fleet_says_what_the_fleet_flags_do():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    help_of = lambda module: subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env,
+                                            capture_output=True, text=True, timeout=120).stdout
+    train_help = " ".join(help_of("experiments.train").split())
+    for flag in ("--processes", "--placement", "--address"):
+        assert flag in train_help
+    assert "actor threads, per process with --processes" in train_help
+    bench_help = " ".join(help_of("experiments.bench_fleet").split())
+    assert bench_fleet.__doc__.splitlines()[0] in bench_help
+    for field in ("--num-envs", "--processes", "--placements", "--quick", "--solve-max-seconds", "--out"):
+        assert field in bench_help, field
