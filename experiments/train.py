@@ -209,6 +209,11 @@ def build(args: Args) -> Job:
     """Resolves the presets, builds the learner, policy service, actor pool and trainer, and
     restores the checkpoint of `--resume` (its parameters are published before any actor starts)."""
     args = presets.resolve(args)
+    if args.processes is not None and args.processes < 1:
+        raise ValueError(f"--processes: expected N >= 1 actor processes, got {args.processes}")
+    if args.processes is None and (args.placement != "local" or args.address is not None):
+        raise ValueError(f"--placement and --address apply to a fleet: expected --processes N with them, got "
+                         f"--placement {args.placement} --address {args.address} without --processes")
     resumed = _check_resume(args, args.resume) if args.resume else None
     task = tasks.probe(args.env)
     learner = make_learner(args, make_network(args, task))
@@ -217,8 +222,6 @@ def build(args: Args) -> Job:
     warm_up = UpdateWarmUp(learner, state, task.example_obs, unroll_length=args.unroll_length,
                            columns=args.batch_size * args.envs_per_actor).start()
     if args.processes is not None:
-        if args.processes < 1:
-            raise ValueError(f"--processes: expected N >= 1 actor processes, got {args.processes}")
         fleet = fleet_job.make_fleet(args, task, learner, state, num_processes=args.processes,
                                      placement=args.placement, address=args.address)
         trainer = rlbatch.Trainer(learner, fleet, fleet, state=state, batch_size=args.batch_size,

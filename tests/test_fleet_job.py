@@ -13,6 +13,8 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from experiments import bench_fleet
 from experiments.lib import checkpoints
 from tests.test_train_job import read_scalars
@@ -116,3 +118,14 @@ def test_help_of_train_and_bench_fleet_says_what_the_fleet_flags_do():
     assert bench_fleet.__doc__.splitlines()[0] in bench_help
     for field in ("--num-envs", "--processes", "--placements", "--quick", "--solve-max-seconds", "--out"):
         assert field in bench_help, field
+
+
+def test_fleet_flags_without_a_fleet_or_with_no_processes_are_refused_before_anything_starts():
+    from experiments import train
+
+    with pytest.raises(ValueError, match="expected N >= 1 actor processes, got 0"):
+        train.build(train.Args(processes=0))
+    with pytest.raises(ValueError, match="expected --processes N with them, got --placement server"):
+        train.build(train.Args(placement="server"))
+    with pytest.raises(ValueError, match="--address 127.0.0.1:6379 without --processes"):
+        train.build(train.Args(address="127.0.0.1:6379"))
