@@ -37,7 +37,7 @@ from rlbatch.policy.service import PolicyService, PolicyStats
 from rlbatch.training.trainer import Progress, TrainReport
 
 __all__ = ["Actors", "Batching", "BucketFill", "Learning", "Recorder", "Stages", "Summary", "Throughput",
-           "format_table", "plot", "summarize", "write", "write_runs"]
+           "format_table", "plot", "summarize", "window_rate", "write", "write_runs"]
 
 _clock = time.perf_counter
 
@@ -156,8 +156,9 @@ class Summary:
         return out
 
 
-def _window_rate(series, seconds):
-    """Steps/s over the last `seconds` of a [(elapsed, steps)] series."""
+def window_rate(series, seconds):
+    """Steps/s over the samples of an [(elapsed, steps)] series within its last `seconds`; nan with
+    fewer than two samples."""
     if len(series) < 2:
         return float("nan")
     t_end, s_end = series[-1]
@@ -186,7 +187,7 @@ def summarize(actors: Optional[ActorStats] = None, service: Optional[ServiceStat
         throughput = Throughput(
             env_steps=a.env_steps, elapsed_s=elapsed,
             steps_per_sec=a.env_steps / elapsed if elapsed else float("nan"),
-            steps_per_sec_last_10s=_window_rate(series, 10.0), steps_per_sec_last_60s=_window_rate(series, 60.0),
+            steps_per_sec_last_10s=window_rate(series, 10.0), steps_per_sec_last_60s=window_rate(series, 60.0),
             series=tuple((round(t, 3), s) for t, s in series))
         actor_figures = Actors(
             num_actors=a.num_actors, num_envs=a.num_envs, episodes=a.episodes,
@@ -251,7 +252,7 @@ class Recorder:
         if self.every is not None and _clock() - self._last_print >= self.every:
             self._last_print = _clock()
             self._echo(f"[{stats.elapsed:7.1f}s] env steps {stats.env_steps:,} | "
-                       f"{_window_rate(self.series, 10.0):,.0f} steps/s (10 s) | "
+                       f"{window_rate(self.series, 10.0):,.0f} steps/s (10 s) | "
                        f"return {stats.recent_return_mean:.1f} | queue {stats.queue_depth}")
 
     def on_update(self, progress: Progress) -> None:

@@ -95,19 +95,7 @@ class FleetRecorder:
         stats = self.fleet.stats
         throughput = report.Throughput(
             env_steps=stats.env_steps, elapsed_s=stats.elapsed, steps_per_sec=stats.steps_per_sec,
-            steps_per_sec_last_10s=_window_rate(self.series, 10.0),
-            steps_per_sec_last_60s=_window_rate(self.series, 60.0),
+            steps_per_sec_last_10s=report.window_rate(self.series, 10.0),
+            steps_per_sec_last_60s=report.window_rate(self.series, 60.0),
             series=tuple((round(t, 3), s) for t, s in self.series))
         return dataclasses.replace(report.summarize(None, None, train_report, config=config), throughput=throughput)
-
-
-def _window_rate(series, seconds: float) -> float:
-    """Steps/s over the samples of an [(elapsed, steps)] series within its last `seconds` (as
-    report.Recorder computes them for a pool); nan with fewer than two samples."""
-    if len(series) < 2:
-        return float("nan")
-    t_end, s_end = series[-1]
-    for t, s in series:
-        if t_end - t <= seconds:
-            return (s_end - s) / (t_end - t) if t_end > t else float("nan")
-    return float("nan")
