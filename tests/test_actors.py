@@ -46,6 +46,23 @@ def rotated(n):
     return LENGTHS[n:] + LENGTHS[:n], TRUNCATE[n:] + TRUNCATE[:n]
 
 
+def assert_matches_scripts(trajs, k, T):
+    """Column j of every trajectory holds the next T steps of the script of rotated(j), in order."""
+    for j in range(k):
+        steps = scripted_steps(*rotated(j))
+        for traj in trajs:
+            expected = [next(steps) for _ in range(T)]
+            np.testing.assert_array_equal(traj.obs[:T, j], [e["obs"] for e in expected])
+            np.testing.assert_array_equal(traj.obs[T, j], expected[-1]["next_obs"])
+            np.testing.assert_array_equal(traj.reward[:, j], [e["reward"] for e in expected])
+            np.testing.assert_array_equal(traj.terminated[:, j], [e["terminated"] for e in expected])
+            np.testing.assert_array_equal(traj.truncated[:, j], [e["truncated"] for e in expected])
+            np.testing.assert_array_equal(traj.final_obs[:, j], [e["final_obs"] for e in expected])
+            np.testing.assert_array_equal(traj.extras["tag"][:, j], [e["obs"][0] * 100 + e["obs"][1] for e in expected])
+            np.testing.assert_array_equal(traj.episode_id[:, j] & 0xFFFFFFFF, [e["episode"] for e in expected])
+            assert (traj.episode_id[:, j] >> 32 == j).all()
+
+
 def rotated_scripts(wrap=lambda env, n: env):
     """A factory whose n-th environment follows `rotated(n)`, so that the k environments of one
     actor end their episodes at different steps (n is the column for one actor's first build)."""
@@ -132,19 +149,7 @@ def test_three_envs_with_different_episode_lengths_match_their_scripts_exactly()
         pool = rlbatch.ActorPool(rotated_scripts(), svc, num_actors=1, unroll_length=T, envs_per_actor=k)
         with pool:
             trajs = [pool.get(timeout=30) for _ in range(6)]
-    for j in range(k):
-        steps = scripted_steps(*rotated(j))
-        for traj in trajs:
-            expected = [next(steps) for _ in range(T)]
-            np.testing.assert_array_equal(traj.obs[:T, j], [e["obs"] for e in expected])
-            np.testing.assert_array_equal(traj.obs[T, j], expected[-1]["next_obs"])
-            np.testing.assert_array_equal(traj.reward[:, j], [e["reward"] for e in expected])
-            np.testing.assert_array_equal(traj.terminated[:, j], [e["terminated"] for e in expected])
-            np.testing.assert_array_equal(traj.truncated[:, j], [e["truncated"] for e in expected])
-            np.testing.assert_array_equal(traj.final_obs[:, j], [e["final_obs"] for e in expected])
-            np.testing.assert_array_equal(traj.extras["tag"][:, j], [e["obs"][0] * 100 + e["obs"][1] for e in expected])
-            np.testing.assert_array_equal(traj.episode_id[:, j] & 0xFFFFFFFF, [e["episode"] for e in expected])
-            assert (traj.episode_id[:, j] >> 32 == j).all()
+    assert_matches_scripts(trajs, k, T)
     ends = np.concatenate([traj.terminated | traj.truncated for traj in trajs])
     # the columns end their episodes at different steps, so a mix-up between columns shows
     assert (ends[:, 0] != ends[:, 1]).any() and (ends[:, 1] != ends[:, 2]).any() and (ends[:, 0] != ends[:, 2]).any()

@@ -13,6 +13,7 @@ from gymnasium.vector import AutoresetMode
 
 import rlbatch
 from tests import fakes
+from tests import test_actors
 from tests.test_actors import counter_service, rotated, rotated_scripts, scripted_service, scripted_steps
 
 T, K = 4, 3
@@ -60,19 +61,7 @@ def expected_episodes(k, steps):
 
 
 def assert_matches_scripts(trajs, k=K):
-    for j in range(k):
-        steps = scripted_steps(*rotated(j))
-        for traj in trajs:
-            expected = [next(steps) for _ in range(T)]
-            np.testing.assert_array_equal(traj.obs[:T, j], [e["obs"] for e in expected])
-            np.testing.assert_array_equal(traj.obs[T, j], expected[-1]["next_obs"])
-            np.testing.assert_array_equal(traj.reward[:, j], [e["reward"] for e in expected])
-            np.testing.assert_array_equal(traj.terminated[:, j], [e["terminated"] for e in expected])
-            np.testing.assert_array_equal(traj.truncated[:, j], [e["truncated"] for e in expected])
-            np.testing.assert_array_equal(traj.final_obs[:, j], [e["final_obs"] for e in expected])
-            np.testing.assert_array_equal(traj.extras["tag"][:, j], [e["obs"][0] * 100 + e["obs"][1] for e in expected])
-            np.testing.assert_array_equal(traj.episode_id[:, j] & 0xFFFFFFFF, [e["episode"] for e in expected])
-            assert (traj.episode_id[:, j] >> 32 == j).all()
+    test_actors.assert_matches_scripts(trajs, k, T)
 
 
 @pytest.mark.parametrize("kind, mode", [("sync", AutoresetMode.NEXT_STEP), ("sync", AutoresetMode.SAME_STEP),
