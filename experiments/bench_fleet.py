@@ -80,6 +80,11 @@ class Args:
     """seeds the parameters, the policies' key schedules, the environments and both solve runs"""
     pin_python: bool = True
     """confine this process's Python threads to one CPU (after Ray started) for the pool rows"""
+    cpu_modes: tuple[str, ...] = ("pinned", "free")
+    """the fleets' CPU settings: "pinned" (ActorFleet pin_python and sync_cpu_dispatch: process i's
+    Python threads and policy on CPU i) and "free" (neither)"""
+    repeats: int = 3
+    """rounds: every configuration is measured once per round, the rounds interleaved; rows show the median"""
     quick: bool = False
     """a smoke run: 1 s warm-up and measurement, no solve runs"""
     out: str = "runs/bench_fleet"
@@ -91,22 +96,24 @@ def _policy(seed: int):
     return mlp.apply, mlp.init(jax.random.PRNGKey(seed), np.zeros(4, np.float32))
 
 
-def measure_pool(args: Args, apply_fn, params, num_actors: int, envs_per_actor: int) -> float:
-    """Steps/s of the single-process ActorPool."""
+def measure_pool(args: Args, apply_fn, params, num_actors: int, envs_per_actor: int) -> dict:
+    """Steps/s of the single-process ActorPool, and the CPUs its process kept busy meanwhile."""
     with rlbatch.PolicyService(apply_fn, params, example_obs=np.zeros(4, np.float32), seed=args.seed) as svc:
         with rlbatch.ActorPool("CartPole-v1", svc, num_actors=num_actors, unroll_length=args.unroll_length,
                                envs_per_actor=envs_per_actor, seed=args.seed) as pool:
-            return env_loops.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration).steps_per_s
+            rate = env_loops.measure_pool(pool, svc, warmup=args.warmup, duration=args.duration)
+    return dict(steps_per_s=rate.steps_per_s, cpus_busy=rate.cpu_s / rate.elapsed_s)
 
 
-def measure_fleet(args: Args, apply_fn, params, num_processes: int, placement: str) -> dict:
+def measure_fleet(args: Args, apply_fn, params, num_processes: int, placement: str, cpu_mode: str) -> dict:
     """Steps/s of an ActorFleet of `num_processes` with the run's environments split evenly."""
     per_process = args.num_envs // num_processes
     envs_per_actor = min(args.envs_per_actor, per_process)
     fleet = ActorFleet("CartPole-v1", apply_fn, params, example_obs=np.zeros(4, np.float32),
                        num_processes=num_processes, num_actors=per_process // envs_per_actor,
                        envs_per_actor=envs_per_actor, unroll_length=args.unroll_length,
-                       group_size=args.group_size, placement=placement, seed=args.seed)
+                       group_size=args.group_size, placement=placement, seed=args.seed,
+                       pin_python=cpu_mode == "pinned", sync_cpu_dispatch=cpu_mode == "pinned")
     with fleet:
         env_loops.drain_until(fleet, _clock() + args.warmup)
         # Until every process has shipped a group: a process not heard from yet would count its
@@ -127,23 +134,39 @@ def measure_fleet(args: Args, apply_fn, params, num_processes: int, placement: s
                 per_process_steps_per_s=[p.steps_per_sec for p in stats.processes])
 
 
+def _median_row(runs: list[dict]) -> dict:
+    """The run with the median steps/s (its other fields kept), and every run's steps/s."""
+    ordered = sorted(runs, key=lambda r: r["steps_per_s"])
+    return dict(ordered[(len(ordered) - 1) // 2], runs_steps_per_s=[r["steps_per_s"] for r in runs])
+
+
 def throughput_rows(args: Args) -> list[dict]:
-    """The pool and fleet rows, each with its ratio to the better single-process pool."""
+    """The pool and fleet rows (median of `repeats` interleaved rounds), each with its ratio to the
+    better single-process pool, and the pools' CPU ceiling: the machine's CPUs over the CPUs the
+    pool kept busy, i.e. the most any split of the same work across processes could gain."""
     apply_fn, params = _policy(args.seed)
-    rows = []
-    for mode, actors, per_actor in (("pool-grouped", args.num_envs // args.envs_per_actor, args.envs_per_actor),
-                                    ("pool-single", args.num_envs, 1)):
-        rows.append(dict(mode=mode, processes=1, actors=actors, envs_per_actor=per_actor,
-                         steps_per_s=measure_pool(args, apply_fn, params, actors, per_actor)))
-        print(f"{mode:13s} {actors} x {per_actor}: {rows[-1]['steps_per_s']:,.0f} steps/s", flush=True)
-    for placement in args.placements:
-        for n in args.processes:
-            rows.append(dict(mode=f"fleet-{placement}", processes=n, **measure_fleet(args, apply_fn, params, n,
-                                                                                   placement)))
-            print(f"fleet-{placement:6s} {n} processes: {rows[-1]['steps_per_s']:,.0f} steps/s", flush=True)
-    reference = max(r["steps_per_s"] for r in rows if r["mode"].startswith("pool"))
+    configs = [dict(mode="pool-grouped", processes=1, actors=args.num_envs // args.envs_per_actor,
+                    envs_per_actor=args.envs_per_actor),
+               dict(mode="pool-single", processes=1, actors=args.num_envs, envs_per_actor=1)]
+    configs += [dict(mode=f"fleet-{placement}-{cpu}", processes=n, placement=placement, cpu_mode=cpu)
+                for placement in args.placements for cpu in args.cpu_modes for n in args.processes]
+    runs: list[list[dict]] = [[] for _ in configs]
+    for round_ in range(args.repeats):
+        for config, done in zip(configs, runs):
+            if config["mode"].startswith("pool"):
+                result = measure_pool(args, apply_fn, params, config["actors"], config["envs_per_actor"])
+            else:
+                result = measure_fleet(args, apply_fn, params, config["processes"], config["placement"],
+                                       config["cpu_mode"])
+            done.append(dict(config, **result))
+            print(f"round {round_ + 1}/{args.repeats} {config['mode']:18s} {config['processes']} process(es): "
+                  f"{result['steps_per_s']:,.0f} steps/s", flush=True)
+    rows = [_median_row(done) for done in runs]
+    reference = max((r for r in rows if r["mode"].startswith("pool")), key=lambda r: r["steps_per_s"])
     for r in rows:
-        r["ratio_to_pool"] = r["steps_per_s"] / reference
+        r["ratio_to_pool"] = r["steps_per_s"] / reference["steps_per_s"]
+        if "cpus_busy" in r:
+            r["cpu_ceiling"] = (os.cpu_count() or 1) / r["cpus_busy"] * r["steps_per_s"] / reference["steps_per_s"]
     return rows
 
 
@@ -179,6 +202,9 @@ def evaluate_targets(rows: list[dict], solves: list[dict], args: Args) -> list[d
         best = max(two, key=lambda r: r["ratio_to_pool"])
         targets.append(dict(target=f"{args.num_envs} CartPole envs, 2 processes ({best['mode']}) >= 1.6x the pool",
                             value=best["ratio_to_pool"], met=best["ratio_to_pool"] >= 1.6))
+        ceiling = max(r.get("cpu_ceiling", 0.0) for r in rows)
+        targets.append(dict(target="(floor) the CPU ceiling: CPUs / CPUs the best pool kept busy, x pool",
+                            value=ceiling, met=ceiling >= 1.6))
     if len(solves) == 2:
         single, fleet = solves
         met = (fleet["solved_at_seconds"] is not None and
@@ -194,12 +220,17 @@ def _f(v, fmt="{:,.0f}"):
 
 def render(rows: list[dict], solves: list[dict], targets: list[dict], args: Args) -> str:
     lines = [f"## ActorFleet: CartPole-v1, {args.num_envs} environments, {os.cpu_count()} CPUs", "",
-             "| configuration | processes | steps/s | x pool | per process steps/s |", "|---|---|---|---|---|"]
+             f"Median of {args.repeats} interleaved rounds ({args.duration:g} s each); pool rows: the CPUs the "
+             "process kept busy and the ceiling that sets on any split of the same work.", "",
+             "| configuration | processes | steps/s | x pool | rounds (steps/s) | per process steps/s | CPUs busy "
+             "(ceiling x pool) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = (f" ({r['actors']} x {r['envs_per_actor']})" if "actors" in r else "")
         per = ", ".join(f"{x:,.0f}" for x in r.get("per_process_steps_per_s", ()))
+        rounds = ", ".join(f"{x:,.0f}" for x in r["runs_steps_per_s"])
+        busy = f"{r['cpus_busy']:.2f} ({r['cpu_ceiling']:.2f})" if "cpus_busy" in r else "-"
         lines.append(f"| {r['mode']}{shape} | {r['processes']} | {r['steps_per_s']:,.0f} | "
-                     f"{r['ratio_to_pool']:.2f} | {per or '-'} |")
+                     f"{r['ratio_to_pool']:.2f} | {rounds} | {per or '-'} | {busy} |")
     if solves:
         lines += ["", "| solve run | processes | solved at (s) | solved at (steps) | stop | steps/s |",
                   "|---|---|---|---|---|---|"]
@@ -214,7 +245,7 @@ def render(rows: list[dict], solves: list[dict], targets: list[dict], args: Args
 
 def main(args: Args) -> dict:
     if args.quick:
-        args = dataclasses.replace(args, warmup=1.0, duration=1.0, solve=False)
+        args = dataclasses.replace(args, warmup=1.0, duration=1.0, solve=False, repeats=1)
     runtime.prefer_sync_cpu_dispatch()
     owns_ray = connect(None, max(os.cpu_count() or 1, 1 + max(args.processes)))
     try:

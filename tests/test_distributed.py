@@ -291,6 +291,18 @@ def test_both_placements_give_trajectories_of_the_pool_shapes_with_fleet_version
     assert fleet.stop()
 
 
+def test_pinned_processes_keep_their_threads_on_a_cpu_each_and_still_play(cluster):
+    cpus = sorted(os.sched_getaffinity(0))
+    with make_fleet(pin_python=True, sync_cpu_dispatch=True) as fleet:
+        info = sorted(fleet.process_info(), key=lambda i: i["index"])
+        assert [i["python_cpus"] for i in info] == [[cpus[i % len(cpus)]] for i in range(2)]
+        traj = fleet.get(timeout=60)
+        assert traj.action.shape == (T,) and np.isfinite(traj.reward).all()
+    with make_fleet() as fleet:  # off by default: every CPU
+        assert all(i["python_cpus"] == cpus for i in fleet.process_info())
+    assert fleet.stop()
+
+
 class WrongDtypeProcess(ActorProcess):
     """Process 1 sends rewards as float64: bad data the fleet must refuse."""
 

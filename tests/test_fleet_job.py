@@ -80,16 +80,19 @@ def test_train_with_two_processes_writes_per_process_figures_curve_scalars_and_c
 def test_bench_fleet_quick_writes_every_row(tmp_path):
     out = tmp_path / "bench"
     run_module("experiments.bench_fleet", "--quick", "--out", str(out), "--processes", "1", "2",
-               "--no-pin-python")
+               "--cpu-modes", "pinned", "--no-pin-python")
     result = json.loads(out.with_suffix(".json").read_text())
     modes = [(r["mode"], r["processes"]) for r in result["rows"]]
-    assert modes == [("pool-grouped", 1), ("pool-single", 1), ("fleet-local", 1), ("fleet-local", 2),
-                     ("fleet-server", 1), ("fleet-server", 2)]
-    assert all(r["steps_per_s"] > 0 for r in result["rows"])
+    assert modes == [("pool-grouped", 1), ("pool-single", 1), ("fleet-local-pinned", 1), ("fleet-local-pinned", 2),
+                     ("fleet-server-pinned", 1), ("fleet-server-pinned", 2)]
+    assert all(r["steps_per_s"] > 0 and len(r["runs_steps_per_s"]) == 1 for r in result["rows"])
     assert max(r["ratio_to_pool"] for r in result["rows"] if r["mode"].startswith("pool")) == 1.0
     assert [len(r["per_process_steps_per_s"]) for r in result["rows"][2:]] == [1, 2, 1, 2]
+    pools = result["rows"][:2]
+    assert all(0 < r["cpus_busy"] <= result["cpus"] + 0.5 and r["cpu_ceiling"] > 0 for r in pools)
     table = out.with_suffix(".md").read_text()
     assert table.count("| fleet-") == 4 and "2 processes" in table and ">= 1.6x" in table
+    assert "CPU ceiling" in table
 
 
 def _solve(processes, seconds):

@@ -81,6 +81,11 @@ class ActorFleet:
       runtime_env: Ray's runtime_env for the processes and servers (e.g. env_vars).
       recent_episodes: each process's window of recent episodes; `stats.recent_return_mean` is
         the mean over every process's window together.
+      pin_python, sync_cpu_dispatch: each process confines its Python threads to one CPU of its
+        node (process i to the i-th, modulo the node's CPUs) after JAX starts, and, on a CPU-only
+        JAX, runs its policy's computations in the calling thread (see `confine_process`). Both
+        on suit a node with about one CPU per process and a small policy (CartPole on 2 CPUs:
+        measured in experiments.bench_fleet); leave them off for policies that want every core.
       process_class: the class each process runs: ActorProcess, or a subclass that changes what a
         process does (its constructor and methods keep ActorProcess's signatures).
     """
@@ -93,7 +98,8 @@ class ActorFleet:
                  policy_options: Mapping | None = None, pool_options: Mapping | None = None,
                  max_restarts: int = 3, address: str | None = None, num_cpus: int | None = None,
                  process_cpus: float = 1, server_cpus: float = 1, server_gpus: float = 0,
-                 runtime_env: dict | None = None, recent_episodes: int = 100, process_class: type = ActorProcess):
+                 runtime_env: dict | None = None, recent_episodes: int = 100, pin_python: bool = False,
+                 sync_cpu_dispatch: bool = False, process_class: type = ActorProcess):
         for key, value in (("num_processes", num_processes), ("num_actors", num_actors),
                            ("unroll_length", unroll_length), ("envs_per_actor", envs_per_actor),
                            ("group_size", group_size), ("fetches_per_process", fetches_per_process)):
@@ -112,6 +118,7 @@ class ActorFleet:
             example_state=example_state, num_actors=num_actors, unroll_length=unroll_length,
             envs_per_actor=envs_per_actor, async_batch_size=async_batch_size, seed=seed, group_size=group_size,
             placement=placement, buckets=tuple(buckets), max_delay=max_delay, recent_episodes=recent_episodes,
+            pin_python=bool(pin_python), sync_cpu_dispatch=bool(sync_cpu_dispatch),
             policy_options=tuple(dict(policy_options or {}).items()),
             pool_options=tuple(dict(pool_options or {}).items()))
         self.num_processes = num_processes

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from rlbatch.actors.pool import ActorPool
+from rlbatch.affinity import pin_threads, thread_cpus
 from rlbatch.actors.trajectory import Trajectory, stack_trajectories
 from rlbatch.distributed.records import ProcessReport
 from rlbatch.errors import PoolStopped
@@ -56,6 +57,8 @@ class ProcessConfig:
     buckets: tuple
     max_delay: float
     recent_episodes: int  # the window of each pool's recent return
+    pin_python: bool  # process i confines its Python threads to one CPU (see confine_process)
+    sync_cpu_dispatch: bool  # a CPU-only JAX runs the policy in the calling thread
     policy_options: tuple  # (name, value) pairs for PolicyService
     pool_options: tuple  # (name, value) pairs for ActorPool
 
@@ -102,6 +105,26 @@ class VersionMap:
             return self._fleet[versions]
 
 
+def confine_process(index: int, config: ProcessConfig) -> None:
+    """Applies the config's CPU settings to this process before it starts any thread of its own.
+
+    `sync_cpu_dispatch`: on a CPU-only JAX, computations run in the thread that calls them instead
+    of being handed to an XLA worker thread (two thread hand-offs per batch fewer). `pin_python`:
+    JAX starts first, so XLA's thread pools keep every CPU; then this thread, and every thread it
+    starts afterwards (the PolicyService's and the actors'), is confined to one CPU, process i to
+    the i-th of the CPUs it may use (modulo their count). Together they give each process a core of
+    its own for its Python work and its policy: on a node with as many CPUs as processes, processes
+    no longer take cores from one another, nor threads of one process (who share one GIL) hand the
+    GIL across cores.
+    """
+    if config.sync_cpu_dispatch and jax.default_backend() == "cpu":
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if config.pin_python and hasattr(os, "sched_setaffinity"):
+        jax.devices()
+        cpus = sorted(thread_cpus())
+        pin_threads({cpus[index % len(cpus)]})
+
+
 class ActorProcess:
     """An ActorPool shipping stacked groups of trajectories (run as a Ray actor by ActorFleet).
 
@@ -122,6 +145,8 @@ class ActorProcess:
         self._node_id = ray.get_runtime_context().get_node_id()
         self._token = (self._node_id, os.getpid())
         self._versions = None
+        confine_process(index, config)
+        self._python_cpus = sorted(thread_cpus())  # what this process's own threads inherit
         if config.placement == "local":
             self._policy = PolicyService(config.apply_fn, params, example_obs=config.example_obs,
                                          example_state=config.example_state, buckets=config.buckets,
@@ -145,8 +170,9 @@ class ActorProcess:
         self._pool.start()
 
     def info(self) -> dict:
-        """Where this incarnation runs: {"index", "node_id", "pid"}."""
-        return {"index": self.index, "node_id": self._node_id, "pid": os.getpid()}
+        """Where this incarnation runs: {"index", "node_id", "pid", "python_cpus"} (the CPUs its
+        pool's and policy's threads may use)."""
+        return {"index": self.index, "node_id": self._node_id, "pid": os.getpid(), "python_cpus": self._python_cpus}
 
     def next_group(self) -> tuple[Trajectory, ProcessReport]:
         """The next `group_size` finished trajectories stacked [T, g * w, ...] with fleet versions,
