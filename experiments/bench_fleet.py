@@ -15,8 +15,8 @@ drains the trajectories as a trainer would (pool.get / fleet.get), so nothing bl
 queue. Each row's ratio is to the better single-process pool, measured in the same run.
 
 Then time to solve CartPole-v1: `python -m experiments.train` (the classic preset) and the same
-with `--processes 2`, as subprocesses with the same seed, each to its report's solved_at_seconds
-(None: not solved within `solve_max_seconds`).
+with `--processes 2`, as subprocesses, back to back for each of `solve_seeds`, each to its
+report's solved_at_seconds (None: not solved within `solve_max_seconds`).
 
 Ray starts once (bound to 127.0.0.1) before the Python threads are pinned (`pin_python`, the
 single-process pool's better setting), so Ray's processes keep every CPU. Targets, shown and never
@@ -68,8 +68,12 @@ class Args:
     """seconds discarded before each measurement (compiles, process start)"""
     duration: float = 10.0
     """seconds measured per configuration"""
+    throughput: bool = True
+    """measure the steps/s rows (--no-throughput: the solve runs only)"""
     solve: bool = True
     """run the time-to-solve comparison (experiments.train with and without --processes 2)"""
+    solve_seeds: tuple[int, ...] = (0, 1, 2)
+    """seeds of the solve runs, each run once in one process and once with --processes"""
     solve_processes: int = 2
     """--processes of the fleet's solve run"""
     solve_max_seconds: float = 300.0
@@ -77,7 +81,7 @@ class Args:
     solve_total_steps: Optional[int] = None
     """--total-steps of each solve run (None: the preset's)"""
     seed: int = 0
-    """seeds the parameters, the policies' key schedules, the environments and both solve runs"""
+    """seeds the parameters, the policies' key schedules and the environments of the steps/s rows"""
     pin_python: bool = True
     """confine this process's Python threads to one CPU (after Ray started) for the pool rows"""
     cpu_modes: tuple[str, ...] = ("pinned", "free")
@@ -170,13 +174,13 @@ def throughput_rows(args: Args) -> list[dict]:
     return rows
 
 
-def solve_run(args: Args, processes: Optional[int]) -> dict:
+def solve_run(args: Args, processes: Optional[int], seed: int) -> dict:
     """One `experiments.train` subprocess on CartPole-v1; its solve time from its report."""
-    name = "single" if processes is None else f"processes{processes}"
+    name = ("single" if processes is None else f"processes{processes}") + f"-seed{seed}"
     out = os.path.join(args.out + "_solve", name)
     if os.path.exists(os.path.join(out, "report.jsonl")):
         os.remove(os.path.join(out, "report.jsonl"))  # the report appends; one line per run here
-    command = [sys.executable, "-m", "experiments.train", "--seed", str(args.seed), "--out", out,
+    command = [sys.executable, "-m", "experiments.train", "--seed", str(seed), "--out", out,
                "--no-progress", "--no-plots", "--no-track-tensorboard", "--no-save-checkpoint",
                "--max-seconds", str(args.solve_max_seconds)]
     if args.solve_total_steps is not None:
@@ -189,7 +193,7 @@ def solve_run(args: Args, processes: Optional[int]) -> dict:
     with open(os.path.join(out, "report.jsonl")) as f:
         line = json.loads(f.readlines()[-1])
     learning = line["learning"]
-    return dict(run=name, processes=processes or 1, solved_at_seconds=learning["solved_at_seconds"],
+    return dict(run=name, processes=processes or 1, seed=seed, solved_at_seconds=learning["solved_at_seconds"],
                 solved_at_steps=learning["solved_at_steps"], stop_reason=learning["stop_reason"],
                 steps_per_s=line["throughput"]["steps_per_sec"], wall_s=wall)
 
@@ -205,11 +209,12 @@ def evaluate_targets(rows: list[dict], solves: list[dict], args: Args) -> list[d
         ceiling = max(r.get("cpu_ceiling", 0.0) for r in rows)
         targets.append(dict(target="(floor) the CPU ceiling: CPUs / CPUs the best pool kept busy, x pool",
                             value=ceiling, met=ceiling >= 1.6))
-    if len(solves) == 2:
-        single, fleet = solves
+    pairs = [(a, b) for a, b in zip(solves[::2], solves[1::2])]
+    for single, fleet in pairs:
         met = (fleet["solved_at_seconds"] is not None and
                (single["solved_at_seconds"] is None or fleet["solved_at_seconds"] < single["solved_at_seconds"]))
-        targets.append(dict(target=f"solve CartPole with --processes {fleet['processes']} faster than one process",
+        targets.append(dict(target=f"seed {fleet.get('seed', '-')}: solve CartPole with --processes "
+                                   f"{fleet['processes']} faster than one process ({_f(single['solved_at_seconds'], '{:.1f}')} s)",
                             value=fleet["solved_at_seconds"], met=met))
     return targets
 
@@ -219,21 +224,22 @@ def _f(v, fmt="{:,.0f}"):
 
 
 def render(rows: list[dict], solves: list[dict], targets: list[dict], args: Args) -> str:
-    lines = [f"## ActorFleet: CartPole-v1, {args.num_envs} environments, {os.cpu_count()} CPUs", "",
-             f"Median of {args.repeats} interleaved rounds ({args.duration:g} s each); pool rows: the CPUs the "
-             "process kept busy and the ceiling that sets on any split of the same work.", "",
-             "| configuration | processes | steps/s | x pool | rounds (steps/s) | per process steps/s | CPUs busy "
-             "(ceiling x pool) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        shape = (f" ({r['actors']} x {r['envs_per_actor']})" if "actors" in r else "")
-        per = ", ".join(f"{x:,.0f}" for x in r.get("per_process_steps_per_s", ()))
-        rounds = ", ".join(f"{x:,.0f}" for x in r["runs_steps_per_s"])
-        busy = f"{r['cpus_busy']:.2f} ({r['cpu_ceiling']:.2f})" if "cpus_busy" in r else "-"
-        lines.append(f"| {r['mode']}{shape} | {r['processes']} | {r['steps_per_s']:,.0f} | "
-                     f"{r['ratio_to_pool']:.2f} | {rounds} | {per or '-'} | {busy} |")
+    lines = [f"## ActorFleet: CartPole-v1, {args.num_envs} environments, {os.cpu_count()} CPUs", ""]
+    if rows:
+        lines += [f"Median of {args.repeats} interleaved rounds ({args.duration:g} s each); pool rows: the CPUs the "
+                  "process kept busy and the ceiling that sets on any split of the same work.", "",
+                  "| configuration | processes | steps/s | x pool | rounds (steps/s) | per process steps/s | CPUs busy "
+                  "(ceiling x pool) |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            shape = (f" ({r['actors']} x {r['envs_per_actor']})" if "actors" in r else "")
+            per = ", ".join(f"{x:,.0f}" for x in r.get("per_process_steps_per_s", ()))
+            rounds = ", ".join(f"{x:,.0f}" for x in r["runs_steps_per_s"])
+            busy = f"{r['cpus_busy']:.2f} ({r['cpu_ceiling']:.2f})" if "cpus_busy" in r else "-"
+            lines.append(f"| {r['mode']}{shape} | {r['processes']} | {r['steps_per_s']:,.0f} | "
+                         f"{r['ratio_to_pool']:.2f} | {rounds} | {per or '-'} | {busy} |")
     if solves:
         lines += ["", "| solve run | processes | solved at (s) | solved at (steps) | stop | steps/s |",
-                  "|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|"]  # the seed is in the run's name
         for s in solves:
             lines.append(f"| {s['run']} | {s['processes']} | {_f(s['solved_at_seconds'], '{:.1f}')} | "
                          f"{_f(s['solved_at_steps'])} | {s['stop_reason']} | {s['steps_per_s']:,.0f} |")
@@ -246,16 +252,20 @@ def render(rows: list[dict], solves: list[dict], targets: list[dict], args: Args
 def main(args: Args) -> dict:
     if args.quick:
         args = dataclasses.replace(args, warmup=1.0, duration=1.0, solve=False, repeats=1)
-    runtime.prefer_sync_cpu_dispatch()
-    owns_ray = connect(None, max(os.cpu_count() or 1, 1 + max(args.processes)))
-    try:
-        # After Ray started: its processes descend from its own, with every CPU.
-        print(runtime.pin_python_threads(args.pin_python))
-        rows = throughput_rows(args)
-    finally:
-        if owns_ray:
-            ray.shutdown()
-    solves = [solve_run(args, None), solve_run(args, args.solve_processes)] if args.solve else []
+    rows = []
+    if args.throughput:
+        runtime.prefer_sync_cpu_dispatch()
+        owns_ray = connect(None, max(os.cpu_count() or 1, 1 + max(args.processes)))
+        try:
+            # After Ray started: its processes descend from its own, with every CPU.
+            print(runtime.pin_python_threads(args.pin_python))
+            rows = throughput_rows(args)
+        finally:
+            if owns_ray:
+                ray.shutdown()
+    # One process, then the fleet, for each seed: a pair measured back to back.
+    solves = [solve_run(args, processes, seed) for seed in (args.solve_seeds if args.solve else ())
+              for processes in (None, args.solve_processes)]
     targets = evaluate_targets(rows, solves, args)
     table = render(rows, solves, targets, args)
     print(table)

@@ -67,8 +67,9 @@ class Args:
     """seeds the parameters, the policy's key schedule and the environments"""
     # Seed 0 solved CartPole in 23.3 s pinned against 32.2 s not, on the 2-core machine.
     pin_python: bool = True
-    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads); classic control only,
-    since MuJoCo's steps and EnvPool's threads need every CPU"""
+    """confine the Python threads to one CPU after JAX starts (rlbatch.pin_threads); with --processes, each
+    actor process's threads to a CPU of its own instead; classic control only, since MuJoCo's steps and
+    EnvPool's threads need every CPU"""
     total_steps: Optional[int] = None
     """env step budget, counting the steps of the run resumed from (preset: 2M classic, 1M MuJoCo, 10M Atari)"""
     max_seconds: Optional[float] = None

@@ -95,8 +95,8 @@ def test_bench_fleet_quick_writes_every_row(tmp_path):
     assert "CPU ceiling" in table
 
 
-def _solve(processes, seconds):
-    return dict(run=f"p{processes}", processes=processes, solved_at_seconds=seconds, solved_at_steps=None,
+def _solve(processes, seconds, seed=0):
+    return dict(run=f"p{processes}", processes=processes, seed=seed, solved_at_seconds=seconds, solved_at_steps=None,
                 stop_reason="condition" if seconds is not None else "time", steps_per_s=1.0, wall_s=1.0)
 
 
@@ -107,6 +107,12 @@ def test_the_solve_target_needs_the_fleet_solved_and_sooner():
     assert not met(20.0, 30.0) and not met(20.0, None) and not met(None, None)
     table = bench_fleet.render([], [_solve(1, 30.0), _solve(2, None)], [], args)
     assert "| p1 | 1 | 30.0 |" in table and "| p2 | 2 | - |" in table
+    assert "| configuration |" not in table  # no steps/s rows measured: no empty table
+    # One target per seed, each judged on its own pair (one process, then the fleet).
+    seeds = [_solve(1, 30.0, 0), _solve(2, 20.0, 0), _solve(1, 10.0, 1), _solve(2, 20.0, 1)]
+    targets = bench_fleet.evaluate_targets([], seeds, args)
+    assert [t["met"] for t in targets] == [True, False]
+    assert "seed 0" in targets[0]["target"] and "seed 1" in targets[1]["target"]
 
 
 def test_help_of_train_and_bench_fleet_says_what_the_fleet_flags_do():
@@ -132,3 +138,22 @@ def test_fleet_flags_without_a_fleet_or_with_no_processes_are_refused_before_any
         train.build(train.Args(placement="server"))
     with pytest.raises(ValueError, match="--address 127.0.0.1:6379 without --processes"):
         train.build(train.Args(address="127.0.0.1:6379"))
+
+
+@pytest.mark.parametrize("env,pin", [("CartPole-v1", True), ("HalfCheetah-v5", False)])
+def test_the_main_jobs_fleet_pins_its_processes_for_classic_control_only(env, pin):
+    """--pin-python reaches the fleet's processes where it reaches one process's threads: classic control."""
+    import jax
+
+    from experiments import train
+    from experiments.lib import fleet_job, presets, tasks
+
+    args = presets.resolve(train.Args(env=env, processes=2))
+    task = tasks.probe(args.env)
+    learner = train.make_learner(args, train.make_network(args, task))
+    state = learner.init(jax.random.PRNGKey(0), task.example_obs, task.action_space)
+    fleet = fleet_job.make_fleet(args, task, learner, state, num_processes=2)  # never started: no Ray
+    assert fleet.config.pin_python is pin and fleet.config.sync_cpu_dispatch
+    unpinned = fleet_job.make_fleet(presets.resolve(train.Args(env=env, processes=2, pin_python=False)), task,
+                                    learner, state, num_processes=2)
+    assert unpinned.config.pin_python is False

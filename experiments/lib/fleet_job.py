@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from experiments.lib import tasks
+from experiments.lib import presets, tasks
 from rlbatch import report
 
 __all__ = ["FleetRecorder", "fleet_section", "format_fleet", "make_fleet"]
@@ -29,7 +29,12 @@ __all__ = ["FleetRecorder", "fleet_section", "format_fleet", "make_fleet"]
 def make_fleet(args, task: tasks.Task, learner, state, *, num_processes: int, placement: str = "local",
                address: Optional[str] = None):
     """An ActorFleet (not started) of `num_processes` processes, each playing what the main job's
-    ActorPool would play with (resolved) `args`; its parameters are version 0 of `learner`'s `state`."""
+    ActorPool would play with (resolved) `args`; its parameters are version 0 of `learner`'s `state`.
+
+    `--pin-python` becomes the fleet's `pin_python` (classic control only, as for one process):
+    each process keeps its Python threads and, with synchronous CPU dispatch, its policy on a CPU of
+    its own (256 CartPole environments on 2 CPUs: see experiments.bench_fleet's pinned and free rows).
+    """
     from rlbatch.distributed import ActorFleet  # Ray is an optional extra: imported only for a fleet
 
     envs = tasks.pool_envs(task, args.env)
@@ -39,7 +44,9 @@ def make_fleet(args, task: tasks.Task, learner, state, *, num_processes: int, pl
                       envs_per_actor=args.envs_per_actor, seed=args.seed, group_size=args.batch_size,
                       placement=placement, buckets=args.buckets, max_delay=args.max_delay,
                       pool_options={"max_queue": args.queue_batches * args.batch_size},
-                      recent_episodes=args.solve_window, address=address)
+                      recent_episodes=args.solve_window, address=address,
+                      pin_python=args.pin_python and presets.family_of(args.env) == "classic",
+                      sync_cpu_dispatch=True)
 
 
 def fleet_section(stats) -> dict[str, Any]:
