@@ -281,6 +281,7 @@ def figures(rows: list[dict], m: dict) -> dict:
             out[f"group.{r['payload']}.bytes"] = r["payload_bytes"]
             out[f"{key}.groups_per_s"] = r["groups_per_s"]
             out[f"{key}.mb_per_s"] = r["mb_per_s"]
+            out[f"{key}.env_steps_per_s"] = r["env_steps_per_s"]
         elif r["measure"] == "learner":
             out[f"{key}.samples_per_s"] = r["samples_per_s"]
             out[f"{key}.update_ms"] = r["update_ms"]

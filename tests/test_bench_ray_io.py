@@ -65,6 +65,7 @@ def test_figures_name_each_measure_payload_and_process_count():
                    "broadcast.nature-cnn.bytes": 6_750_000, "broadcast.nature-cnn.p4.publish_ms": 27.0,
                    "broadcast.nature-cnn.p4.put_ms": 2.0, "broadcast.nature-cnn.p4.delivered_mb_per_s": 1000.0,
                    "group.atari.bytes": 57_900_000, "group.atari.p2.groups_per_s": 10.0, "group.atari.p2.mb_per_s": 579.0,
+                   "group.atari.p2.env_steps_per_s": 10240.0,
                    "learner.cartpole-mlp.samples_per_s": 25600.0, "learner.cartpole-mlp.update_ms": 40.0}
 
 
