@@ -227,9 +227,15 @@ def build(args: Args) -> Job:
                                      placement=args.placement, address=args.address)
         trainer = rlbatch.Trainer(learner, fleet, fleet, state=state, batch_size=args.batch_size,
                                   max_policy_lag=args.max_policy_lag)
-        if resumed is not None:
-            trainer.restore(args.resume)
-        warm_up.join()
+        try:
+            if resumed is not None:
+                trainer.restore(args.resume)  # before the processes start: they begin with its parameters
+            # Ray and the processes start (imports, compiling the buckets) while the update compiles.
+            fleet.start()
+            warm_up.join()
+        except BaseException:
+            fleet.stop()
+            raise
         return Job(args, task, learner, fleet, fleet, trainer, resumed)
     policy = rlbatch.PolicyService(learner.policy.apply, learner.params(state), example_obs=task.example_obs,
                                    buckets=args.buckets, max_delay=args.max_delay, seed=args.seed)

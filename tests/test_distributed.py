@@ -291,13 +291,17 @@ def test_both_placements_give_trajectories_of_the_pool_shapes_with_fleet_version
     assert fleet.stop()
 
 
-def test_pinned_processes_keep_their_threads_on_a_cpu_each_and_still_play(cluster):
+def test_pinned_processes_keep_their_threads_on_a_cpu_each_apply_jax_options_and_still_play(cluster, tmp_path):
     cpus = sorted(os.sched_getaffinity(0))
-    with make_fleet(pin_python=True, sync_cpu_dispatch=True) as fleet:
+    cache = tmp_path / "jax-cache"
+    options = {"jax_compilation_cache_dir": str(cache), "jax_persistent_cache_min_compile_time_secs": 0.0,
+               "jax_persistent_cache_min_entry_size_bytes": 0}
+    with make_fleet(pin_python=True, sync_cpu_dispatch=True, jax_options=options) as fleet:
         info = sorted(fleet.process_info(), key=lambda i: i["index"])
         assert [i["python_cpus"] for i in info] == [[cpus[i % len(cpus)]] for i in range(2)]
         traj = fleet.get(timeout=60)
         assert traj.action.shape == (T,) and np.isfinite(traj.reward).all()
+    assert cache.is_dir() and any(cache.iterdir())  # the processes' compiled buckets, cached there
     with make_fleet() as fleet:  # off by default: every CPU
         assert all(i["python_cpus"] == cpus for i in fleet.process_info())
     assert fleet.stop()

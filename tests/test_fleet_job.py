@@ -96,7 +96,8 @@ def test_bench_fleet_quick_writes_every_row(tmp_path):
 
 
 def _solve(processes, seconds, seed=0):
-    return dict(run=f"p{processes}", processes=processes, seed=seed, solved_at_seconds=seconds, solved_at_steps=None,
+    return dict(run=f"p{processes}", processes=processes, seed=seed, solved_at_seconds=seconds,
+                launch_to_solve_s=None if seconds is None else seconds + 5.0, solved_at_steps=None,
                 stop_reason="condition" if seconds is not None else "time", steps_per_s=1.0, wall_s=1.0)
 
 
@@ -106,13 +107,17 @@ def test_the_solve_target_needs_the_fleet_solved_and_sooner():
     assert met(30.0, 20.0) and met(None, 20.0)
     assert not met(20.0, 30.0) and not met(20.0, None) and not met(None, None)
     table = bench_fleet.render([], [_solve(1, 30.0), _solve(2, None)], [], args)
-    assert "| p1 | 1 | 30.0 |" in table and "| p2 | 2 | - |" in table
+    assert "| p1 | 1 | 35.0 | 30.0 |" in table and "| p2 | 2 | - | - |" in table
     assert "| configuration |" not in table  # no steps/s rows measured: no empty table
     # One target per seed, each judged on its own pair (one process, then the fleet).
     seeds = [_solve(1, 30.0, 0), _solve(2, 20.0, 0), _solve(1, 10.0, 1), _solve(2, 20.0, 1)]
     targets = bench_fleet.evaluate_targets([], seeds, args)
     assert [t["met"] for t in targets] == [True, False]
     assert "seed 0" in targets[0]["target"] and "seed 1" in targets[1]["target"]
+    # The floor: a fleet that needs longer to start than the slowest single-process solve cannot win.
+    floor = bench_fleet.evaluate_targets([], seeds, args, dict(processes=2, first_trajectory_s=40.0))[-1]
+    assert "(floor)" in floor["target"] and floor["value"] == 40.0 and not floor["met"]
+    assert bench_fleet.evaluate_targets([], seeds, args, dict(processes=2, first_trajectory_s=8.0))[-1]["met"]
 
 
 def test_help_of_train_and_bench_fleet_says_what_the_fleet_flags_do():

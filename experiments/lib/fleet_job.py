@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
-from experiments.lib import presets, tasks
+from experiments.lib import presets, runtime, tasks
 from rlbatch import report
 
 __all__ = ["FleetRecorder", "fleet_section", "format_fleet", "make_fleet"]
@@ -34,6 +34,7 @@ def make_fleet(args, task: tasks.Task, learner, state, *, num_processes: int, pl
     `--pin-python` becomes the fleet's `pin_python` (classic control only, as for one process):
     each process keeps its Python threads and, with synchronous CPU dispatch, its policy on a CPU of
     its own (256 CartPole environments on 2 CPUs: see experiments.bench_fleet's pinned and free rows).
+    The processes share the job's persistent compilation cache (`--compilation-cache`).
     """
     from rlbatch.distributed import ActorFleet  # Ray is an optional extra: imported only for a fleet
 
@@ -46,7 +47,7 @@ def make_fleet(args, task: tasks.Task, learner, state, *, num_processes: int, pl
                       pool_options={"max_queue": args.queue_batches * args.batch_size},
                       recent_episodes=args.solve_window, address=address,
                       pin_python=args.pin_python and presets.family_of(args.env) == "classic",
-                      sync_cpu_dispatch=True)
+                      sync_cpu_dispatch=True, jax_options=runtime.compilation_cache_options(args.compilation_cache))
 
 
 def fleet_section(stats) -> dict[str, Any]:

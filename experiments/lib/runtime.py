@@ -15,6 +15,15 @@ DEFAULT_COMPILATION_CACHE = os.environ.get(
     "RLBATCH_JAX_CACHE", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rlbatch", "jax"))
 
 
+def compilation_cache_options(path: str | None) -> dict:
+    """The jax.config settings of a persistent compilation cache in `path` ({} for None or ""):
+    this process's (enable_compilation_cache) and a fleet's processes' (ActorFleet jax_options)."""
+    if not path:
+        return {}
+    return {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0.0,
+            "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
 def enable_compilation_cache(path: str | None = DEFAULT_COMPILATION_CACHE) -> str:
     """Turns on JAX's persistent compilation cache in `path` (None or "": leaves it off); returns a
     line saying what was done, for the script's report.
@@ -28,9 +37,8 @@ def enable_compilation_cache(path: str | None = DEFAULT_COMPILATION_CACHE) -> st
         return "JAX compilation cache off"
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for name, value in compilation_cache_options(path).items():
+        jax.config.update(name, value)
     return f"JAX compilation cache: {path}"
 
 

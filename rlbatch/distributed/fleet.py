@@ -86,6 +86,8 @@ class ActorFleet:
         JAX, runs its policy's computations in the calling thread (see `confine_process`). Both
         on suit a node with about one CPU per process and a small policy (CartPole on 2 CPUs:
         measured in experiments.bench_fleet); leave them off for policies that want every core.
+      jax_options: `jax.config.update` settings every process applies before it compiles, e.g.
+        {"jax_compilation_cache_dir": path} to share the driver's persistent compilation cache.
       process_class: the class each process runs: ActorProcess, or a subclass that changes what a
         process does (its constructor and methods keep ActorProcess's signatures).
     """
@@ -99,7 +101,8 @@ class ActorFleet:
                  max_restarts: int = 3, address: str | None = None, num_cpus: int | None = None,
                  process_cpus: float = 1, server_cpus: float = 1, server_gpus: float = 0,
                  runtime_env: dict | None = None, recent_episodes: int = 100, pin_python: bool = False,
-                 sync_cpu_dispatch: bool = False, process_class: type = ActorProcess):
+                 sync_cpu_dispatch: bool = False, jax_options: Mapping | None = None,
+                 process_class: type = ActorProcess):
         for key, value in (("num_processes", num_processes), ("num_actors", num_actors),
                            ("unroll_length", unroll_length), ("envs_per_actor", envs_per_actor),
                            ("group_size", group_size), ("fetches_per_process", fetches_per_process)):
@@ -119,6 +122,7 @@ class ActorFleet:
             envs_per_actor=envs_per_actor, async_batch_size=async_batch_size, seed=seed, group_size=group_size,
             placement=placement, buckets=tuple(buckets), max_delay=max_delay, recent_episodes=recent_episodes,
             pin_python=bool(pin_python), sync_cpu_dispatch=bool(sync_cpu_dispatch),
+            jax_options=tuple(dict(jax_options or {}).items()),
             policy_options=tuple(dict(policy_options or {}).items()),
             pool_options=tuple(dict(pool_options or {}).items()))
         self.num_processes = num_processes

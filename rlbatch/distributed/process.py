@@ -61,6 +61,7 @@ class ProcessConfig:
     sync_cpu_dispatch: bool  # a CPU-only JAX runs the policy in the calling thread
     policy_options: tuple  # (name, value) pairs for PolicyService
     pool_options: tuple  # (name, value) pairs for ActorPool
+    jax_options: tuple = ()  # (name, value) pairs for jax.config.update, before anything compiles
 
     @property
     def envs_per_process(self) -> int:
@@ -106,7 +107,12 @@ class VersionMap:
 
 
 def confine_process(index: int, config: ProcessConfig) -> None:
-    """Applies the config's CPU settings to this process before it starts any thread of its own.
+    """Applies the config's JAX and CPU settings to this process before it compiles anything or
+    starts any thread of its own.
+
+    `jax_options`: `jax.config.update(name, value)` for each pair, e.g. the driver's persistent
+    compilation cache (`jax_compilation_cache_dir`), so that a process started again, or the next
+    run's, loads its policy's buckets instead of compiling them.
 
     `sync_cpu_dispatch`: on a CPU-only JAX, computations run in the thread that calls them instead
     of being handed to an XLA worker thread (two thread hand-offs per batch fewer). `pin_python`:
@@ -117,6 +123,8 @@ def confine_process(index: int, config: ProcessConfig) -> None:
     no longer take cores from one another, nor threads of one process (who share one GIL) hand the
     GIL across cores.
     """
+    for name, value in config.jax_options:
+        jax.config.update(name, value)
     if config.sync_cpu_dispatch and jax.default_backend() == "cpu":
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     if config.pin_python and hasattr(os, "sched_setaffinity"):
