@@ -17,8 +17,9 @@ queue. Each row's ratio is to the better single-process pool, measured in the sa
 Then time to solve CartPole-v1: `python -m experiments.train` (the classic preset) and the same
 with `--processes 2`, as subprocesses, back to back for each of `solve_seeds`, each to its
 report's moment of solving, counted from the launch of its process (None: not solved within
-`solve_max_seconds`); beside them, the floor of any fleet run: from before Ray starts to the first
-trajectory of a fleet with the same settings, measured in this process.
+`solve_max_seconds`). The floor of each fleet run is its first update, counted the same way: it
+cannot have solved before. Where that time goes: from before Ray starts to the first trajectory
+of a fleet with the same settings, measured in this process after the solve runs.
 
 Ray starts once (bound to 127.0.0.1) before the Python threads are pinned (`pin_python`, the
 single-process pool's better setting), so Ray's processes keep every CPU. Targets, shown and never
@@ -201,6 +202,7 @@ def solve_run(args: Args, processes: Optional[int], seed: int) -> dict:
     learning = line["learning"]
     return dict(run=name, processes=processes or 1, seed=seed, solved_at_seconds=learning["solved_at_seconds"],
                 launch_to_solve_s=None if line["solved_at"] is None else line["solved_at"] - launched,
+                launch_to_first_update_s=line["training_started_at"] + line["learning_curve"]["seconds"][0] - launched,
                 solved_at_steps=learning["solved_at_steps"], stop_reason=learning["stop_reason"],
                 steps_per_s=line["throughput"]["steps_per_sec"], wall_s=wall)
 
@@ -245,11 +247,16 @@ def evaluate_targets(rows: list[dict], solves: list[dict], args: Args, floor: Op
         targets.append(dict(target=f"seed {fleet['seed']}: solve CartPole with --processes {fleet['processes']} "
                                    f"sooner after launch than one process ({_f(single['launch_to_solve_s'], '{:.1f}')} s)",
                             value=fleet["launch_to_solve_s"], met=met))
-    if floor is not None and solves:
-        fastest = max(s["launch_to_solve_s"] or 0.0 for s in solves[::2])
-        targets.append(dict(target=f"(floor) Ray and {floor['processes']} processes start to their first trajectory, "
-                                   f"s, against the slowest single-process solve ({fastest:.1f} s)",
-                            value=floor["first_trajectory_s"], met=floor["first_trajectory_s"] < fastest))
+        # The floor: before its first update a run cannot have solved; a fleet whose first update
+        # comes after one process had solved cannot win that seed, however it learns.
+        targets.append(dict(target=f"(floor) seed {fleet['seed']}: the fleet's first update, s after launch, "
+                                   f"before one process solved", value=fleet["launch_to_first_update_s"],
+                            met=single["launch_to_solve_s"] is None
+                            or fleet["launch_to_first_update_s"] < single["launch_to_solve_s"]))
+    if floor is not None:
+        targets.append(dict(target=f"(where it goes) Ray and {floor['processes']} processes, started in this "
+                                   f"process, to their first trajectory, s", value=floor["first_trajectory_s"],
+                            met=None))
     return targets
 
 
@@ -280,7 +287,8 @@ def render(rows: list[dict], solves: list[dict], targets: list[dict], args: Args
                          f"{s['steps_per_s']:,.0f} |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for t in targets:
-        lines.append(f"| {t['target']} | {_f(t['value'], '{:.2f}')} | {'yes' if t['met'] else 'no'} |")
+        met = "-" if t["met"] is None else "yes" if t["met"] else "no"
+        lines.append(f"| {t['target']} | {_f(t['value'], '{:.2f}')} | {met} |")
     return "\n".join(lines)
 
 

@@ -95,9 +95,10 @@ def test_bench_fleet_quick_writes_every_row(tmp_path):
     assert "CPU ceiling" in table
 
 
-def _solve(processes, seconds, seed=0):
+def _solve(processes, seconds, seed=0, first=6.0):
     return dict(run=f"p{processes}", processes=processes, seed=seed, solved_at_seconds=seconds,
-                launch_to_solve_s=None if seconds is None else seconds + 5.0, solved_at_steps=None,
+                launch_to_solve_s=None if seconds is None else seconds + 5.0, launch_to_first_update_s=first,
+                solved_at_steps=None,
                 stop_reason="condition" if seconds is not None else "time", steps_per_s=1.0, wall_s=1.0)
 
 
@@ -111,13 +112,17 @@ def test_the_solve_target_needs_the_fleet_solved_and_sooner():
     assert "| configuration |" not in table  # no steps/s rows measured: no empty table
     # One target per seed, each judged on its own pair (one process, then the fleet).
     seeds = [_solve(1, 30.0, 0), _solve(2, 20.0, 0), _solve(1, 10.0, 1), _solve(2, 20.0, 1)]
-    targets = bench_fleet.evaluate_targets([], seeds, args)
+    targets = [t for t in bench_fleet.evaluate_targets([], seeds, args) if "(floor)" not in t["target"]]
     assert [t["met"] for t in targets] == [True, False]
     assert "seed 0" in targets[0]["target"] and "seed 1" in targets[1]["target"]
-    # The floor: a fleet that needs longer to start than the slowest single-process solve cannot win.
-    floor = bench_fleet.evaluate_targets([], seeds, args, dict(processes=2, first_trajectory_s=40.0))[-1]
-    assert "(floor)" in floor["target"] and floor["value"] == 40.0 and not floor["met"]
-    assert bench_fleet.evaluate_targets([], seeds, args, dict(processes=2, first_trajectory_s=8.0))[-1]["met"]
+    # The floor: a fleet whose first update comes after one process solved cannot win that seed.
+    late = bench_fleet.evaluate_targets([], [_solve(1, 10.0), _solve(2, 30.0, first=16.0)], args)
+    assert [t["met"] for t in late] == [False, False] and "(floor)" in late[1]["target"] and late[1]["value"] == 16.0
+    early = bench_fleet.evaluate_targets([], [_solve(1, 10.0), _solve(2, 30.0, first=12.0)], args)
+    assert [t["met"] for t in early] == [False, True]
+    where = bench_fleet.evaluate_targets([], seeds, args, dict(processes=2, first_trajectory_s=4.0))[-1]
+    assert where["met"] is None and where["value"] == 4.0
+    assert "| - |" in bench_fleet.render([], seeds, [where], args)
 
 
 def test_help_of_train_and_bench_fleet_says_what_the_fleet_flags_do():
