@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import statistics
 import time
 from typing import Any, Callable, NamedTuple
@@ -52,7 +50,7 @@ import tyro
 import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_policy import mlp_policy
-from experiments.lib import calibration, env_loops, policy_step, runtime
+from experiments.lib import calibration, env_loops, outputs, policy_step, runtime
 from rlbatch import report
 
 _clock = time.perf_counter
@@ -215,13 +213,9 @@ def main(args: Args):
     targets = evaluate_targets(rows, stop)
     table = render(rows, stop, targets, devices, args)
     print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(args=dataclasses.asdict(args), devices=devices, rows=rows, stop=stop, targets=targets),
-                  f, indent=1)
+    outputs.write(args.out, dict(args=dataclasses.asdict(args), devices=devices, rows=rows, stop=stop,
+                                 targets=targets), table)
     report.write_runs(policy.reports, args.out)  # the library's report of every pool run, and plots
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
     return rows
 
 

@@ -23,8 +23,6 @@ seed-style at 16 threads, 5x at 256) beside the thread floor's ratio.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import statistics
 import time
 
@@ -32,7 +30,7 @@ import numpy as np
 import tyro
 
 import rlbatch
-from experiments.lib import calibration, client_load, runtime, seed_style
+from experiments.lib import calibration, client_load, outputs, runtime, seed_style
 from rlbatch import report
 
 
@@ -180,13 +178,9 @@ def main(args: Args):
                      f"{r['ratio_to_seed_style']:.2f}x | {floor:.2f}x | {'yes' if targets[-1]['met'] else 'NO'} |")
     table = "\n".join(lines)
     print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(args=dataclasses.asdict(args), rows=rows, idle_cpu_s=idle, full_batch=limits,
-                       targets=targets), f, indent=1)
+    outputs.write(args.out, dict(args=dataclasses.asdict(args), rows=rows, idle_cpu_s=idle, full_batch=limits,
+                                 targets=targets), table)
     report.write_runs(reports, args.out)  # the library's report of every rlbatch run, and plots
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
     return rows
 
 

@@ -29,7 +29,6 @@ Writes JSON, Markdown and a PNG plot.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, Literal, NamedTuple
@@ -41,7 +40,7 @@ import tyro
 
 import agents
 import rlbatch
-from experiments.lib import env_loops, policy_step, runtime, vector_loops
+from experiments.lib import env_loops, outputs, policy_step, runtime, vector_loops
 from experiments.lib.workloads import WORKLOADS, Workload, preload_forkserver
 from rlbatch import report
 
@@ -364,12 +363,8 @@ def main(args: Args) -> list[dict]:
     goals = targets(table_rows, args)
     table = render(table_rows, goals, devices, args)
     print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(args=dataclasses.asdict(args), devices=devices, rows=table_rows, sweep=rows, targets=goals),
-                  f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
+    outputs.write(args.out, dict(args=dataclasses.asdict(args), devices=devices, rows=table_rows, sweep=rows,
+                                 targets=goals), table)
     png = plot(table_rows, args, args.out + ".png")
     report.write_runs(reports, args.out, plots=False)
     print(f"wrote {args.out}.json, {args.out}.md" + (f", {png}" if png else ""))

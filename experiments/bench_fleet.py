@@ -47,7 +47,7 @@ import tyro
 
 import rlbatch
 from experiments.bench_policy import mlp_policy
-from experiments.lib import env_loops, runtime
+from experiments.lib import env_loops, outputs, runtime
 from rlbatch.distributed import ActorFleet
 from rlbatch.distributed.cluster import connect
 
@@ -313,13 +313,9 @@ def main(args: Args) -> dict:
     targets = evaluate_targets(rows, solves, args, floor)
     table = render(rows, solves, targets, args)
     print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     result = dict(args=dataclasses.asdict(args), cpus=os.cpu_count(), rows=rows, solves=solves, fleet_start=floor,
                   targets=targets)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
+    outputs.write(args.out, result, table)
     return result
 
 

@@ -30,8 +30,6 @@ compilations (median of --repeats runs), and the targets:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import statistics
 import time
 from typing import Any, Callable, Literal, Optional
@@ -42,7 +40,7 @@ import numpy as np
 import tyro
 
 import rlbatch
-from experiments.lib import calibration, client_load, policy_step, runtime, seed_style
+from experiments.lib import calibration, client_load, outputs, policy_step, runtime, seed_style
 from rlbatch import report
 
 _clock = time.perf_counter
@@ -304,13 +302,9 @@ def main(args: Args):
     targets = evaluate_targets(rows, paddings, args)
     table = render(rows, overheads, paddings, targets, devices, args)
     print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(args=dataclasses.asdict(args), devices=devices, num_buckets=len(set(args.buckets)),
-                       rows=rows, overhead=overheads, padding=paddings, targets=targets), f, indent=1)
+    outputs.write(args.out, dict(args=dataclasses.asdict(args), devices=devices, num_buckets=len(set(args.buckets)),
+                                 rows=rows, overhead=overheads, padding=paddings, targets=targets), table)
     report.write_runs(reports, args.out)  # the library's report of every rlbatch run, and plots
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
     return rows
 
 

@@ -36,7 +36,6 @@ placeholders name).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -49,7 +48,7 @@ import ray
 import tyro
 
 from experiments import train
-from experiments.lib import presets, runtime, tasks
+from experiments.lib import outputs, presets, runtime, tasks
 from experiments.lib.warmup import example_batch
 from rlbatch.distributed.cluster import connect, end_actors
 
@@ -290,31 +289,32 @@ def figures(rows: list[dict], m: dict) -> dict:
 
 def render(rows: list[dict], m: dict, quick: bool) -> str:
     mb = lambda b: f"{b / 1e6:,.3f} MB"  # noqa: E731
-    of = lambda kind: [r for r in rows if r["measure"] == kind]  # noqa: E731
     lines = [f"## Ray I/O and learner ingest{' (--quick)' if quick else ''}", "",
              f"Machine: {machine_line(m)}. One machine: the object store is shared memory, nothing crosses "
-             "a network.", "", "| round trip | payload | median ms | p90 ms | calls |", "|---|---|---|---|---|"]
-    for r in of("round_trip"):
-        lines.append(f"| actor method, {m['cpus']} CPUs | {r['payload']} ({r['payload_bytes']} B) | "
-                     f"{r['median_ms']:.3f} | {r['p90_ms']:.3f} | {r['calls']} |")
-    lines += ["", f"Parameter broadcast ({m['cpus']} CPUs): one ray.put, then N processes get and copy the tree.",
-              "", "| params | size | leaves | processes | put ms | publish ms | delivered MB/s |",
-              "|---|---|---|---|---|---|---|"]
-    for r in of("broadcast"):
-        lines.append(f"| {r['payload']} | {mb(r['payload_bytes'])} | {r['leaves']} | {r['processes']} | "
-                     f"{r['put_ms']:.2f} | {r['publish_ms']:.2f} | {r['delivered_mb_per_s']:,.0f} |")
-    lines += ["", f"Trajectory groups to the driver ({m['cpus']} CPUs): N processes, two calls out each; the "
-              "driver gets and copies every group.", "",
-              "| group | shape | size (obs) | processes | groups/s | MB/s | env steps/s |", "|---|---|---|---|---|---|---|"]
-    for r in of("group"):
-        lines.append(f"| {r['payload']} | {r['shape']} | {mb(r['payload_bytes'])} ({mb(r['obs_bytes'])}) | "
-                     f"{r['processes']} | {r['groups_per_s']:,.1f} | {r['mb_per_s']:,.0f} | {r['env_steps_per_s']:,.0f} |")
-    lines += ["", f"Learner ingest ({m['cpus']} CPUs, {m['jax_device']}): one PPO update of the main job's presets.",
-              "", "| network | batch | batch size | epochs x minibatches | first call s | update ms | samples/s |",
-              "|---|---|---|---|---|---|---|"]
-    for r in of("learner"):
-        lines.append(f"| {r['payload']} | {r['batch']} | {mb(r['payload_bytes'])} | {r['epochs']} x {r['minibatches']} | "
-                     f"{r['first_call_s']:.2f} | {r['update_ms']:.1f} | {r['samples_per_s']:,.0f} |")
+             "a network."]
+    # (measure, the line above its table, its columns, one row's cells)
+    sections = (
+        ("round_trip", "", ("round trip", "payload", "median ms", "p90 ms", "calls"),
+         lambda r: (f"actor method, {m['cpus']} CPUs", f"{r['payload']} ({r['payload_bytes']} B)",
+                    f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", r["calls"])),
+        ("broadcast", f"Parameter broadcast ({m['cpus']} CPUs): one ray.put, then N processes get and copy the tree.",
+         ("params", "size", "leaves", "processes", "put ms", "publish ms", "delivered MB/s"),
+         lambda r: (r["payload"], mb(r["payload_bytes"]), r["leaves"], r["processes"], f"{r['put_ms']:.2f}",
+                    f"{r['publish_ms']:.2f}", f"{r['delivered_mb_per_s']:,.0f}")),
+        ("group", f"Trajectory groups to the driver ({m['cpus']} CPUs): N processes, two calls out each; the "
+                  "driver gets and copies every group.",
+         ("group", "shape", "size (obs)", "processes", "groups/s", "MB/s", "env steps/s"),
+         lambda r: (r["payload"], r["shape"], f"{mb(r['payload_bytes'])} ({mb(r['obs_bytes'])})", r["processes"],
+                    f"{r['groups_per_s']:,.1f}", f"{r['mb_per_s']:,.0f}", f"{r['env_steps_per_s']:,.0f}")),
+        ("learner", f"Learner ingest ({m['cpus']} CPUs, {m['jax_device']}): one PPO update of the main job's presets.",
+         ("network", "batch", "batch size", "epochs x minibatches", "first call s", "update ms", "samples/s"),
+         lambda r: (r["payload"], r["batch"], mb(r["payload_bytes"]), f"{r['epochs']} x {r['minibatches']}",
+                    f"{r['first_call_s']:.2f}", f"{r['update_ms']:.1f}", f"{r['samples_per_s']:,.0f}")),
+    )
+    for measure, intro, columns, cells in sections:
+        lines += [""] + ([intro, ""] if intro else [])
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows if r["measure"] == measure]
     return "\n".join(lines)
 
 
@@ -358,12 +358,8 @@ def main(args: Args) -> dict:
         r["machine"] = f"{m['cpus']} CPUs, {m['platform']}"
     table = render(rows, m, args.quick)
     print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     result = dict(args=dataclasses.asdict(args), machine=m, rows=rows, figures=figures(rows, m))
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
+    outputs.write(args.out, result, table)
     return result
 
 

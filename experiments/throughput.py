@@ -29,7 +29,6 @@ configuration, <out>_best_<env>_*.png.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import NamedTuple, Optional
@@ -44,7 +43,7 @@ import envs  # noqa: F401 - registers the rlbatch/ environments
 import rlbatch
 from experiments.bench_actors import env_factory
 from experiments.bench_policy import mlp_policy
-from experiments.lib import calibration, env_loops, policy_step, runtime, tuning
+from experiments.lib import calibration, env_loops, outputs, policy_step, runtime, tuning
 from rlbatch import report
 
 
@@ -238,10 +237,7 @@ def main(args: Args) -> dict:
     result = dict(args=dataclasses.asdict(args), devices=devices, rows=rows, baselines=base_rows,
                   best={env: dict(row_index=i, config=rows[i]["summary"]["config"]) for env, i in best.items()},
                   suggestions=suggestions, plots=plots)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
+    outputs.write(args.out, result, table, default=float)
     if suggestions is not None:
         for env, s in suggestions.items():
             if "error" in s:
