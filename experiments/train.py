@@ -86,6 +86,9 @@ class Args:
     """PPO: passes over each batch (preset: 20 classic control, 10 MuJoCo, 4 Atari)"""
     num_minibatches: Optional[int] = None
     """PPO: minibatches per pass (preset: 1 classic control, 32 MuJoCo, 4 Atari)"""
+    unroll_update: Optional[bool] = None
+    """PPO: compile the epochs and minibatches without loops (agents.make_ppo unroll: XLA's CPU backend runs
+    convolutions in a loop about 14x slower); preset: on for Atari, off otherwise"""
     clip_eps: Optional[float] = None
     """PPO: clipping of the probability ratio (preset: 0.2, 0.1 Atari)"""
     clip_value_loss: Optional[bool] = None
@@ -165,7 +168,7 @@ def make_learner(args: Args, network: agents.ActorCritic) -> rlbatch.Learner:
     if args.agent == "ppo":
         return agents.make_ppo(network, num_epochs=args.num_epochs, num_minibatches=args.num_minibatches,
                                clip_eps=args.clip_eps, gae_lambda=args.gae_lambda,
-                               clip_value_loss=args.clip_value_loss, **common)
+                               clip_value_loss=args.clip_value_loss, unroll=args.unroll_update, **common)
     if args.agent == "impala":
         return agents.make_impala(network, **common)
     raise ValueError(f"--agent: expected ppo or impala, got {args.agent!r}")

@@ -168,6 +168,28 @@ def test_ppo_losses_match_the_numpy_reference(action_space, normalize_advantages
     _assert_metrics(metrics, expected)
 
 
+def test_ppo_unrolled_makes_the_same_update_as_its_scanned_loops():
+    """unroll=True (epochs and minibatches as straight-line code) changes the program, not the update:
+    the same parameters, optimizer state and per-step metrics after 3 epochs x 2 minibatches."""
+    network, _ = _network(DISCRETE)
+    results = []
+    for unroll in (False, True):
+        learner = make_ppo(network, num_epochs=3, num_minibatches=2, gamma=GAMMA, gae_lambda=0.8, unroll=unroll)
+        state = learner.init(jax.random.key(0), EXAMPLE_OBS, DISCRETE)
+        results.append(learner.update(state, make_batch(network, learner.params(state))))
+    (scanned, scanned_metrics), (unrolled, unrolled_metrics) = results
+    assert unrolled.step == scanned.step == 1
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                                   unrolled.params, _network(DISCRETE)[1])
+    assert max(jax.tree_util.tree_leaves(moved)) > 0  # the update did change the parameters
+    for a, b in zip(jax.tree_util.tree_leaves((scanned.params, scanned.opt_state)),
+                    jax.tree_util.tree_leaves((unrolled.params, unrolled.opt_state))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert scanned_metrics.keys() == unrolled_metrics.keys()
+    for key in scanned_metrics:
+        np.testing.assert_allclose(scanned_metrics[key], unrolled_metrics[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("action_space", [DISCRETE, BOX], ids=["discrete", "continuous"])
 @pytest.mark.parametrize("lambda_,clip_rho,clip_pg_rho", [(1.0, 1.0, 1.0), (0.9, 2.0, 1.5)])
 def test_impala_losses_match_the_numpy_reference(action_space, lambda_, clip_rho, clip_pg_rho):

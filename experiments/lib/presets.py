@@ -43,7 +43,7 @@ FAMILIES = ("classic", "mujoco", "atari")
 
 # CleanRL's common PPO settings, which every family starts from.
 _CLEANRL = dict(vf_coef=0.5, max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, hidden=(64, 64),
-                network="mlp", normalize_obs=False, normalize_reward=False, queue_batches=4)
+                network="mlp", normalize_obs=False, normalize_reward=False, queue_batches=4, unroll_update=False)
 
 _CLASSIC = dict(
     _CLEANRL, num_actors=4, envs_per_actor=8, unroll_length=16, batch_size=2, queue_batches=1, buckets=(8, 16, 32),
@@ -58,7 +58,8 @@ _MUJOCO = dict(
 _ATARI_PPO = dict(
     _CLEANRL, num_actors=2, envs_per_actor=4, unroll_length=128, batch_size=2, buckets=(4, 8),
     learning_rate=2.5e-4, anneal_lr=True, num_epochs=4, num_minibatches=4, clip_eps=0.1, ent_coef=0.01,
-    clip_value_loss=True, hidden=(512,), network="cnn", total_steps=10_000_000, max_seconds=1800.0)
+    clip_value_loss=True, hidden=(512,), network="cnn", total_steps=10_000_000, max_seconds=1800.0,
+    unroll_update=True)  # 4 x 4 minibatch steps: XLA's CPU convolutions are far slower inside a loop
 
 _ATARI_IMPALA = dict(
     _ATARI_PPO, num_actors=4, envs_per_actor=8, unroll_length=20, batch_size=4, buckets=(8, 16, 32),
