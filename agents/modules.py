@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 __all__ = [
+    "ACTIVATIONS",
     "NATURE_CNN_LAYERS",
     "ActorCriticModule",
     "ImpalaResNet",
@@ -82,15 +83,20 @@ def _dense_stack(x, hidden: Sequence[int], activation):
     return x
 
 
+ACTIVATIONS = {"tanh": jnp.tanh, "relu": nn.relu}
+
+
 class MLP(nn.Module):
-    """obs [N, ...] (flattened) -> tanh dense layers -> [N, hidden[-1]] (CleanRL's classic control)."""
+    """obs [N, ...] (flattened) -> dense layers -> [N, hidden[-1]]: tanh as CleanRL's classic control
+    and MuJoCo PPO, or relu as rl-baselines3-zoo's tuned MuJoCo PPO (`activation`, a key of ACTIVATIONS)."""
 
     hidden: Sequence[int] = (64, 64)
+    activation: str = "tanh"
 
     @nn.compact
     def __call__(self, obs):
         x = _as_float(obs)
-        return _dense_stack(x.reshape(x.shape[0], -1), self.hidden, jnp.tanh)
+        return _dense_stack(x.reshape(x.shape[0], -1), self.hidden, ACTIVATIONS[self.activation])
 
 
 class NatureCNN(nn.Module):
@@ -166,13 +172,14 @@ class ActorCriticModule(nn.Module):
 
     obs [N, ...] -> (out [N, num_outputs], value [N], log_std [num_outputs] or None): `out` is the
     Categorical logits, or the Gaussian mean when `continuous` (then `log_std` is a parameter that
-    does not depend on the observation).
+    does not depend on the observation, initialised to `log_std_init`).
     """
 
     torso: nn.Module
     critic_torso: Optional[nn.Module]  # None: the value head shares `torso`
     num_outputs: int
     continuous: bool = False
+    log_std_init: float = 0.0
 
     @nn.compact
     def __call__(self, obs):
@@ -180,5 +187,5 @@ class ActorCriticModule(nn.Module):
         critic_hidden = hidden if self.critic_torso is None else self.critic_torso(obs)
         out = nn.Dense(self.num_outputs, kernel_init=_orthogonal(0.01), name="policy_head")(hidden)
         value = nn.Dense(1, kernel_init=_orthogonal(1.0), name="value_head")(critic_hidden)[:, 0]
-        log_std = self.param("log_std", nn.initializers.zeros, (self.num_outputs,)) if self.continuous else None
+        log_std = self.param("log_std", nn.initializers.constant(self.log_std_init), (self.num_outputs,)) if self.continuous else None
         return out, value, log_std

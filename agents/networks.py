@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agents.modules import MLP, NATURE_CNN_LAYERS, ActorCriticModule, ImpalaResNet, NatureCNN
+from agents.modules import ACTIVATIONS, MLP, NATURE_CNN_LAYERS, ActorCriticModule, ImpalaResNet, NatureCNN
 from rlbatch import Policy
 
 __all__ = ["ActorCritic", "DEFAULT_HIDDEN", "clip_action", "make_actor_critic", "make_policy"]
@@ -61,10 +61,10 @@ def clip_action(action: np.ndarray, action_space: gym.spaces.Box) -> np.ndarray:
     return np.clip(action, action_space.low, action_space.high)
 
 
-def _torso_modules(torso, obs_shape, hidden, conv_layers, channels_first) -> tuple:
+def _torso_modules(torso, obs_shape, hidden, conv_layers, channels_first, activation) -> tuple:
     """(actor torso, critic torso or None when the heads share it) for `torso`."""
     if torso == "mlp":
-        return MLP(hidden), MLP(hidden)
+        return MLP(hidden, activation), MLP(hidden, activation)
     if len(obs_shape) not in (2, 3):
         raise ValueError(
             f"make_actor_critic: torso={torso!r} expects [H, W], [H, W, C] or [C, H, W] observations, "
@@ -82,19 +82,28 @@ def make_actor_critic(
     torso: str = "mlp",
     conv_layers: Optional[Sequence[tuple[int, int, int]]] = None,
     channels_first: Optional[bool] = None,
+    activation: str = "tanh",
+    log_std_init: float = 0.0,
 ) -> ActorCritic:
     """Builds an actor-critic for `action_space` and observations shaped like `example_obs`.
 
-    torso="mlp": separate tanh MLPs for actor and critic (CleanRL's classic-control PPO).
+    torso="mlp": separate MLPs for actor and critic, of `activation` "tanh" (CleanRL's PPO) or "relu"
+      (rl-baselines3-zoo's tuned MuJoCo PPO).
     torso="cnn": the Nature CNN (`conv_layers`, default `NATURE_CNN_LAYERS`), shared by both heads.
     torso="impala": the IMPALA ResNet, shared by both heads.
     hidden: the dense widths after the torso; default `DEFAULT_HIDDEN[torso]`.
     channels_first: image layout; None infers it from `example_obs`'s shape.
+    log_std_init: the Gaussian's initial log-std (Box actions; the zoo's MuJoCo PPO starts at -2).
     """
     example_obs = np.asarray(example_obs)
     obs_shape = example_obs.shape
     if torso not in DEFAULT_HIDDEN:
         raise ValueError(f"make_actor_critic: expected torso 'mlp', 'cnn' or 'impala', got {torso!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"make_actor_critic: expected activation in {sorted(ACTIVATIONS)}, got {activation!r}")
+    if activation != "tanh" and torso != "mlp":
+        raise ValueError(f"make_actor_critic: activation applies to torso='mlp' (the pixel torsos use relu), "
+                         f"got torso={torso!r} with activation={activation!r}")
     if conv_layers is not None and torso != "cnn":
         raise ValueError(f"make_actor_critic: conv_layers applies to torso='cnn', got torso={torso!r}")
     if isinstance(action_space, gym.spaces.Discrete):
@@ -111,8 +120,10 @@ def make_actor_critic(
         tuple(DEFAULT_HIDDEN[torso] if hidden is None else hidden),
         tuple(NATURE_CNN_LAYERS if conv_layers is None else conv_layers),
         channels_first,
+        activation,
     )
-    module = ActorCriticModule(actor_torso, critic_torso, num_outputs, continuous=not discrete)
+    module = ActorCriticModule(actor_torso, critic_torso, num_outputs, continuous=not discrete,
+                               log_std_init=float(log_std_init))
 
     def init(key, example_obs):
         if np.shape(example_obs) != obs_shape:
@@ -177,6 +188,9 @@ def make_policy(
     torso: str = "mlp",
     conv_layers: Optional[Sequence[tuple[int, int, int]]] = None,
     channels_first: Optional[bool] = None,
+    activation: str = "tanh",
+    log_std_init: float = 0.0,
 ) -> Policy:
     """The sampling `rlbatch.Policy` of `make_actor_critic` (same arguments), for serving without a learner."""
-    return make_actor_critic(action_space, example_obs, hidden, torso, conv_layers, channels_first).policy
+    return make_actor_critic(action_space, example_obs, hidden, torso, conv_layers, channels_first, activation,
+                             log_std_init).policy

@@ -130,6 +130,26 @@ def test_mlp_actor_and_critic_have_separate_torsos_as_in_cleanrl():
     assert _num_params(network.policy.init(jax.random.key(0), VECTOR_OBS)) == expected
 
 
+def test_relu_mlp_and_initial_log_std_as_the_zoos_mujoco_policy():
+    # rl-baselines3-zoo's tuned MuJoCo PPO: 256x256 ReLU torsos and a Gaussian starting at log-std -2.
+    obs = np.linspace(-2.0, 2.0, 17).astype(np.float32)
+    network = make_actor_critic(gym.spaces.Box(-1.0, 1.0, (6,)), obs, hidden=(256, 256), activation="relu",
+                                log_std_init=-2.0)
+    params = network.policy.init(jax.random.key(0), obs)
+    net = params["params"]
+    np.testing.assert_array_equal(net["log_std"], np.full(6, -2.0, np.float32))
+    # The mean by hand with ReLU, from the same parameters: a tanh torso would give another one.
+    h = obs[None]
+    for layer in ("Dense_0", "Dense_1"):
+        h = np.maximum(h @ np.asarray(net["torso"][layer]["kernel"]) + np.asarray(net["torso"][layer]["bias"]), 0.0)
+    mean = h @ np.asarray(net["policy_head"]["kernel"]) + np.asarray(net["policy_head"]["bias"])
+    _, extras = network.greedy_policy.apply(params, obs[None], jax.random.key(1))
+    np.testing.assert_allclose(extras["mean"], mean, rtol=1e-4, atol=1e-6)
+    log_prob, entropy, _ = network.evaluate(params, obs[None], extras["mean"])
+    np.testing.assert_allclose(entropy, [6 * (-2.0 + 0.5 * np.log(2 * np.pi * np.e))], rtol=1e-5)
+    np.testing.assert_allclose(log_prob, [6 * (2.0 - 0.5 * np.log(2 * np.pi))], rtol=1e-5)  # at the mean
+
+
 def test_nature_cnn_parameter_count_matches_cleanrl():
     # CleanRL's ppo_atari Agent for 4x84x84 frames and 6 actions, layer by layer (VALID padding:
     # 84 -> (84 - 8) // 4 + 1 = 20 -> (20 - 4) // 2 + 1 = 9 -> 9 - 3 + 1 = 7).
@@ -190,6 +210,13 @@ def test_small_images_take_the_small_conv_stack_or_the_impala_resnet():
         params = network.policy.init(jax.random.key(0), grid)
         action, _ = network.policy.apply(params, _random_obs(grid, (2,)), jax.random.key(0))
         assert action.shape == (2,)
+
+
+def test_make_actor_critic_names_a_wrong_activation():
+    with pytest.raises(ValueError, match=re.escape("expected activation in ['relu', 'tanh'], got 'gelu'")):
+        make_actor_critic(gym.spaces.Discrete(2), VECTOR_OBS, activation="gelu")
+    with pytest.raises(ValueError, match="activation applies to torso='mlp'"):
+        make_actor_critic(gym.spaces.Discrete(2), np.zeros((4, 84, 84), np.uint8), torso="cnn", activation="relu")
 
 
 def test_make_actor_critic_names_wrong_arguments():
