@@ -111,7 +111,15 @@ class Args:
     normalize_reward: Optional[bool] = None
     """scale rewards by the running std of the discounted return, as CleanRL's NormalizeReward (preset: on MuJoCo)"""
     hidden: Optional[tuple[int, ...]] = None
-    """widths of the hidden dense layers (preset: 64 64; 512 after the CNN)"""
+    """widths of the hidden dense layers (preset: 64 64; 512 after the CNN; 256 256 with --hyperparams zoo)"""
+    activation: Optional[Literal["tanh", "relu"]] = None
+    """activation of the MLP torso (preset: tanh; relu with --hyperparams zoo)"""
+    log_std_init: Optional[float] = None
+    """initial log-std of the Gaussian policy, Box actions (preset: 0; -2 with --hyperparams zoo)"""
+    hyperparams: Literal["default", "zoo"] = "default"
+    """default: the family's preset (CleanRL's settings for MuJoCo and Atari); zoo: rl-baselines3-zoo's tuned PPO
+    settings of --env where the zoo has them (HalfCheetah-v5, Hopper-v5), the sample-efficient ones SBX runs in
+    experiments.compare_peers"""
     out: str = "runs/train"
     """directory for the report (JSON), plots, checkpoint and TensorBoard scalars"""
     progress: bool = True
@@ -141,7 +149,9 @@ class Args:
 
 def make_network(args: Args, task: tasks.Task) -> agents.ActorCritic:
     """The actor-critic of (resolved) `args` for `task`'s spaces."""
-    return agents.make_actor_critic(task.action_space, task.example_obs, hidden=args.hidden, torso=args.network)
+    # Checkpoints written before --activation and --log-std-init existed hold None for them: the defaults.
+    return agents.make_actor_critic(task.action_space, task.example_obs, hidden=args.hidden, torso=args.network,
+                                    activation=args.activation or "tanh", log_std_init=args.log_std_init or 0.0)
 
 
 def updates_in_budget(args: Args) -> int:
@@ -198,7 +208,7 @@ class Job(NamedTuple):
 def _check_resume(args: Args, path: str) -> dict:
     metadata = checkpoints.read_metadata(path)
     saved = metadata["args"]
-    for key in ("env", "agent", "network", "hidden"):
+    for key in ("env", "agent", "network", "hidden", "activation"):
         value = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
         if saved.get(key) != value:
             raise ValueError(f"--resume {path}: the checkpoint was trained with --{key.replace('_', '-')} "

@@ -20,7 +20,7 @@ import pytest
 
 import rlbatch
 from experiments import evaluate, train
-from experiments.lib import checkpoints, presets, tasks
+from experiments.lib import checkpoints, presets, tasks, zoo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The CartPole runs: 8 actors, one bucket, B=8 trajectories of T=16 per update.
@@ -243,3 +243,26 @@ def test_the_reports_extra_fields_never_replace_the_summarys(tmp_path):
     assert line["config"] == {"env": "X"} and line["learning_curve"] == {"env_steps": [1]}
     with pytest.raises(ValueError, match=r"extra fields must not replace the summary's, got \['config'\]"):
         report.write(summary, str(tmp_path), plots=False, extra={"config": {}})
+
+
+def test_zoo_hyperparams_are_the_zoos_tuned_ppo_entry_laid_out_on_the_actors():
+    cheetah = presets.resolve(train.Args(env="HalfCheetah-v5", hyperparams="zoo"))
+    entry = zoo.ZOO_PPO["HalfCheetah-v5"]
+    # The zoo's 1 env x 512 steps per update, as 2 trajectory groups of 4 columns x 64 steps.
+    assert cheetah.batch_size * cheetah.envs_per_actor * cheetah.unroll_length == entry["n_envs"] * entry["n_steps"]
+    assert cheetah.unroll_length * cheetah.batch_size * cheetah.envs_per_actor // cheetah.num_minibatches == 64
+    assert (cheetah.learning_rate, cheetah.anneal_lr, cheetah.num_epochs, cheetah.clip_eps, cheetah.gamma,
+            cheetah.gae_lambda, cheetah.ent_coef, cheetah.vf_coef, cheetah.max_grad_norm) == (
+        2.0633e-05, False, 20, 0.1, 0.98, 0.92, 0.000401762, 0.58096, 0.8)
+    assert (cheetah.hidden, cheetah.activation, cheetah.log_std_init, cheetah.normalize_obs,
+            cheetah.normalize_reward, cheetah.clip_value_loss) == ((256, 256), "relu", -2.0, True, True, False)
+    hopper = presets.resolve(train.Args(env="Hopper-v5", hyperparams="zoo", num_epochs=7))
+    assert (hopper.num_epochs, hopper.num_minibatches, hopper.gamma) == (7, 16, 0.999)  # the flag wins
+    default = presets.resolve(train.Args(env="HalfCheetah-v5"))
+    assert (default.activation, default.log_std_init, default.hidden) == ("tanh", 0.0, (64, 64))
+    with pytest.raises(ValueError, match="expected an env with an rl-baselines3-zoo PPO entry"):
+        presets.resolve(train.Args(env="Walker2d-v5", hyperparams="zoo"))
+    with pytest.raises(ValueError, match="clip range is a schedule"):
+        presets.resolve(train.Args(env="CartPole-v1", hyperparams="zoo"))
+    with pytest.raises(ValueError, match="the zoo's tuned settings are PPO's"):
+        presets.resolve(train.Args(env="Hopper-v5", hyperparams="zoo", agent="impala"))

@@ -28,7 +28,10 @@ Sources of the numbers:
   4 epochs, clip 0.1, entropy 0.01) as 2 actor threads x 4 EnvPool environments, B=2 trajectories
   per update: one actor's batch is stepped while the other's is on the policy (Sebulba's layout);
 - atari, IMPALA: Espeholt et al. (2018) / Cleanba's IMPALA: T=20, 32 environments (4 actors x 8),
-  lr 6e-4 annealed, entropy 0.01, gradient norm clipped at 40.
+  lr 6e-4 annealed, entropy 0.01, gradient norm clipped at 40;
+- `--hyperparams zoo`: rl-baselines3-zoo's tuned PPO entry of the env (experiments.lib.zoo: HalfCheetah
+  and Hopper: 256x256 ReLU MLPs, initial log-std -2, small learning rates, many epochs over 512
+  samples per update, laid out as 2 actors x 4 environments), over the family's preset.
 """
 from __future__ import annotations
 
@@ -37,13 +40,16 @@ from typing import Any, Mapping
 
 import gymnasium
 
+from experiments.lib import zoo
+
 __all__ = ["FAMILIES", "PRESETS", "family_of", "preset_for", "resolve"]
 
 FAMILIES = ("classic", "mujoco", "atari")
 
 # CleanRL's common PPO settings, which every family starts from.
 _CLEANRL = dict(vf_coef=0.5, max_grad_norm=0.5, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, hidden=(64, 64),
-                network="mlp", normalize_obs=False, normalize_reward=False, queue_batches=4, unroll_update=False)
+                network="mlp", normalize_obs=False, normalize_reward=False, queue_batches=4, unroll_update=False,
+                activation="tanh", log_std_init=0.0)
 
 _CLASSIC = dict(
     _CLEANRL, num_actors=4, envs_per_actor=8, unroll_length=16, batch_size=2, queue_batches=1, buckets=(8, 16, 32),
@@ -96,6 +102,11 @@ def preset_for(family: str, agent: str) -> Mapping[str, Any]:
 
 def resolve(args):
     """`args` (a frozen dataclass) with each None field that the preset of its env and agent names
-    replaced by the preset's value; fields set explicitly are kept."""
-    preset = preset_for(family_of(args.env), args.agent)
+    replaced by the preset's value; fields set explicitly are kept. With `args.hyperparams == "zoo"`
+    the zoo's tuned settings of the env override the family's preset (PPO only)."""
+    preset = dict(preset_for(family_of(args.env), args.agent))
+    if getattr(args, "hyperparams", "default") == "zoo":
+        if args.agent != "ppo":
+            raise ValueError(f"--hyperparams zoo: the zoo's tuned settings are PPO's, got --agent {args.agent}")
+        preset.update(zoo.ppo_preset(args.env))
     return dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})

@@ -24,31 +24,12 @@ STARTED_AT = time.time()  # before the heavy imports below: they are part of the
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import tyro  # noqa: E402
 
 from experiments.lib.peers import SolveRule, rule_for, rule_holds  # noqa: E402
-
-# rl-baselines3-zoo hyperparams/ppo.yml: CartPole-v1 ("Tuned"), and the tuned MuJoCo v3 entries
-# (HalfCheetah-v3, Hopper-v3) for the v5 tasks. "lin_x" is the zoo's linear schedule from x to 0 over
-# n_timesteps. policy_kwargs' activation "relu" is flax's (SBX's networks are flax modules).
-_MUJOCO_POLICY = {"log_std_init": -2, "ortho_init": False, "activation": "relu",
-                  "net_arch": {"pi": [256, 256], "vf": [256, 256]}}
-ZOO_PPO: dict[str, dict[str, Any]] = {
-    "CartPole-v1": dict(normalize=False, n_envs=8, n_timesteps=100_000, n_steps=32, batch_size=256,
-                        gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0, learning_rate="lin_0.001",
-                        clip_range="lin_0.2"),
-    "HalfCheetah-v5": dict(normalize=True, n_envs=1, n_timesteps=1_000_000, batch_size=64, n_steps=512,
-                           gamma=0.98, learning_rate=2.0633e-05, ent_coef=0.000401762, clip_range=0.1,
-                           n_epochs=20, gae_lambda=0.92, max_grad_norm=0.8, vf_coef=0.58096,
-                           policy_kwargs=_MUJOCO_POLICY),
-    "Hopper-v5": dict(normalize=True, n_envs=1, n_timesteps=1_000_000, batch_size=32, n_steps=512,
-                      gamma=0.999, learning_rate=9.80828e-05, ent_coef=0.00229519, clip_range=0.2,
-                      n_epochs=5, gae_lambda=0.99, max_grad_norm=0.7, vf_coef=0.835671,
-                      policy_kwargs=_MUJOCO_POLICY),
-}
-
+from experiments.lib.zoo import ZOO_PPO  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Args:
