@@ -256,6 +256,7 @@ def test_zoo_hyperparams_are_the_zoos_tuned_ppo_entry_laid_out_on_the_actors():
         2.0633e-05, False, 20, 0.1, 0.98, 0.92, 0.000401762, 0.58096, 0.8)
     assert (cheetah.hidden, cheetah.activation, cheetah.log_std_init, cheetah.normalize_obs,
             cheetah.normalize_reward, cheetah.clip_value_loss) == ((256, 256), "relu", -2.0, True, True, False)
+    assert (cheetah.queue_batches, cheetah.max_policy_lag) == (1, 1)
     hopper = presets.resolve(train.Args(env="Hopper-v5", hyperparams="zoo", num_epochs=7))
     assert (hopper.num_epochs, hopper.num_minibatches, hopper.gamma) == (7, 16, 0.999)  # the flag wins
     default = presets.resolve(train.Args(env="HalfCheetah-v5"))

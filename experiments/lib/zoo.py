@@ -35,8 +35,12 @@ _SB3_DEFAULTS = dict(ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, gamma=0.99, g
                      n_epochs=10, policy_kwargs={})
 
 # How the zoo's n_envs x n_steps samples per update are laid out on rlbatch's actors: 2 actor
-# threads x 4 environments; an update takes 2 trajectory groups of 4 columns x T = samples / 8 steps. One batch may
-# wait (the actors outrun a many-epoch learner; more would only make the samples staler).
+# threads x 4 environments; an update takes 2 trajectory groups of 4 columns x T = samples / 8 steps.
+# One batch may wait, and trajectories more than one update old are dropped: the zoo's PPO is
+# on-policy, 20 epochs at a small learning rate make stale samples costly, and the actors outrun
+# this learner, so fresh ones come soon. HalfCheetah-v5 seed 0 to a return of 1442.6 on the 2-core
+# machine: 358 updates (mean policy lag 2.0) and 82-84 s with no limit, 233 updates and 55 s with
+# trajectories of lag 2 dropped, 274 updates and 116 s with every stale one dropped.
 _ACTORS, _ENVS_PER_ACTOR, _GROUPS = 2, 4, 2
 
 
@@ -70,7 +74,7 @@ def ppo_preset(env_id: str) -> dict[str, Any]:
         raise ValueError(f"zoo: {env_id}'s actor and critic widths differ ({arch}); the MLP torso has one width")
     preset = dict(
         num_actors=_ACTORS, envs_per_actor=_ENVS_PER_ACTOR, batch_size=_GROUPS, unroll_length=samples // per_update,
-        queue_batches=1, learning_rate=_constant(zoo["learning_rate"], "learning rate", env_id),
+        queue_batches=1, max_policy_lag=1, learning_rate=_constant(zoo["learning_rate"], "learning rate", env_id),
         anneal_lr=isinstance(zoo["learning_rate"], str), num_epochs=zoo["n_epochs"],
         num_minibatches=samples // zoo["batch_size"], clip_eps=float(zoo["clip_range"]),
         clip_value_loss=False, ent_coef=float(zoo["ent_coef"]), vf_coef=float(zoo["vf_coef"]),
