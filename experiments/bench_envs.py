@@ -9,8 +9,10 @@ HalfCheetah-v5 (MuJoCo; a 64x64 tanh MLP with a Gaussian head). For N = 8, 32 an
   send), ale-py's AtariVectorEnv for Breakout;
 - rlbatch: an ActorPool with one environment per actor thread, and with k environments per thread
   for each vector environment kind, every split threads x k of --threads measured (the table shows
-  each kind's best split, the JSON every split), behind a PolicyService with buckets up to N;
-- floors: each vector environment stepped with fixed actions and no policy at all (the most any
+  each kind's best split, the JSON every split), behind a PolicyService with buckets up to N
+  ("merged": actors asking together share a batch) or up to one actor's request ("batch per
+  actor": one actor's batch runs while the others step, as Sebulba's actor threads do);
+- floors: each vector environment stepped with random actions and no policy at all (the most any
   loop over these environments can do on this machine), and the policy alone on batches of up to N;
   from their CPU time (all the process's threads) the CPU ceiling: cores / (CPU seconds of one
   environment step + of one policy row), which no design on these cores can exceed.
@@ -60,6 +62,10 @@ class Args:
     """numbers of environments N"""
     threads: tuple[int, ...] = (1, 2, 4)
     """actor threads of the rlbatch vector rows (k = N / threads envs each): the sweep"""
+    batching: tuple[Literal["merged", "per-actor"], ...] = ("merged", "per-actor")
+    """the policy service's batches in the rlbatch vector rows with more than one thread: "merged" (up to
+    N rows: actors that ask together are served together, and then step together), "per-actor" (at most one
+    actor's request: while one actor's batch is on the policy the others step, Sebulba's pipeline)"""
     subprocess_threads: tuple[int, ...] = (2,)
     """the sweep for gym-async, whose N subprocesses take a second each to start on 2 CPUs"""
     kinds: tuple[str, ...] = ("single",) + PEERS
@@ -136,9 +142,9 @@ def run_peer(workload: Workload, kind: str, served: Served, n: int, args: Args) 
 
 
 def run_floor(workload: Workload, kind: str, n: int, args: Args) -> env_loops.StepRate:
-    """The vector environment of `kind` with fixed actions and no policy."""
+    """The vector environment of `kind` with random actions drawn beforehand and no policy."""
     timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
-    return vector_loops.run_env_alone(workload.vector_env_fn(kind), workload.fixed_actions(n), n, **timing)
+    return vector_loops.run_env_alone(workload.vector_env_fn(kind), workload.floor_actions(n, seed=args.seed), n, **timing)
 
 
 def _async_batch(num_envs: int, args: Args) -> int:
@@ -150,8 +156,10 @@ def _buckets(n: int) -> tuple[int, ...]:
     return tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < n) + (n,)
 
 
-def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int, args: Args, reports: list) -> dict:
-    """An ActorPool of `threads` actors playing N environments of `kind` ("single": one per thread)."""
+def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int, args: Args, reports: list,
+             batching: str = "merged") -> dict:
+    """An ActorPool of `threads` actors playing N environments of `kind` ("single": one per thread),
+    behind a service whose batches hold up to N rows ("merged") or one actor's request ("per-actor")."""
     k = n // threads
     async_batch = None
     if kind == "single":
@@ -161,8 +169,9 @@ def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int
         env_fn, vector_env_fn = None, workload.envpool_async_fn(lambda m: _async_batch(m, args))
     else:
         env_fn, vector_env_fn = None, workload.vector_env_fn(kind)
-    service = rlbatch.PolicyService(served.apply, served.params, example_obs=served.example_obs, buckets=_buckets(n),
-                                    max_delay=args.max_delay, seed=args.seed)
+    largest = n if batching == "merged" else (async_batch or k)
+    service = rlbatch.PolicyService(served.apply, served.params, example_obs=served.example_obs,
+                                    buckets=_buckets(largest), max_delay=args.max_delay, seed=args.seed)
     with service:
         with rlbatch.ActorPool(env_fn, service, num_actors=threads, unroll_length=args.unroll_length,
                                envs_per_actor=k, seed=args.seed, vector_env_fn=vector_env_fn,
@@ -175,9 +184,9 @@ def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int
             rate = env_loops.measure_pool(pool, service, warmup=args.warmup, duration=args.duration,
                                           sample=recorder.sample)
             summary = recorder.finish(config=dict(workload=workload.name, envs=n, kind=kind, threads=threads,
-                                                  envs_per_thread=k))
+                                                  envs_per_thread=k, batching=batching))
     reports.append(summary)
-    return _rate_row(rate, stages=_stages_per_1k(summary))
+    return _rate_row(rate, stages=_stages_per_1k(summary), batching=batching)
 
 
 def _stages_per_1k(summary: report.Summary) -> dict:
@@ -232,7 +241,9 @@ def run_workload(workload: Workload, args: Args, reports: list) -> list[dict]:
             add(n, "peer", f"{kind} loop", run_peer(workload, kind, served, n, args))
             threads = args.threads if kind in IN_PROCESS or kind == "envpool-async" else args.subprocess_threads
             for t in splits(n, threads):
-                add(n, "sweep", f"rlbatch {kind}", run_pool(workload, kind, served, n, t, args, reports))
+                for batching in args.batching if t > 1 else args.batching[:1]:
+                    mode = f"rlbatch {kind}" + (", batch per actor" if batching == "per-actor" else "")
+                    add(n, "sweep", mode, run_pool(workload, kind, served, n, t, args, reports, batching))
     return rows
 
 

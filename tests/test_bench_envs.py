@@ -53,8 +53,21 @@ def test_envpool_async_loop_asks_the_policy_about_each_recv_batch():
 
 
 def test_floors_step_without_a_policy_and_the_policy_without_environments():
-    rate = vector_loops.run_env_alone(_cartpole_vec, np.zeros(3, np.int64), 3, **TIMING)
+    stepped = []
+
+    def recording_vec(n, seed):
+        vec = _cartpole_vec(n, seed)
+        step = vec.step
+        vec.step = lambda actions: (stepped.append(np.asarray(actions).copy()), step(actions))[1]
+        return vec
+
+    actions = np.array([[0, 1, 0], [1, 1, 0]], np.int64)
+    rate = vector_loops.run_env_alone(recording_vec, actions, 3, **TIMING)
     assert rate.env_steps > 0 and rate.env_steps % 3 == 0
+    assert len(stepped) > 2 and all((a == actions[i % 2]).all() for i, a in enumerate(stepped))  # cycled
+    floor = WORKLOADS["halfcheetah"].floor_actions(5, steps=3, seed=1)
+    assert floor.shape == (3, 5, 6) and floor.dtype == np.float32 and len(np.unique(floor)) == floor.size
+    assert np.abs(floor).max() <= 1.0 and (floor == WORKLOADS["halfcheetah"].floor_actions(5, steps=3, seed=1)).all()
     assert 0 < rate.cpu_s <= 2.5 * rate.elapsed_s  # this process's CPU time over the measurement
     calls = []
     rate = vector_loops.run_policy_alone(lambda obs, i: calls.append(i), np.zeros((5, 4)), **TIMING)
@@ -129,7 +142,9 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
     assert modes == {("floor", "policy alone (batch 4: least CPU per row)"), ("floor", "envpool-sync, no policy"), ("peer", "envpool-sync loop"),
                      ("ceiling", "envpool-sync + policy, CPU time"),
                      ("peer", "envpool-async loop"), ("rlbatch", "1 env per thread"),
-                     ("rlbatch", "rlbatch envpool-sync (best split)"), ("rlbatch", "rlbatch envpool-async (best split)")}
+                     ("rlbatch", "rlbatch envpool-sync (best split)"), ("rlbatch", "rlbatch envpool-async (best split)"),
+                     ("rlbatch", "rlbatch envpool-sync, batch per actor (best split)"),
+                     ("rlbatch", "rlbatch envpool-async, batch per actor (best split)")}
     assert all(r["steps_per_s"] > 0 and r["cpu_util"] > 0 for r in rows)
     by_mode = {r["mode"]: r for r in rows}
     # The ceiling adds the policy's CPU time to the environment's: below what the environment's CPU
@@ -140,7 +155,15 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
     for r in rows:
         if r["group"] == "rlbatch":
             assert r["stages"]["env_step"] > 0 and r["stages"]["wait_for_action"] > 0
+            assert r["batching"] == ("per-actor" if "batch per actor" in r["mode"] else "merged")
     saved = json.loads((tmp_path / "b.json").read_text())
+    # Each pool's report: a per-actor service never batches more than one actor's request (2 envs;
+    # EnvPool async: its batch of 1), a merged one may.
+    for summary in map(json.loads, (tmp_path / "b_reports.jsonl").read_text().splitlines()):
+        config = summary["config"]
+        largest = max(int(b) for b in summary["batching"]["batch_size_hist"])
+        if config["batching"] == "per-actor":
+            assert largest <= (1 if config["kind"] == "envpool-async" else 2)
     assert len(saved["rows"]) == len(rows) and saved["sweep"]
     assert (tmp_path / "b.png").stat().st_size > 0
     assert "| 4 | rlbatch | 1 env per thread | 4 x 1 |" in (tmp_path / "b.md").read_text()

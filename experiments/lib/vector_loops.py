@@ -9,7 +9,7 @@ users write it (CleanRL's `ppo_atari_envpool` and `ppo_continuous_action` loops)
   counted as a step, as the peer's loop counts it);
 - `run_envpool_async_loop`: EnvPool's asynchronous mode, num_envs N, batch_size B:
   `recv` (the B environments that finished first) -> policy on those B -> `send(actions, env_id)`;
-- `run_env_alone`: the same vector environment with fixed actions and no policy at all: the
+- `run_env_alone`: the same vector environment with given actions and no policy at all: the
   environment floor, what no loop that steps these environments on this machine can beat;
 - `run_policy_alone`: the policy on batches of N observations and no environment: the policy floor.
 
@@ -114,13 +114,15 @@ def run_envpool_async_loop(make_envpool: Callable[[int, int, int], Any], act_fn:
 
 def run_env_alone(make_vector_env: Callable[[int, int], Any], actions: np.ndarray, num_envs: int, *,
                   warmup: float, duration: float, seed: int = 0) -> StepRate:
-    """The vector environment stepped with the fixed `actions` [N, ...] and no policy: the floor."""
+    """The vector environment stepped with the given `actions` [S, N, ...] (step i takes actions[i % S])
+    and no policy: the floor."""
     vec = make_vector_env(num_envs, seed)
     try:
         _seeded_reset(vec, seed, num_envs)
-        clock = _Clock(warmup, duration)
+        clock, i = _Clock(warmup, duration), 0
         while clock.running():
-            vec.step(actions)
+            vec.step(actions[i % len(actions)])
+            i += 1
             clock.steps += num_envs
     finally:
         vec.close()

@@ -74,14 +74,17 @@ class Workload:
         """`(k, seed) -> EnvPool` of k environments in asynchronous mode, batch_size(k) per recv."""
         return lambda k, seed: self.make_envpool(k, seed, batch_size=batch_size(k))
 
-    def fixed_actions(self, n: int) -> np.ndarray:
-        """Actions [n, ...] for the environment floor: NOOP (0) or zero torques."""
+    def floor_actions(self, n: int, steps: int = 64, seed: int = 0) -> np.ndarray:
+        """Actions [steps, n, ...] for the environment floor, drawn from the action space (seeded): the
+        environments move as under a fresh policy (zero torques would leave a MuJoCo body lying still,
+        whose steps cost less than a moving one's)."""
         env = self.make_env()
         try:
             space = env.action_space
         finally:
             env.close()
-        return np.zeros((n,) + space.shape, space.dtype)
+        space.seed(seed)
+        return np.stack([np.stack([space.sample() for _ in range(n)]) for _ in range(steps)])
 
 
 def _envpool_mujoco(task_id: str, num_envs: int, seed: int, **kwargs):
