@@ -44,6 +44,7 @@ from typing import Iterator
 from rlbatch.actors.actor import Actor, ActorSetup, VectorActor
 from rlbatch.actors.async_actor import AsyncVectorActor
 from rlbatch.actors.env_slot import env_factory
+from rlbatch.actors.lifecycle import StartStopContext
 from rlbatch.actors.queue import ON_FULL, TrajectoryQueue
 from rlbatch.actors.stats import ActorCounters, ActorFault, ActorStats, EpisodeLog, FaultLog
 from rlbatch.actors.trajectory import Trajectory
@@ -56,7 +57,7 @@ _KEEP_FAULTS = 32  # faults kept for `errors`
 _RECENT_FAULTS = 8  # faults shown in `stats.recent_errors`
 
 
-class ActorPool:
+class ActorPool(StartStopContext):
     """Actor threads stepping environments with actions from a shared PolicyService.
 
     Args:
@@ -190,14 +191,6 @@ class ActorPool:
             fault = self._faults.last
             self._queue.stop(f"every actor has exited (the last one because {why}); "
                              f"last error: {fault.error if fault is not None else None}")
-
-    def __enter__(self):
-        if not self._threads:
-            self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
     @property
     def started(self) -> bool:

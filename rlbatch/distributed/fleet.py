@@ -41,6 +41,7 @@ import jax
 import numpy as np
 import ray
 
+from rlbatch.actors.lifecycle import StartStopContext
 from rlbatch.distributed.calls import FleetCalls, tree_nbytes
 from rlbatch.distributed.cluster import connect, end_actors, start_servers, wait_exited
 from rlbatch.distributed.process import ActorProcess, ProcessConfig
@@ -56,7 +57,7 @@ PLACEMENTS = ("local", "server")
 _clock = time.perf_counter
 
 
-class ActorFleet:
+class ActorFleet(StartStopContext):
     """N Ray actor processes, each an ActorPool with its own inference or its node's server.
 
     Args:
@@ -231,14 +232,6 @@ class ActorFleet:
 
     def close(self) -> None:
         """`stop()` under PolicySink's name."""
-        self.stop()
-
-    def __enter__(self):
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc):
         self.stop()
 
     @property
