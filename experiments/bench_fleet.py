@@ -97,7 +97,7 @@ class Args:
     repeats: int = 3
     """rounds: every configuration is measured once per round, the rounds interleaved; rows show the median"""
     quick: bool = False
-    """a smoke run: 1 s warm-up and measurement, no solve runs"""
+    """a smoke run: 0.5 s warm-up and measurement, no solve runs"""
     out: str = "runs/bench_fleet"
     """file stem for the JSON and Markdown outputs (and the solve runs' directories)"""
 
@@ -294,7 +294,7 @@ def render(rows: list[dict], solves: list[dict], targets: list[dict], args: Args
 
 def main(args: Args) -> dict:
     if args.quick:
-        args = dataclasses.replace(args, warmup=1.0, duration=1.0, solve=False, repeats=1)
+        args = dataclasses.replace(args, warmup=0.5, duration=0.5, solve=False, repeats=1)
     rows = []
     if args.throughput:
         runtime.prefer_sync_cpu_dispatch()

@@ -75,7 +75,7 @@ class Args:
     cpu_dispatch: Literal["async", "sync"] = "async"
     """CPU only, every mode: async pipelines two batches (as on a GPU), sync runs each in the calling thread"""
     quick: bool = False
-    """tiny settings for a smoke test (16 and 256 callers, 0.5 s, one repeat, 300 padding requests)"""
+    """tiny settings for a smoke test (16 and 64 callers, 0.4 s, one repeat, 300 padding requests)"""
     out: str = "runs/bench_policy"
     """file stem for the JSON and markdown outputs"""
 
@@ -244,7 +244,7 @@ def main(args: Args):
     print(runtime.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:
-        args = dataclasses.replace(args, threads=(16, 256), duration=0.5, repeats=1, padding_requests=300)
+        args = dataclasses.replace(args, threads=(16, 64), duration=0.4, repeats=1, padding_requests=300)
     devices = [str(d) for d in jax.devices()]
     print(f"jax.devices(): {devices}", flush=True)
     compiles = CompileCounter()
