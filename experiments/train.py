@@ -205,14 +205,19 @@ class Job(NamedTuple):
         self.policy.close()
 
 
+# What a checkpoint written before a network flag existed was trained with.
+_BEFORE_THE_FLAG = {"activation": "tanh"}
+
+
 def _check_resume(args: Args, path: str) -> dict:
     metadata = checkpoints.read_metadata(path)
     saved = metadata["args"]
     for key in ("env", "agent", "network", "hidden", "activation"):
         value = list(getattr(args, key)) if isinstance(getattr(args, key), tuple) else getattr(args, key)
-        if saved.get(key) != value:
+        trained = saved.get(key, _BEFORE_THE_FLAG.get(key))
+        if trained != value:
             raise ValueError(f"--resume {path}: the checkpoint was trained with --{key.replace('_', '-')} "
-                             f"{saved.get(key)!r}, this run has {value!r}")
+                             f"{trained!r}, this run has {value!r}")
     if metadata["env_steps"] >= args.total_steps:
         raise ValueError(f"--resume {path}: the checkpoint has {metadata['env_steps']:,} env steps already, "
                          f"--total-steps {args.total_steps:,} leaves none to do")

@@ -267,3 +267,13 @@ def test_zoo_hyperparams_are_the_zoos_tuned_ppo_entry_laid_out_on_the_actors():
         presets.resolve(train.Args(env="CartPole-v1", hyperparams="zoo"))
     with pytest.raises(ValueError, match="the zoo's tuned settings are PPO's"):
         presets.resolve(train.Args(env="Hopper-v5", hyperparams="zoo", agent="impala"))
+
+
+def test_resume_takes_a_checkpoint_from_before_activation_existed_as_tanh(monkeypatch):
+    saved = dict(env="HalfCheetah-v5", agent="ppo", network="mlp", hidden=[64, 64])  # no "activation" key
+    monkeypatch.setattr(checkpoints, "read_metadata", lambda path: dict(args=saved, env_steps=10))
+    tanh = presets.resolve(train.Args(env="HalfCheetah-v5"))
+    assert train._check_resume(tanh, "old.npz")["env_steps"] == 10
+    relu = presets.resolve(train.Args(env="HalfCheetah-v5", activation="relu"))
+    with pytest.raises(ValueError, match="trained with --activation 'tanh', this run has 'relu'"):
+        train._check_resume(relu, "old.npz")
