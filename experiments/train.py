@@ -149,9 +149,10 @@ class Args:
 
 def make_network(args: Args, task: tasks.Task) -> agents.ActorCritic:
     """The actor-critic of (resolved) `args` for `task`'s spaces."""
-    # Checkpoints written before --activation and --log-std-init existed hold None for them: the defaults.
+    # Checkpoints written before --activation and --log-std-init existed hold None for them.
     return agents.make_actor_critic(task.action_space, task.example_obs, hidden=args.hidden, torso=args.network,
-                                    activation=args.activation or "tanh", log_std_init=args.log_std_init or 0.0)
+                                    activation=args.activation or _BEFORE_THE_FLAG["activation"],
+                                    log_std_init=args.log_std_init or 0.0)
 
 
 def updates_in_budget(args: Args) -> int:

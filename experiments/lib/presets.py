@@ -105,7 +105,7 @@ def resolve(args):
     replaced by the preset's value; fields set explicitly are kept. With `args.hyperparams == "zoo"`
     the zoo's tuned settings of the env override the family's preset (PPO only)."""
     preset = dict(preset_for(family_of(args.env), args.agent))
-    if getattr(args, "hyperparams", "default") == "zoo":
+    if args.hyperparams == "zoo":
         if args.agent != "ppo":
             raise ValueError(f"--hyperparams zoo: the zoo's tuned settings are PPO's, got --agent {args.agent}")
         preset.update(zoo.ppo_preset(args.env))
