@@ -179,7 +179,7 @@ def time_stop(policy, args):
 
 
 def main(args: Args):
-    runtime.prefer_sync_cpu_dispatch()
+    print(rlbatch.configure_cpu_jax())
     print(runtime.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:

@@ -81,7 +81,7 @@ class Args:
     duration: float = 2.0
     """seconds of measurement per row"""
     cpu_dispatch: Literal["sync", "async"] = "sync"
-    """JAX's CPU dispatch (experiments.lib.runtime.prefer_sync_cpu_dispatch): "async" lets the policy
+    """JAX's CPU dispatch (rlbatch.configure_cpu_jax's sync_dispatch): "async" lets the policy
     service run a batch while the next is being prepared"""
     seed: int = 0
     quick: bool = False
@@ -361,8 +361,7 @@ def main(args: Args) -> list[dict]:
     if unknown:
         raise SystemExit(f"bench_envs: expected workloads of {sorted(WORKLOADS)}, got {unknown}")
     print(runtime.enable_compilation_cache(args.compilation_cache))
-    if args.cpu_dispatch == "sync":
-        runtime.prefer_sync_cpu_dispatch()
+    print(rlbatch.configure_cpu_jax(sync_dispatch=args.cpu_dispatch == "sync"))
     preload_forkserver()
     devices = [str(d) for d in jax.devices()]
     print(f"jax.devices(): {devices}; {os.cpu_count()} CPUs", flush=True)

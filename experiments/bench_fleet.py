@@ -297,7 +297,7 @@ def main(args: Args) -> dict:
         args = dataclasses.replace(args, warmup=0.5, duration=0.5, solve=False, repeats=1)
     rows = []
     if args.throughput:
-        runtime.prefer_sync_cpu_dispatch()
+        print(rlbatch.configure_cpu_jax())
         owns_ray = connect(None, max(os.cpu_count() or 1, 1 + max(args.processes)))
         try:
             # After Ray started: its processes descend from its own, with every CPU.

@@ -239,8 +239,7 @@ def median_of(runs):
 def main(args: Args):
     if args.cpu_dispatch not in ("sync", "async"):
         raise SystemExit(f'--cpu-dispatch must be "sync" or "async", got {args.cpu_dispatch!r}')
-    if args.cpu_dispatch == "sync":
-        runtime.prefer_sync_cpu_dispatch()
+    print(rlbatch.configure_cpu_jax(sync_dispatch=args.cpu_dispatch == "sync"))
     print(runtime.pin_python_threads(args.pin_python))
     print(f"thread hand-off round trip: {calibration.handoff_round_trip_us():.1f} us (machine calibration)")
     if args.quick:

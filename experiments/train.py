@@ -272,7 +272,7 @@ def build(args: Args) -> Job:
 
 def main(args: Args) -> report.Summary:
     print(runtime.enable_compilation_cache(args.compilation_cache))
-    runtime.prefer_sync_cpu_dispatch()
+    print(rlbatch.configure_cpu_jax())
     # Not with --processes: Ray's processes, started from this thread, would inherit its one CPU.
     print(runtime.pin_python_threads(args.pin_python and presets.family_of(args.env) == "classic"
                                      and args.processes is None))

@@ -1,6 +1,7 @@
 """rlbatch: an actor-inference harness for reinforcement learning in Python."""
 from rlbatch.actors import ActorError, ActorFault, ActorPool, ActorStats, Trajectory, stack_trajectories
 from rlbatch.affinity import pin_threads
+from rlbatch.cpu_runtime import configure_cpu_jax
 from rlbatch.batching import BatchedFunction, BatchedService, Caller, RaggedCollator, ServiceStats, batched, service
 from rlbatch.errors import (
     BatchOutputError,
@@ -73,6 +74,7 @@ __all__ = [
     "RLBatchError",
     "ServiceClosed",
     "TrajectoryRefused",
-    # threads
+    # threads and the CPU runtime
+    "configure_cpu_jax",
     "pin_threads",
 ]

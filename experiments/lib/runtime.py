@@ -1,14 +1,14 @@
 """Process-wide runtime settings that the experiment scripts choose at start, never the library.
 
-All change the whole process (JAX's dispatch mode, the CPUs of this thread and of every thread it
-starts afterwards), so a script makes them once, before it builds any service or pool, and prints
-what it did in its report.
+All change the whole process (JAX's compilation cache, the CPUs of this thread and of every thread
+it starts afterwards), so a script makes them once, before it builds any service or pool, and prints
+what it did in its report. The scripts set JAX's CPU runtime up with `rlbatch.configure_cpu_jax`.
 """
 from __future__ import annotations
 
 import os
 
-__all__ = ["DEFAULT_COMPILATION_CACHE", "enable_compilation_cache", "pin_python_threads", "prefer_sync_cpu_dispatch"]
+__all__ = ["DEFAULT_COMPILATION_CACHE", "enable_compilation_cache", "pin_python_threads"]
 
 # XDG's cache directory, as pip and JAX's own tools use it; RLBATCH_JAX_CACHE overrides it.
 DEFAULT_COMPILATION_CACHE = os.environ.get(
@@ -40,27 +40,6 @@ def enable_compilation_cache(path: str | None = DEFAULT_COMPILATION_CACHE) -> st
     for name, value in compilation_cache_options(path).items():
         jax.config.update(name, value)
     return f"JAX compilation cache: {path}"
-
-
-def prefer_sync_cpu_dispatch() -> bool:
-    """On a CPU-only JAX, runs computations in the calling thread (`jax_cpu_enable_async_dispatch`
-    off). Returns whether it changed the setting.
-
-    The policy service's computations are tiny on a CPU; dispatching each to an XLA worker thread
-    and waiting for it costs two thread hand-offs per batch, which with hundreds of actor threads
-    wanting the GIL take longer than the computation (measured with 16 callers: 24.6k requests/s
-    asynchronous, 34k synchronous). The GIL is still released while a computation runs. The actor
-    and training scripts call this at start; `experiments.bench_policy` calls it only with
-    `--cpu-dispatch sync`, since at 256 callers its paired runs favour asynchronous dispatch, which
-    lets PolicyService pipeline two batches (see README, policy service): measure both for your
-    own policy.
-    """
-    import jax
-
-    if jax.default_backend() != "cpu":
-        return False
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-    return True
 
 
 def pin_python_threads(pin: bool) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 
 from rlbatch.actors.pool import ActorPool
 from rlbatch.affinity import pin_threads, thread_cpus
+from rlbatch.cpu_runtime import configure_cpu_jax
 from rlbatch.actors.trajectory import Trajectory, stack_trajectories
 from rlbatch.distributed.records import ProcessReport
 from rlbatch.errors import PoolStopped
@@ -114,8 +115,9 @@ def confine_process(index: int, config: ProcessConfig) -> None:
     compilation cache (`jax_compilation_cache_dir`), so that a process started again, or the next
     run's, loads its policy's buckets instead of compiling them.
 
-    `sync_cpu_dispatch`: on a CPU-only JAX, computations run in the thread that calls them instead
-    of being handed to an XLA worker thread (two thread hand-offs per batch fewer). `pin_python`:
+    `sync_cpu_dispatch`: JAX's CPU backend runs each computation in the thread that calls it, all of
+    it, instead of handing it to XLA's worker threads (`rlbatch.configure_cpu_jax`; nothing changes
+    in a process where JAX had already started). `pin_python`:
     JAX starts first, so XLA's thread pools keep every CPU; then this thread, and every thread it
     starts afterwards (the PolicyService's and the actors'), is confined to one CPU, process i to
     the i-th of the CPUs it may use (modulo their count). Together they give each process a core of
@@ -125,8 +127,8 @@ def confine_process(index: int, config: ProcessConfig) -> None:
     """
     for name, value in config.jax_options:
         jax.config.update(name, value)
-    if config.sync_cpu_dispatch and jax.default_backend() == "cpu":
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if config.sync_cpu_dispatch:
+        configure_cpu_jax()
     if config.pin_python and hasattr(os, "sched_setaffinity"):
         jax.devices()
         cpus = sorted(thread_cpus())
