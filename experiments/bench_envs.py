@@ -11,7 +11,8 @@ HalfCheetah-v5 (MuJoCo; a 64x64 tanh MLP with a Gaussian head). For N = 8, 32 an
   for each vector environment kind, every split threads x k of --threads measured (the table shows
   each kind's best split, the JSON every split), behind a PolicyService with buckets up to N
   ("merged": actors asking together share a batch) or up to one actor's request ("batch per
-  actor": one actor's batch runs while the others step, as Sebulba's actor threads do);
+  actor": one actor's batch runs while the others step), or with each actor running its own batch
+  in its own thread ("inline policy", ActorPool inline_policy: Sebulba's actor threads);
 - floors: each vector environment stepped with random actions and no policy at all (the most any
   loop over these environments can do on this machine), and the policy alone on batches of up to N;
   from their CPU time (all the process's threads) the CPU ceiling: cores / (CPU seconds of one
@@ -21,8 +22,10 @@ Steps/s over --duration seconds after --warmup (ActorPool.stats.env_steps for th
 trajectories the main thread consumes as a trainer would). Prints a Markdown table per workload,
 the time-by-stage split of every rlbatch row (the library's report: env step, waiting for actions,
 host preparation and device compute, summed over threads, per 1,000 env steps), and the target:
-at 32 and 128 environments, rlbatch's best row >= 1.1x the best peer loop, beside the floor.
-Writes JSON, Markdown and a PNG plot.
+at 32 and 128 environments, rlbatch's best row >= 1.1x the best peer loop, beside the floor. At
+those N the best peer loop and rlbatch's best row are then measured again, alternately, a few
+times each (--paired-rounds), and the target compares their medians: on a shared VM one run of a
+row moves by up to 40%. Writes JSON, Markdown and a PNG plot.
 
     python -m experiments.bench_envs            # the full table (about 35 minutes on 2 CPUs, most of
                                                 # it starting 128 AsyncVectorEnv subprocesses)
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import time
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -62,10 +66,12 @@ class Args:
     """numbers of environments N"""
     threads: tuple[int, ...] = (1, 2, 4)
     """actor threads of the rlbatch vector rows (k = N / threads envs each): the sweep"""
-    batching: tuple[Literal["merged", "per-actor"], ...] = ("merged", "per-actor")
-    """the policy service's batches in the rlbatch vector rows with more than one thread: "merged" (up to
-    N rows: actors that ask together are served together, and then step together), "per-actor" (at most one
-    actor's request: while one actor's batch is on the policy the others step, Sebulba's pipeline)"""
+    batching: tuple[Literal["merged", "per-actor", "inline"], ...] = ("merged", "per-actor", "inline")
+    """how the rlbatch vector rows' actors get their actions: "merged" (a service whose batches take up to
+    N rows: actors that ask together are served together, and then step together), "per-actor" (batches of at
+    most one actor's request: while one actor's batch is on the policy the others step; with one thread as
+    "merged"), "inline" (each actor runs its own request as a batch in its own thread, ActorPool
+    inline_policy: no hand-off to the service's worker, Sebulba's actor threads)"""
     subprocess_threads: tuple[int, ...] = (2,)
     """the sweep for gym-async, whose N subprocesses take a second each to start on 2 CPUs"""
     kinds: tuple[str, ...] = ("single",) + PEERS
@@ -83,6 +89,10 @@ class Args:
     cpu_dispatch: Literal["sync", "async"] = "sync"
     """JAX's CPU dispatch (rlbatch.configure_cpu_jax's sync_dispatch): "async" lets the policy
     service run a batch while the next is being prepared"""
+    paired_rounds: int = 3
+    """at N of 32 and 128: the best peer loop and rlbatch's best row are measured again this many times
+    each, alternately (peer, rlbatch, peer, ...), and the target compares their medians (one run of a row
+    moves by up to 40% on the shared 2-core VM, so two rows measured minutes apart can mislead); 0: off"""
     seed: int = 0
     quick: bool = False
     """a smoke run: 8 environments, threads 1 and 2, 0.3 s warm-up, 0.7 s measurement"""
@@ -152,6 +162,10 @@ def _async_batch(num_envs: int, args: Args) -> int:
     return max(1, int(num_envs * args.async_batch))
 
 
+TARGET_NUM_ENVS = (32, 128)
+_BATCHING_LABEL = {"merged": "", "per-actor": ", batch per actor", "inline": ", inline policy"}
+
+
 def _buckets(n: int) -> tuple[int, ...]:
     return tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < n) + (n,)
 
@@ -159,7 +173,8 @@ def _buckets(n: int) -> tuple[int, ...]:
 def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int, args: Args, reports: list,
              batching: str = "merged") -> dict:
     """An ActorPool of `threads` actors playing N environments of `kind` ("single": one per thread),
-    behind a service whose batches hold up to N rows ("merged") or one actor's request ("per-actor")."""
+    behind a service whose batches hold up to N rows ("merged") or one actor's request ("per-actor",
+    and "inline", where each actor runs its own)."""
     k = n // threads
     async_batch = None
     if kind == "single":
@@ -175,7 +190,7 @@ def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int
     with service:
         with rlbatch.ActorPool(env_fn, service, num_actors=threads, unroll_length=args.unroll_length,
                                envs_per_actor=k, seed=args.seed, vector_env_fn=vector_env_fn,
-                               async_batch_size=async_batch) as pool:
+                               async_batch_size=async_batch, inline_policy=batching == "inline") as pool:
             recorder = report.Recorder(pool, service, every=None)
             # Environments that start slowly (subprocesses) must not eat the warm-up: the clock
             # starts once as many trajectories as actors have come.
@@ -218,6 +233,7 @@ def run_workload(workload: Workload, args: Args, reports: list) -> list[dict]:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     for n in args.num_envs:
+        reruns = {}  # mode -> a call that measures that row again (peer loops and rlbatch splits)
         # The policy's CPU time per row at the batch size where it is least (bigger batches are not
         # always cheaper per row: on 2 CPUs the Nature CNN does 3.7k rows/s at 32, 2.1k at 128), so
         # that the ceiling bounds every design, whatever batches it forms.
@@ -238,13 +254,43 @@ def run_workload(workload: Workload, args: Args, reports: list) -> list[dict]:
                 add(n, "floor", f"{kind}, no policy", _rate_row(env_alone))
                 ceiling = vector_loops.cpu_ceiling(env_alone, policy_alone, cores)
                 add(n, "ceiling", f"{kind} + policy, CPU time", dict(_rate_row(env_alone), steps_per_s=ceiling))
-            add(n, "peer", f"{kind} loop", run_peer(workload, kind, served, n, args))
+            reruns[f"{kind} loop"] = lambda kind=kind: run_peer(workload, kind, served, n, args)
+            add(n, "peer", f"{kind} loop", reruns[f"{kind} loop"]())
             threads = args.threads if kind in IN_PROCESS or kind == "envpool-async" else args.subprocess_threads
             for t in splits(n, threads):
-                for batching in args.batching if t > 1 else args.batching[:1]:
-                    mode = f"rlbatch {kind}" + (", batch per actor" if batching == "per-actor" else "")
-                    add(n, "sweep", mode, run_pool(workload, kind, served, n, t, args, reports, batching))
+                for batching in args.batching:
+                    if t == 1 and batching == "per-actor":
+                        continue  # one actor's request is every batch: as "merged"
+                    mode = f"rlbatch {kind}" + _BATCHING_LABEL[batching]
+                    rerun = (lambda kind=kind, t=t, batching=batching:
+                             run_pool(workload, kind, served, n, t, args, reports, batching))
+                    reruns[(mode, t)] = rerun
+                    add(n, "sweep", mode, rerun())
+        if args.paired_rounds and n in TARGET_NUM_ENVS:
+            paired = paired_rounds([r for r in rows if r["num_envs"] == n], reruns, args.paired_rounds)
+            if paired is not None:
+                rows.append(dict(workload=workload.name, num_envs=n, **paired))
+                print(f"{workload.name:12s} N={n:4d} paired   {paired['peer_mode']} {paired['peer_rates']} / "
+                      f"{paired['rlbatch_mode']} {paired['rlbatch_rates']}", flush=True)
     return rows
+
+
+def paired_rounds(rows: list[dict], reruns: dict, rounds: int) -> dict | None:
+    """The best peer row and the best rlbatch sweep row of one N measured `rounds` more times each,
+    alternately: a row of group "paired" holding both series and their medians."""
+    peers = [r for r in rows if r["group"] == "peer"]
+    sweep = [r for r in rows if r["group"] == "sweep"]
+    if not peers or not sweep:
+        return None
+    peer, mine = max(peers, key=_rate), max(sweep, key=_rate)
+    peer_rates, mine_rates = [], []
+    for _ in range(rounds):
+        peer_rates.append(_rate(reruns[peer["mode"]]()))
+        mine_rates.append(_rate(reruns[(mine["mode"], mine["threads"])]()))
+    return dict(group="paired", mode=f"{peer['mode']} / {mine['mode']}", peer_mode=peer["mode"],
+                rlbatch_mode=mine["mode"], threads=mine["threads"], envs_per_thread=mine["envs_per_thread"],
+                peer_rates=[round(x) for x in peer_rates], rlbatch_rates=[round(x) for x in mine_rates],
+                steps_per_s=statistics.median(mine_rates), peer_steps_per_s=statistics.median(peer_rates))
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -257,7 +303,7 @@ def best_rows(rows: list[dict]) -> list[dict]:
             if key not in best or r["steps_per_s"] > best[key]["steps_per_s"]:
                 best[key] = r
     out += [dict(r, group="rlbatch", mode=f"{r['mode']} (best split)") for r in best.values()]
-    order = {"peer": 0, "rlbatch": 1, "ceiling": 2, "floor": 3}
+    order = {"peer": 0, "rlbatch": 1, "ceiling": 2, "floor": 3, "paired": 4}
     return sorted(out, key=lambda r: (r["workload"], r["num_envs"], order[r["group"]], r["mode"]))
 
 
@@ -266,22 +312,31 @@ def targets(rows: list[dict], args: Args) -> list[dict]:
     out = []
     for workload in args.workloads:
         for n in args.num_envs:
-            if n not in (32, 128):
+            if n not in TARGET_NUM_ENVS:
                 continue
             here = [r for r in rows if r["workload"] == workload and r["num_envs"] == n]
+            paired = next((r for r in here if r["group"] == "paired"), None)
             peers = [r for r in here if r["group"] == "peer"]
             ours = [r for r in here if r["group"] == "rlbatch"]
             ceilings = [r for r in here if r["group"] == "ceiling"]
             if not peers or not ours:
                 continue
             peer, mine = max(peers, key=_rate), max(ours, key=_rate)
+            peer_rate, mine_rate = _rate(peer), _rate(mine)
+            peer_mode, mine_mode = peer["mode"], mine["mode"]
+            if paired is not None:  # the medians of the paired rounds decide, not one run each
+                peer_rate, mine_rate = paired["peer_steps_per_s"], paired["steps_per_s"]
+                peer_mode, mine_mode = paired["peer_mode"], paired["rlbatch_mode"] + " (best split)"
             ceiling = max(ceilings, key=_rate) if ceilings else None
-            out.append(dict(workload=workload, num_envs=n, best_peer=peer["mode"], best_peer_steps_per_s=_rate(peer),
-                            best_rlbatch=mine["mode"], best_rlbatch_steps_per_s=_rate(mine),
-                            ratio=_rate(mine) / _rate(peer), met=_rate(mine) >= 1.1 * _rate(peer),
+            out.append(dict(workload=workload, num_envs=n, best_peer=peer_mode, best_peer_steps_per_s=peer_rate,
+                            best_rlbatch=mine_mode, best_rlbatch_steps_per_s=mine_rate,
+                            ratio=mine_rate / peer_rate, met=mine_rate >= 1.1 * peer_rate,
+                            sweep_ratio=_rate(mine) / _rate(peer),
+                            paired=None if paired is None else dict(peer=paired["peer_rates"],
+                                                                    rlbatch=paired["rlbatch_rates"]),
                             cpu_ceiling=None if ceiling is None else ceiling["mode"],
                             cpu_ceiling_steps_per_s=None if ceiling is None else _rate(ceiling),
-                            ceiling_over_best_peer=None if ceiling is None else _rate(ceiling) / _rate(peer)))
+                            ceiling_over_best_peer=None if ceiling is None else _rate(ceiling) / peer_rate))
     return out
 
 
@@ -302,6 +357,8 @@ def render(rows: list[dict], goals: list[dict], devices: list[str], args: Args) 
             peers = [r for r in at_n if r["group"] == "peer"]
             best = max(map(_rate, peers)) if peers else float("nan")
             for r in at_n:
+                if r["group"] == "paired":
+                    continue  # in the target table
                 lines.append(f"| {n} | {r['group']} | {r['mode']} | {r['threads']} x {r['envs_per_thread']} | "
                              f"{r['steps_per_s']:,.0f} | {r['steps_per_s'] / best:.2f} | {r.get('cpu_util', float('nan')):.2f} |")
         lines += ["", "Time by stage of the rlbatch rows (ms per 1,000 env steps, summed over threads):", "",
@@ -317,13 +374,19 @@ def render(rows: list[dict], goals: list[dict], devices: list[str], args: Args) 
     lines += ["CPU ceiling: the CPU seconds of one environment step (environment alone) plus one policy row "
               "(policy alone, at the batch where a row costs least), both measured above; no design on these "
               "cores steps faster.", "",
-              "| target: rlbatch >= 1.1x the best peer | best peer | rlbatch's best | ratio | best CPU ceiling "
-              "/ best peer | met |", "|---|---|---|---:|---:|---|"]
+              f"With paired rounds, each side's steps/s is the median of {args.paired_rounds} more runs made "
+              "alternately (peer, rlbatch, peer, ...; listed in the last column); the ratio of the single runs "
+              "above is the sweep's.", "",
+              "| target: rlbatch >= 1.1x the best peer | best peer | rlbatch's best | ratio | sweep's ratio | "
+              "best CPU ceiling / best peer | met | paired rounds: peer / rlbatch steps/s |",
+              "|---|---|---|---:|---:|---:|---|---|"]
     for g in goals:
         floor = "n/a" if g["ceiling_over_best_peer"] is None else f"{g['ceiling_over_best_peer']:.2f}x"
+        rounds = "-" if g["paired"] is None else (", ".join(f"{x:,}" for x in g["paired"]["peer"]) + " / "
+                                                  + ", ".join(f"{x:,}" for x in g["paired"]["rlbatch"]))
         lines.append(f"| {g['workload']}, N={g['num_envs']} | {g['best_peer']} ({g['best_peer_steps_per_s']:,.0f}) | "
-                     f"{g['best_rlbatch']} ({g['best_rlbatch_steps_per_s']:,.0f}) | {g['ratio']:.2f}x | {floor} | "
-                     f"{'yes' if g['met'] else 'NO'} |")
+                     f"{g['best_rlbatch']} ({g['best_rlbatch_steps_per_s']:,.0f}) | {g['ratio']:.2f}x | "
+                     f"{g['sweep_ratio']:.2f}x | {floor} | {'yes' if g['met'] else 'NO'} | {rounds} |")
     return "\n".join(lines)
 
 
@@ -339,7 +402,7 @@ def plot(rows: list[dict], args: Args, path: str) -> str | None:
     fig, axes = plt.subplots(1, len(args.workloads), figsize=(6.5 * len(args.workloads), 4.5), squeeze=False)
     styles = {"peer": "--", "rlbatch": "-", "ceiling": "-.", "floor": ":"}
     for ax, workload in zip(axes[0], args.workloads):
-        here = [r for r in rows if r["workload"] == workload]
+        here = [r for r in rows if r["workload"] == workload and r["group"] in styles]
         for mode in dict.fromkeys(r["mode"] for r in here):
             pts = sorted((r["num_envs"], r["steps_per_s"], r["group"]) for r in here if r["mode"] == mode)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[pts[0][2]], marker="o", label=mode)

@@ -50,9 +50,10 @@ def segments_by_env(trajs):
     return out
 
 
-def test_every_column_follows_its_environments_script_field_by_field():
+@pytest.mark.parametrize("inline", [False, True], ids=["queued", "inline policy"])
+def test_every_column_follows_its_environments_script_field_by_field(inline):
     made = []
-    trajs, pool = run_pool(12, vector_env_fn=scripted_async(made=made))
+    trajs, pool = run_pool(12, vector_env_fn=scripted_async(made=made), inline_policy=inline)
     for traj in trajs:  # fixed width b, T steps
         assert traj.obs.shape == (T + 1, B, 2) and traj.final_obs.shape == (T, B, 2) and traj.actor_id == 0
         for name in ("action", "reward", "terminated", "truncated", "policy_version", "episode_id"):

@@ -144,7 +144,9 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
                      ("peer", "envpool-async loop"), ("rlbatch", "1 env per thread"),
                      ("rlbatch", "rlbatch envpool-sync (best split)"), ("rlbatch", "rlbatch envpool-async (best split)"),
                      ("rlbatch", "rlbatch envpool-sync, batch per actor (best split)"),
-                     ("rlbatch", "rlbatch envpool-async, batch per actor (best split)")}
+                     ("rlbatch", "rlbatch envpool-async, batch per actor (best split)"),
+                     ("rlbatch", "rlbatch envpool-sync, inline policy (best split)"),
+                     ("rlbatch", "rlbatch envpool-async, inline policy (best split)")}
     assert all(r["steps_per_s"] > 0 and r["cpu_util"] > 0 for r in rows)
     by_mode = {r["mode"]: r for r in rows}
     # The ceiling adds the policy's CPU time to the environment's: below what the environment's CPU
@@ -155,15 +157,47 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
     for r in rows:
         if r["group"] == "rlbatch":
             assert r["stages"]["env_step"] > 0 and r["stages"]["wait_for_action"] > 0
-            assert r["batching"] == ("per-actor" if "batch per actor" in r["mode"] else "merged")
+            assert r["batching"] == ("per-actor" if "batch per actor" in r["mode"] else
+                                     "inline" if "inline policy" in r["mode"] else "merged")
     saved = json.loads((tmp_path / "b.json").read_text())
-    # Each pool's report: a per-actor service never batches more than one actor's request (2 envs;
-    # EnvPool async: its batch of 1), a merged one may.
+    # Each pool's report: a per-actor or inline service never batches more than one actor's request
+    # (2 envs; EnvPool async: its batch of 1), a merged one may.
     for summary in map(json.loads, (tmp_path / "b_reports.jsonl").read_text().splitlines()):
         config = summary["config"]
         largest = max(int(b) for b in summary["batching"]["batch_size_hist"])
-        if config["batching"] == "per-actor":
+        if config["batching"] in ("per-actor", "inline"):
             assert largest <= (1 if config["kind"] == "envpool-async" else 2)
     assert len(saved["rows"]) == len(rows) and saved["sweep"]
     assert (tmp_path / "b.png").stat().st_size > 0
     assert "| 4 | rlbatch | 1 env per thread | 4 x 1 |" in (tmp_path / "b.md").read_text()
+
+
+def test_paired_rounds_alternate_the_best_peer_and_rlbatch_row_and_the_target_takes_their_medians():
+    calls = []
+    series = {"p loop": iter([100.0, 300.0, 200.0]), ("x", 2): iter([250.0, 150.0, 350.0])}
+
+    def rerun(key):
+        def measure():
+            calls.append(key)
+            return dict(steps_per_s=next(series[key]))
+        return measure
+
+    row = dict(workload="w", num_envs=32)
+    rows = [dict(row, group="peer", mode="p loop", steps_per_s=120.0, threads=1, envs_per_thread=32),
+            dict(row, group="peer", mode="q loop", steps_per_s=50.0, threads=1, envs_per_thread=32),
+            dict(row, group="sweep", mode="x", steps_per_s=140.0, threads=2, envs_per_thread=16),
+            dict(row, group="sweep", mode="x", steps_per_s=90.0, threads=4, envs_per_thread=8)]
+    reruns = {"p loop": rerun("p loop"), "q loop": rerun("q loop"), ("x", 2): rerun(("x", 2)),
+              ("x", 4): rerun(("x", 4))}
+    paired = bench_envs.paired_rounds(rows, reruns, 3)
+    assert calls == ["p loop", ("x", 2)] * 3  # alternately, the best of each side only
+    assert paired["peer_steps_per_s"] == 200.0 and paired["steps_per_s"] == 250.0
+    table = bench_envs.best_rows(rows + [dict(row, **paired)])
+    [goal] = bench_envs.targets(table, bench_envs.Args(workloads=("w",)))
+    assert goal["ratio"] == pytest.approx(1.25) and goal["met"]
+    assert goal["sweep_ratio"] == pytest.approx(140.0 / 120.0)
+    assert goal["paired"] == {"peer": [100, 300, 200], "rlbatch": [250, 150, 350]}
+    assert goal["best_peer"] == "p loop" and goal["best_rlbatch"] == "x (best split)"
+    text = bench_envs.render(table, [goal], ["cpu:0"], bench_envs.Args(workloads=("w",), num_envs=(32,)))
+    assert "| 1.25x | 1.17x |" in text and "100, 300, 200 / 250, 150, 350" in text
+    assert "paired |" not in text.split("CPU ceiling:")[0]  # not a row of the main table

@@ -66,6 +66,7 @@ class ActorSetup:
     exited: Callable[[str], None]  # each actor calls it once as it exits, with why
     make_vector_env: Callable[[int, int], Any] | None = None  # (k, seed) -> a vector environment (VectorActor)
     async_batch_size: int | None = None  # b: environments per recv of an EnvPool in send/recv mode (AsyncVectorActor)
+    inline_policy: bool = False  # each actor runs its requests in its own thread (policy.register(inline=True))
 
 
 class _Misconfigured(Exception):
@@ -105,7 +106,7 @@ class Actor:
         caller = None
         why = "the pool was stopped"
         try:
-            caller = setup.policy.register()
+            caller = setup.policy.register(inline=True) if setup.inline_policy else setup.policy.register()
             self._open_envs()
             self._play(caller)
         except StopRequested:

@@ -90,12 +90,17 @@ class ActorPool(StartStopContext):
         (obs [T+1, b, ...]), each column one environment's T consecutive steps (see
         rlbatch.actors.async_actor). Without it, an EnvPool with batch_size < num_envs is refused.
       recent_episodes: episodes in the window of `stats.recent_return_mean` (a solve rule's window).
+      inline_policy: each actor runs its own requests through the policy in its own thread
+        (`policy_service.register(inline=True)`, see PolicyService.register) instead of queueing
+        them for the service's worker: Sebulba's actor threads. For actors whose request fills a
+        batch by itself (vector environments); actors of one environment each are better served
+        batched together.
     """
 
     def __init__(self, env_fn, policy_service, num_actors: int, unroll_length: int, *, envs_per_actor: int = 1,
                  seed: int = 0, max_queue: int = 64, on_full: str = "block", max_backoff: float = 1.0,
                  name: str = "actor", vector_env_fn=None, async_batch_size: int | None = None,
-                 recent_episodes: int = 100):
+                 recent_episodes: int = 100, inline_policy: bool = False):
         for key, value in (("num_actors", num_actors), ("unroll_length", unroll_length),
                            ("envs_per_actor", envs_per_actor), ("max_queue", max_queue),
                            ("recent_episodes", recent_episodes)):
@@ -116,6 +121,7 @@ class ActorPool(StartStopContext):
                 raise ValueError(f"ActorPool: async_batch_size must be an int in [1, envs_per_actor={envs_per_actor}], "
                                  f"got {async_batch_size!r}")
         self.async_batch_size = async_batch_size
+        self.inline_policy = bool(inline_policy)
         self._make_env = None if env_fn is None else env_factory(env_fn)
         self._make_vector_env = vector_env_fn
         self.policy = policy_service
@@ -146,7 +152,8 @@ class ActorPool(StartStopContext):
                            envs_per_actor=self.envs_per_actor, seed=self.seed, num_envs=self.num_envs,
                            max_backoff=self.max_backoff, queue=self._queue, episodes=self._episodes,
                            faults=self._faults, stop=self._stop, halt=self._halt, exited=self._actor_exited,
-                           make_vector_env=self._make_vector_env, async_batch_size=self.async_batch_size)
+                           make_vector_env=self._make_vector_env, async_batch_size=self.async_batch_size,
+                           inline_policy=self.inline_policy)
         if self.async_batch_size is not None:
             actor_type = AsyncVectorActor
         else:

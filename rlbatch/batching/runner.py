@@ -2,13 +2,15 @@
 output, record the statistics and complete every request (rlbatch.batching.request.complete).
 
 The worker thread calls `dispatch`; `finish` runs on the worker too, or on the completer thread
-when batches are pipelined (`max_in_flight > 1`). Neither raises: whatever goes wrong in a batch
-reaches that batch's callers and the worker serves on.
+when batches are pipelined (`max_in_flight > 1`); a caller that runs its own batch
+(`BatchedService.call_inline`) calls both in its own thread. Neither raises: whatever goes wrong in
+a batch reaches that batch's callers and the worker serves on.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 from rlbatch.batching.request import WAS_CANCELLED, complete
@@ -33,6 +35,15 @@ class BatchRunner:
         self._context = None
         self._pass_num_valid = collator.passes_num_valid
         self._loop: asyncio.AbstractEventLoop | None = None  # see _event_loop
+        # Batches may finish in several threads at once (the completer, callers running their own
+        # batches inline): the statistics are updated under this lock, never a result computed.
+        self._stats_lock = threading.Lock()
+
+    @property
+    def needs_worker_thread(self) -> bool:
+        """Batches must run on the worker thread: a setup context made there, or an async batch
+        function run on the worker's own event loop."""
+        return self._setup is not None or asyncio.iscoroutinefunction(self.batch_fn)
 
     def set_up(self) -> BaseException | None:
         """Runs `setup` on the worker thread before the first batch; returns what it raised."""
@@ -76,7 +87,8 @@ class BatchRunner:
     def _call_batch_fn(self, live, num_rows, now, plain):
         ctx = None
         try:
-            self.stats.queue_waits.extend([now - r.t0 for r in live])
+            with self._stats_lock:
+                self.stats.queue_waits.extend([now - r.t0 for r in live])
             args, kwargs, ctx, padded = self.collator.gather(live, num_rows)
             if self._pass_num_valid:
                 kwargs["num_valid"] = num_rows
@@ -87,11 +99,13 @@ class BatchRunner:
             if asyncio.iscoroutine(output):  # an `async def` batch function
                 output = self._event_loop().run_until_complete(output)
         except BaseException as e:  # noqa: BLE001 - reaches every caller of this batch
-            self.stats.errors += len(live)
+            with self._stats_lock:
+                self.stats.errors += len(live)
             try:
                 if ctx is not None:
                     self.collator.release(ctx)
-                self.stats.record_batch(num_rows, None, _clock() - now)
+                with self._stats_lock:
+                    self.stats.record_batch(num_rows, None, _clock() - now)
             except Exception:  # noqa: BLE001 - the callers must still hear of e
                 _log.exception("rlbatch: service %r could not clean up after a failed batch", self.name)
             self.complete(live, [e] * len(live))
@@ -114,7 +128,8 @@ class BatchRunner:
                     raise BatchOutputError(f"the batch output split into {len(results)} results for "
                                            f"{len(live)} requests ({num_rows} rows); expected one per request")
             except BaseException as e:  # noqa: BLE001 - a bad output fails its batch only
-                self.stats.errors += len(live)
+                with self._stats_lock:
+                    self.stats.errors += len(live)
                 results = [e] * len(live)
                 plain = False
             finally:
@@ -125,8 +140,9 @@ class BatchRunner:
                 release_slot()  # the worker may dispatch the next batch while these callers wake
         now = _clock()
         try:
-            self.stats.record_batch(num_rows, padded, now - t_start)
-            self.stats.latencies.extend([now - r.t0 for r in live])
+            with self._stats_lock:
+                self.stats.record_batch(num_rows, padded, now - t_start)
+                self.stats.latencies.extend([now - r.t0 for r in live])
         except Exception:  # noqa: BLE001 - statistics never cost a caller its result
             _log.exception("rlbatch: service %r could not record a batch's statistics", self.name)
         # A plain batch of a collator whose results are always values needs no per-request checks.

@@ -367,6 +367,45 @@ class BatchedService:
             raise error
         return value
 
+    def call_inline(self, values, rows: int | None = None):
+        """Runs one request whose values the collator has already prepared as a batch of its own,
+        in the calling thread: no queue, no worker, no thread hand-off (the "caller runs" policy).
+
+        For a caller whose every request fills a batch by itself (an actor with a vector
+        environment whose k rows are the batch): it would gain nothing from waiting for others,
+        and it saves the two hand-offs of a queued call. Several threads may call at once; their
+        batches then run at the same time, so the batch function must allow that (a jitted JAX
+        function does, and releases the GIL while it computes). The request and its batch count in
+        the stats like any other; a fault in the batch function or its output reaches this caller
+        alone. `rows`: None for one row, else the request's row count (at most max_batch_size).
+        ServiceClosed once the service is closing; TypeError for a service whose batches need its
+        worker thread (a `setup` context, an `async def` batch function).
+        """
+        n = 1 if rows is None else rows
+        if n > self.max_batch_size:
+            raise InvalidRequest(f"call_inline: expected at most max_batch_size={self.max_batch_size} rows, got {n} "
+                                 f"(call_rows splits a larger request over several batches)")
+        worker = self._worker
+        runner = worker.runner
+        if runner.needs_worker_thread:
+            raise TypeError(f"call_inline: service {self.name!r} runs its batches on its worker thread only "
+                            f"(it has a setup context or an async batch function)")
+        now = _clock()
+        with worker.lock:
+            worker.check_open()
+            stats = self._stats
+            stats.requests += 1
+            stats.rows += n
+        req = Request(values, rows, 0, now, None, None, None)
+        req.lock = threading.Lock()  # completing a request releases its lock; nobody waits on this one
+        req.lock.acquire()
+        job = runner.dispatch([req], n, True)
+        if job is not None:
+            runner.finish(job)
+        if req.error is not None:
+            raise req.error
+        return req.value
+
     def record_invalid(self, n: int = 1) -> None:
         """Counts requests refused for their inputs, including by a front end's own checks before
         they reached the service, so that `stats.invalid` shows every refusal."""

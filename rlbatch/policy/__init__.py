@@ -1,5 +1,12 @@
 """The policy service: a jit-compiled JAX policy behind a BatchedService, one program per bucket."""
-from rlbatch.policy.service import DEFAULT_BUCKETS, PolicyCaller, PolicyOutput, PolicyService, PolicyStats
+from rlbatch.policy.service import (
+    DEFAULT_BUCKETS,
+    InlinePolicyCaller,
+    PolicyCaller,
+    PolicyOutput,
+    PolicyService,
+    PolicyStats,
+)
 from rlbatch.policy.types import Policy
 
-__all__ = ["DEFAULT_BUCKETS", "Policy", "PolicyCaller", "PolicyOutput", "PolicyService", "PolicyStats"]
+__all__ = ["DEFAULT_BUCKETS", "InlinePolicyCaller", "Policy", "PolicyCaller", "PolicyOutput", "PolicyService", "PolicyStats"]

@@ -6,6 +6,7 @@ recurrent policy's request also carries the state of each of its rows.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import jax
@@ -46,6 +47,8 @@ class ObservationCollator(ArrayCollator):
         self.device_time = 0.0  # waiting for the device's outputs
         self.batches = 0
         self.bucket_rows = {b: [0, 0] for b in self.buckets}  # bucket -> [valid rows, batches]
+        # Batches may run in several threads at once (callers running their own, inline).
+        self.counts_lock = threading.Lock()
 
     # ------------------------------------------------------------------ checking (caller's thread)
 
@@ -107,7 +110,9 @@ class ObservationCollator(ArrayCollator):
     def gather(self, requests, num_rows):
         t0 = _clock()
         out = super().gather(requests, num_rows)
-        self.prep_time += _clock() - t0
+        elapsed = _clock() - t0
+        with self.counts_lock:
+            self.prep_time += elapsed
         return out
 
     def scatter(self, output, requests, num_rows, ctx):
@@ -116,11 +121,13 @@ class ObservationCollator(ArrayCollator):
         t0 = _clock()
         leaves, treedef = jax.tree_util.tree_flatten(device_out)
         host = treedef.unflatten(to_host(leaves))  # one transfer back per batch, never per row
-        self.device_time += _clock() - t0
-        self.batches += 1
-        counts = self.bucket_rows[bucket]
-        counts[0] += num_rows
-        counts[1] += 1
+        elapsed = _clock() - t0
+        with self.counts_lock:
+            self.device_time += elapsed
+            self.batches += 1
+            counts = self.bucket_rows[bucket]
+            counts[0] += num_rows
+            counts[1] += 1
         action, extras = host[0], host[1]
         keys = list(extras)
         columns = [np.asarray(extras[k]) for k in keys]

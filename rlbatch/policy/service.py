@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import itertools
 import operator
 import threading
 import time
@@ -31,7 +32,7 @@ from rlbatch.policy.collate import ObservationCollator, leaf_specs
 from rlbatch.policy.compile import compile_step
 from rlbatch.policy.output import PolicyOutput
 
-__all__ = ["PolicyService", "PolicyCaller", "PolicyOutput", "PolicyStats", "DEFAULT_BUCKETS"]
+__all__ = ["PolicyService", "PolicyCaller", "InlinePolicyCaller", "PolicyOutput", "PolicyStats", "DEFAULT_BUCKETS"]
 
 DEFAULT_BUCKETS = (8, 16, 32, 64, 128, 256)
 _clock = time.perf_counter
@@ -124,7 +125,7 @@ class PolicyService:
         self._params_treedef = jax.tree_util.tree_structure(self._current[0])
         self._params_specs = leaf_specs(self._current[0])
         self._key = jax.device_put(jax.random.PRNGKey(seed), self.device)
-        self._batch_index = 0
+        self._batch_index = itertools.count()  # next() is one atomic step: inline callers share it
 
         batch_fn = self._batch_recurrent if self._stateful else self._batch
         self._collator = ObservationCollator(batch_fn, self.buckets, self._example_obs, self._example_state,
@@ -148,13 +149,14 @@ class PolicyService:
         t0 = _clock()
         params, version = self._current  # one read: params and version always belong together
         bucket = jax.tree_util.tree_leaves(args[0])[0].shape[0]
-        i = self._batch_index
-        self._batch_index += 1
+        i = next(self._batch_index)
         # The compiled executable copies its numpy inputs to the device itself, once per batch
         # (cheaper than a separate jax.device_put); the buffers are not reused before the batch's
         # results are back, so the copy can never see them change.
         out = self._compiled[bucket](params, *args, self._key, np.uint32(i))
-        self._collator.prep_time += _clock() - t0
+        elapsed = _clock() - t0
+        with self._collator.counts_lock:
+            self._collator.prep_time += elapsed
         return out, version
 
     def _batch(self, obs, num_valid):
@@ -201,9 +203,37 @@ class PolicyService:
     async def acall(self, obs, state=None, *, timeout: float | None = None):
         return await asyncio.wrap_future(self.submit(obs, state, timeout=timeout))
 
-    def register(self) -> "PolicyCaller":
-        """A registered caller (one per actor thread): see BatchedService.register (early flush)."""
+    def register(self, *, inline: bool = False) -> "PolicyCaller":
+        """A registered caller (one per actor thread): see BatchedService.register (early flush).
+
+        `inline=True`: a caller that runs each of its requests as a batch of its own, in its own
+        thread (`BatchedService.call_inline`): no queue, no hand-off to the service's worker, and
+        it never holds other callers' batches back (it is not a known caller). For an actor whose
+        request fills a batch by itself, a vector environment's k observations: each actor thread
+        then runs inference on its own batch, as Sebulba's actor threads do, and several actors'
+        batches run at once. Its `timeout` is ignored (nothing waits in a queue); a request of more
+        rows than the largest bucket still goes through the queue, split over several batches."""
+        if inline:
+            return InlinePolicyCaller(self)
         return PolicyCaller(self, self._service.register(), self._fast_obs)
+
+    def _call_inline(self, obs, state):
+        """One request run as a batch of its own in the calling thread (see register)."""
+        fast = self._fast_obs
+        collator = self._collator
+        if fast is not None and state is None and type(obs) is np.ndarray and obs.dtype == fast[1] \
+                and obs.shape[1:] == fast[0] and 0 < obs.shape[0] <= self._service.max_batch_size:
+            return self._service.call_inline(obs, obs.shape[0])  # k plain observations: nothing to check
+        try:
+            args, is_rows = collator.request(obs, state)
+            rows = collator.count_rows(args, {}) if is_rows else None
+            if rows is not None and rows > self._service.max_batch_size:
+                return self._service.call_request(args, {}, rows=True)
+            values = collator.prepare(args, {}, rows)
+        except InvalidRequest:
+            self._service.record_invalid()
+            raise
+        return self._service.call_inline(values, rows)
 
     # ------------------------------------------------------------------ parameters
 
@@ -322,6 +352,36 @@ class PolicyCaller:
 
     def close(self) -> None:
         self._caller.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class InlinePolicyCaller:
+    """A caller of a PolicyService that runs its requests in its own thread (PolicyService.register
+    with inline=True). `submit` still goes through the queue."""
+
+    def __init__(self, policy: PolicyService):
+        self._policy = policy
+        self._call = policy._call_inline
+
+    def __call__(self, obs, state=None, *, timeout: float | None = None) -> PolicyOutput:
+        return self._call(obs, state)
+
+    def submit(self, obs, state=None, *, timeout: float | None = None, priority: int = 0):
+        return self._policy.submit(obs, state, timeout=timeout, priority=priority)
+
+    def pause(self) -> None:
+        """Nothing to pause: an inline caller never holds other callers' batches back."""
+
+    def resume(self) -> None:
+        """See pause."""
+
+    def close(self) -> None:
+        """Nothing to release: an inline caller is not a known caller of the service."""
 
     def __enter__(self):
         return self
