@@ -151,10 +151,18 @@ def run_peer(workload: Workload, kind: str, served: Served, n: int, args: Args) 
     return _rate_row(vector_loops.run_vector_loop(workload.vector_env_fn(kind), served.act, n, **timing))
 
 
-def run_floor(workload: Workload, kind: str, n: int, args: Args) -> env_loops.StepRate:
-    """The vector environment of `kind` with random actions drawn beforehand and no policy."""
+def run_floor(workload: Workload, kind: str, n: int, args: Args, threads: int = 1) -> env_loops.StepRate:
+    """The environments of `kind` with random actions drawn beforehand and no policy: one vector
+    environment of N, `threads` threads each stepping one of N / threads at once, or for
+    "envpool-async" one EnvPool of N in its send/recv mode (batch as the peer loop's)."""
     timing = dict(warmup=args.warmup, duration=args.duration, seed=args.seed)
-    return vector_loops.run_env_alone(workload.vector_env_fn(kind), workload.floor_actions(n, seed=args.seed), n, **timing)
+    actions = workload.floor_actions(n, seed=args.seed)
+    if kind == "envpool-async":
+        make = lambda num, batch, seed: workload.make_envpool(num, seed, batch_size=batch)  # noqa: E731
+        return vector_loops.run_envpool_async_alone(make, actions, n, _async_batch(n, args), **timing)
+    if threads > 1:
+        return vector_loops.run_envs_alone_threads(workload.vector_env_fn(kind), actions, n, threads, **timing)
+    return vector_loops.run_env_alone(workload.vector_env_fn(kind), actions, n, **timing)
 
 
 def _async_batch(num_envs: int, args: Args) -> int:
@@ -249,11 +257,19 @@ def run_workload(workload: Workload, args: Args, reports: list) -> list[dict]:
             if kind == "single":
                 add(n, "rlbatch", "1 env per thread", run_pool(workload, "single", served, n, n, args, reports))
                 continue
-            if kind in IN_PROCESS:  # subprocesses' CPU time is not the process's: no ceiling for gym-async
+            if kind in IN_PROCESS or kind == "envpool-async":
+                # (subprocesses' CPU time is not the process's: no ceiling for gym-async)
                 env_alone = run_floor(workload, kind, n, args)
+                reruns[f"{kind}, no policy"] = lambda kind=kind: _rate_row(run_floor(workload, kind, n, args))
                 add(n, "floor", f"{kind}, no policy", _rate_row(env_alone))
                 ceiling = vector_loops.cpu_ceiling(env_alone, policy_alone, cores)
                 add(n, "ceiling", f"{kind} + policy, CPU time", dict(_rate_row(env_alone), steps_per_s=ceiling))
+                # The same environments split as the sweep's actors split them, all stepping at once.
+                for t in splits(n, args.threads) if kind in IN_PROCESS else ():
+                    if t > 1:
+                        mode = f"{kind}, no policy, {t} threads"
+                        reruns[mode] = lambda kind=kind, t=t: _rate_row(run_floor(workload, kind, n, args, t))
+                        add(n, "floor", mode, reruns[mode]())
             reruns[f"{kind} loop"] = lambda kind=kind: run_peer(workload, kind, served, n, args)
             add(n, "peer", f"{kind} loop", reruns[f"{kind} loop"]())
             threads = args.threads if kind in IN_PROCESS or kind == "envpool-async" else args.subprocess_threads
@@ -283,14 +299,20 @@ def paired_rounds(rows: list[dict], reruns: dict, rounds: int) -> dict | None:
     if not peers or not sweep:
         return None
     peer, mine = max(peers, key=_rate), max(sweep, key=_rate)
-    peer_rates, mine_rates = [], []
+    floors = [r for r in rows if r["group"] == "floor" and r["mode"] in reruns]
+    floor = max(floors, key=_rate) if floors else None
+    peer_rates, mine_rates, floor_rates = [], [], []
     for _ in range(rounds):
         peer_rates.append(_rate(reruns[peer["mode"]]()))
         mine_rates.append(_rate(reruns[(mine["mode"], mine["threads"])]()))
+        if floor is not None:
+            floor_rates.append(_rate(reruns[floor["mode"]]()))
     return dict(group="paired", mode=f"{peer['mode']} / {mine['mode']}", peer_mode=peer["mode"],
                 rlbatch_mode=mine["mode"], threads=mine["threads"], envs_per_thread=mine["envs_per_thread"],
                 peer_rates=[round(x) for x in peer_rates], rlbatch_rates=[round(x) for x in mine_rates],
-                steps_per_s=statistics.median(mine_rates), peer_steps_per_s=statistics.median(peer_rates))
+                steps_per_s=statistics.median(mine_rates), peer_steps_per_s=statistics.median(peer_rates),
+                floor_mode=None if floor is None else floor["mode"], floor_rates=[round(x) for x in floor_rates],
+                floor_steps_per_s=statistics.median(floor_rates) if floor_rates else None)
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -328,12 +350,22 @@ def targets(rows: list[dict], args: Args) -> list[dict]:
                 peer_rate, mine_rate = paired["peer_steps_per_s"], paired["steps_per_s"]
                 peer_mode, mine_mode = paired["peer_mode"], paired["rlbatch_mode"] + " (best split)"
             ceiling = max(ceilings, key=_rate) if ceilings else None
+            floors = [r for r in here if r["group"] == "floor" and "no policy" in r["mode"]]
+            floor_mode, floor_rate = (max(floors, key=_rate)["mode"], max(map(_rate, floors))) if floors else (None, None)
+            if paired is not None and paired.get("floor_steps_per_s") is not None:
+                floor_mode, floor_rate = paired["floor_mode"], paired["floor_steps_per_s"]
             out.append(dict(workload=workload, num_envs=n, best_peer=peer_mode, best_peer_steps_per_s=peer_rate,
                             best_rlbatch=mine_mode, best_rlbatch_steps_per_s=mine_rate,
                             ratio=mine_rate / peer_rate, met=mine_rate >= 1.1 * peer_rate,
                             sweep_ratio=_rate(mine) / _rate(peer),
                             paired=None if paired is None else dict(peer=paired["peer_rates"],
-                                                                    rlbatch=paired["rlbatch_rates"]),
+                                                                    rlbatch=paired["rlbatch_rates"],
+                                                                    floor=paired.get("floor_rates") or []),
+                            env_floor=floor_mode, env_floor_steps_per_s=floor_rate,
+                            floor_over_best_peer=None if floor_rate is None else floor_rate / peer_rate,
+                            # No design steps these environments faster than they step alone: a floor
+                            # under 1.1x the best peer rules the target out on this machine.
+                            ruled_out=floor_rate is not None and floor_rate < 1.1 * peer_rate,
                             cpu_ceiling=None if ceiling is None else ceiling["mode"],
                             cpu_ceiling_steps_per_s=None if ceiling is None else _rate(ceiling),
                             ceiling_over_best_peer=None if ceiling is None else _rate(ceiling) / peer_rate))
@@ -374,19 +406,24 @@ def render(rows: list[dict], goals: list[dict], devices: list[str], args: Args) 
     lines += ["CPU ceiling: the CPU seconds of one environment step (environment alone) plus one policy row "
               "(policy alone, at the batch where a row costs least), both measured above; no design on these "
               "cores steps faster.", "",
-              f"With paired rounds, each side's steps/s is the median of {args.paired_rounds} more runs made "
-              "alternately (peer, rlbatch, peer, ...; listed in the last column); the ratio of the single runs "
-              "above is the sweep's.", "",
+              "Environments alone: the best of the 'no policy' floors (one vector environment, the sweep's "
+              "thread splits, EnvPool's send/recv mode), what no design steps these environments faster than; "
+              "under 1.1x the best peer, it rules the target out on this machine.",
+              f"With paired rounds, the best peer, rlbatch's best row and the best floor are each measured "
+              f"{args.paired_rounds} more times, alternately (peer, rlbatch, floor, peer, ...; listed in the last "
+              "column), and their medians are compared; the ratio of the single runs above is the sweep's.", "",
               "| target: rlbatch >= 1.1x the best peer | best peer | rlbatch's best | ratio | sweep's ratio | "
-              "best CPU ceiling / best peer | met | paired rounds: peer / rlbatch steps/s |",
-              "|---|---|---|---:|---:|---:|---|---|"]
+              "environments alone / best peer | CPU ceiling / best peer | met | paired rounds: peer / rlbatch / "
+              "floor steps/s |", "|---|---|---|---:|---:|---:|---:|---|---|"]
     for g in goals:
-        floor = "n/a" if g["ceiling_over_best_peer"] is None else f"{g['ceiling_over_best_peer']:.2f}x"
-        rounds = "-" if g["paired"] is None else (", ".join(f"{x:,}" for x in g["paired"]["peer"]) + " / "
-                                                  + ", ".join(f"{x:,}" for x in g["paired"]["rlbatch"]))
+        ceiling = "n/a" if g["ceiling_over_best_peer"] is None else f"{g['ceiling_over_best_peer']:.2f}x"
+        floor = "n/a" if g["floor_over_best_peer"] is None else f"{g['floor_over_best_peer']:.2f}x ({g['env_floor']})"
+        rounds = "-" if g["paired"] is None else " / ".join(
+            ", ".join(f"{x:,}" for x in g["paired"][side]) or "-" for side in ("peer", "rlbatch", "floor"))
+        met = "yes" if g["met"] else "NO: ruled out by the floor" if g["ruled_out"] else "NO"
         lines.append(f"| {g['workload']}, N={g['num_envs']} | {g['best_peer']} ({g['best_peer_steps_per_s']:,.0f}) | "
                      f"{g['best_rlbatch']} ({g['best_rlbatch_steps_per_s']:,.0f}) | {g['ratio']:.2f}x | "
-                     f"{g['sweep_ratio']:.2f}x | {floor} | {'yes' if g['met'] else 'NO'} | {rounds} |")
+                     f"{g['sweep_ratio']:.2f}x | {floor} | {ceiling} | {met} | {rounds} |")
     return "\n".join(lines)
 
 

@@ -63,6 +63,10 @@ class Args:
     """padded batch sizes of the policy service, each compiled once (preset: 8 16 32 classic control)"""
     max_delay: float = 0.002
     """seconds a request may wait for its batch to fill"""
+    inline_policy: bool = False
+    """each actor runs its own request as a batch in its own thread (ActorPool inline_policy): no waiting for
+    other actors and no hand-off to the service's thread; for a few actors of many environments each (one
+    process; the fleet's processes keep the queue)"""
     seed: int = 0
     """seeds the parameters, the policy's key schedule and the environments"""
     # Seed 0 solved CartPole in 23.3 s pinned against 32.2 s not, on the 2-core machine.
@@ -261,7 +265,8 @@ def build(args: Args) -> Job:
     pool = rlbatch.ActorPool(policy_service=policy, num_actors=args.num_actors, unroll_length=args.unroll_length,
                              envs_per_actor=args.envs_per_actor, seed=args.seed,
                              max_queue=args.queue_batches * args.batch_size,
-                             recent_episodes=args.solve_window, **tasks.pool_envs(task, args.env))
+                             recent_episodes=args.solve_window, inline_policy=args.inline_policy,
+                             **tasks.pool_envs(task, args.env))
     trainer = rlbatch.Trainer(learner, pool, policy, state=state, batch_size=args.batch_size,
                               max_policy_lag=args.max_policy_lag)
     if resumed is not None:

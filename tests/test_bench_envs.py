@@ -75,6 +75,46 @@ def test_floors_step_without_a_policy_and_the_policy_without_environments():
     assert rate.env_steps > 0 and rate.env_steps % 5 == 0 and rate.env_steps < 5 * (len(calls) - 1)
 
 
+def test_threads_floor_steps_one_vector_env_per_thread_with_its_columns_and_raises_a_build_error():
+    made, stepped = [], {}
+
+    def recording_vec(n, seed):
+        made.append((n, seed))
+        vec = _cartpole_vec(n, seed)
+        step = vec.step
+        vec.step = lambda actions: (stepped.setdefault(seed, []).append(np.asarray(actions).copy()), step(actions))[1]
+        return vec
+
+    actions = np.array([[0, 1, 0, 1, 1, 0], [1, 1, 0, 0, 0, 1]], np.int64)
+    rate = vector_loops.run_envs_alone_threads(recording_vec, actions, 6, 2, seed=10, **TIMING)
+    assert sorted(made) == [(3, 10), (3, 13)] and rate.num_actors == 2 and rate.envs_per_actor == 3
+    assert rate.env_steps > 0 and rate.env_steps % 3 == 0 and 0 < rate.cpu_s
+    for seed, first in ((10, 0), (13, 3)):  # each thread its own columns, cycled
+        assert all((a == actions[i % 2, first:first + 3]).all() for i, a in enumerate(stepped[seed]))
+
+    def broken(n, seed):
+        raise RuntimeError(f"no environment for seed {seed}")
+
+    with pytest.raises(RuntimeError, match="no environment for seed"):
+        vector_loops.run_envs_alone_threads(broken, actions, 6, 2, **TIMING)
+
+
+def test_envpool_async_floor_sends_each_recv_its_actions_without_a_policy():
+    import envpool
+
+    sent = []
+
+    def make(n, batch, seed):
+        env = envpool.make("CartPole-v1", env_type="gymnasium", num_envs=n, batch_size=batch, seed=seed)
+        send = env.send
+        env.send = lambda action, env_id: (sent.append(np.asarray(env_id).copy()), send(action, env_id))
+        return env
+
+    rate = vector_loops.run_envpool_async_alone(make, np.ones((3, 6), np.int64), 6, 2, **TIMING)
+    assert rate.env_steps > 0 and rate.env_steps % 2 == 0 and rate.mean_batch == 0.0
+    assert set(np.concatenate(sent).tolist()) == set(range(6)) and all(len(e) == 2 for e in sent)
+
+
 def test_cpu_ceiling_adds_the_cpu_time_of_a_step_and_of_a_row():
     from experiments.lib.env_loops import StepRate
 
@@ -140,7 +180,8 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
     rows = bench_envs.main(args)
     modes = {(r["group"], r["mode"]) for r in rows}
     assert modes == {("floor", "policy alone (batch 4: least CPU per row)"), ("floor", "envpool-sync, no policy"), ("peer", "envpool-sync loop"),
-                     ("ceiling", "envpool-sync + policy, CPU time"),
+                     ("ceiling", "envpool-sync + policy, CPU time"), ("floor", "envpool-sync, no policy, 2 threads"),
+                     ("floor", "envpool-async, no policy"), ("ceiling", "envpool-async + policy, CPU time"),
                      ("peer", "envpool-async loop"), ("rlbatch", "1 env per thread"),
                      ("rlbatch", "rlbatch envpool-sync (best split)"), ("rlbatch", "rlbatch envpool-async (best split)"),
                      ("rlbatch", "rlbatch envpool-sync, batch per actor (best split)"),
@@ -174,7 +215,8 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
 
 def test_paired_rounds_alternate_the_best_peer_and_rlbatch_row_and_the_target_takes_their_medians():
     calls = []
-    series = {"p loop": iter([100.0, 300.0, 200.0]), ("x", 2): iter([250.0, 150.0, 350.0])}
+    series = {"p loop": iter([100.0, 300.0, 200.0]), ("x", 2): iter([250.0, 150.0, 350.0]),
+              "e, no policy, 2 threads": iter([260.0, 210.0, 230.0])}
 
     def rerun(key):
         def measure():
@@ -186,18 +228,41 @@ def test_paired_rounds_alternate_the_best_peer_and_rlbatch_row_and_the_target_ta
     rows = [dict(row, group="peer", mode="p loop", steps_per_s=120.0, threads=1, envs_per_thread=32),
             dict(row, group="peer", mode="q loop", steps_per_s=50.0, threads=1, envs_per_thread=32),
             dict(row, group="sweep", mode="x", steps_per_s=140.0, threads=2, envs_per_thread=16),
-            dict(row, group="sweep", mode="x", steps_per_s=90.0, threads=4, envs_per_thread=8)]
+            dict(row, group="sweep", mode="x", steps_per_s=90.0, threads=4, envs_per_thread=8),
+            dict(row, group="floor", mode="e, no policy", steps_per_s=150.0, threads=1, envs_per_thread=32),
+            dict(row, group="floor", mode="e, no policy, 2 threads", steps_per_s=160.0, threads=2, envs_per_thread=16),
+            dict(row, group="floor", mode="policy alone", steps_per_s=9999.0, threads=1, envs_per_thread=32)]
     reruns = {"p loop": rerun("p loop"), "q loop": rerun("q loop"), ("x", 2): rerun(("x", 2)),
-              ("x", 4): rerun(("x", 4))}
+              ("x", 4): rerun(("x", 4)), "e, no policy": rerun("e, no policy"),
+              "e, no policy, 2 threads": rerun("e, no policy, 2 threads")}
     paired = bench_envs.paired_rounds(rows, reruns, 3)
-    assert calls == ["p loop", ("x", 2)] * 3  # alternately, the best of each side only
+    # Alternately, the best of each side only (the policy-alone floor is no environment floor).
+    assert calls == ["p loop", ("x", 2), "e, no policy, 2 threads"] * 3
     assert paired["peer_steps_per_s"] == 200.0 and paired["steps_per_s"] == 250.0
+    assert paired["floor_steps_per_s"] == 230.0
     table = bench_envs.best_rows(rows + [dict(row, **paired)])
     [goal] = bench_envs.targets(table, bench_envs.Args(workloads=("w",)))
     assert goal["ratio"] == pytest.approx(1.25) and goal["met"]
     assert goal["sweep_ratio"] == pytest.approx(140.0 / 120.0)
-    assert goal["paired"] == {"peer": [100, 300, 200], "rlbatch": [250, 150, 350]}
+    assert goal["paired"] == {"peer": [100, 300, 200], "rlbatch": [250, 150, 350], "floor": [260, 210, 230]}
     assert goal["best_peer"] == "p loop" and goal["best_rlbatch"] == "x (best split)"
+    assert goal["env_floor"] == "e, no policy, 2 threads" and goal["floor_over_best_peer"] == pytest.approx(1.15)
+    assert not goal["ruled_out"]
     text = bench_envs.render(table, [goal], ["cpu:0"], bench_envs.Args(workloads=("w",), num_envs=(32,)))
-    assert "| 1.25x | 1.17x |" in text and "100, 300, 200 / 250, 150, 350" in text
+    assert "| 1.25x | 1.17x | 1.15x (e, no policy, 2 threads) |" in text
+    assert "100, 300, 200 / 250, 150, 350 / 260, 210, 230" in text
     assert "paired |" not in text.split("CPU ceiling:")[0]  # not a row of the main table
+
+
+def test_a_floor_under_1_1x_the_best_peer_rules_the_target_out():
+    row = dict(workload="w", num_envs=128, threads=1, envs_per_thread=128)
+    rows = [dict(row, group="peer", mode="p loop", steps_per_s=100.0),
+            dict(row, group="rlbatch", mode="x", steps_per_s=90.0),
+            dict(row, group="floor", mode="e, no policy", steps_per_s=105.0)]
+    [goal] = bench_envs.targets(rows, bench_envs.Args(workloads=("w",), num_envs=(128,)))
+    assert goal["ruled_out"] and not goal["met"] and goal["floor_over_best_peer"] == pytest.approx(1.05)
+    text = bench_envs.render(rows, [goal], ["cpu:0"], bench_envs.Args(workloads=("w",), num_envs=(128,)))
+    assert "NO: ruled out by the floor" in text
+    rows[2]["steps_per_s"] = 111.0
+    [goal] = bench_envs.targets(rows, bench_envs.Args(workloads=("w",), num_envs=(128,)))
+    assert not goal["ruled_out"] and not goal["met"]

@@ -195,7 +195,10 @@ def test_halfcheetah_trains_ppo_with_a_gaussian_policy_and_cleanrl_settings(tmp_
     # cwd: MuJoCo writes MUJOCO_LOG.TXT (a model deprecation warning) into the working directory.
     report, _ = run_train(out, "--env", "HalfCheetah-v5", "--total-steps", "1024", "--num-actors", "2",
                           "--envs-per-actor", "2", "--unroll-length", "64", "--batch-size", "2", "--num-epochs", "1",
-                          "--buckets", "2", "4", cwd=tmp_path)
+                          "--buckets", "2", "4", "--inline-policy", cwd=tmp_path)
+    # Each actor ran its own 2 rows as a batch: never merged with the other's into a batch of 4.
+    assert report["config"]["inline_policy"] is True
+    assert report["batching"]["batch_size_hist"] == {"2": report["batching"]["batches"]}
     scalars = assert_common_report(report, out, family_flags={
         "num_epochs": 1, "num_minibatches": 32, "learning_rate": 3e-4, "anneal_lr": True, "ent_coef": 0.0,
         "clip_eps": 0.2, "clip_value_loss": True, "gamma": 0.99, "gae_lambda": 0.95, "vf_coef": 0.5,

@@ -10,7 +10,9 @@ users write it (CleanRL's `ppo_atari_envpool` and `ppo_continuous_action` loops)
 - `run_envpool_async_loop`: EnvPool's asynchronous mode, num_envs N, batch_size B:
   `recv` (the B environments that finished first) -> policy on those B -> `send(actions, env_id)`;
 - `run_env_alone`: the same vector environment with given actions and no policy at all: the
-  environment floor, what no loop that steps these environments on this machine can beat;
+  environment floor, what no loop that steps these environments this way on this machine can beat;
+  `run_envs_alone_threads` the same for t threads each stepping its own vector environment of N / t
+  at once, and `run_envpool_async_alone` for EnvPool's asynchronous mode (recv -> send);
 - `run_policy_alone`: the policy on batches of N observations and no environment: the policy floor.
 
 Every loop also measures the CPU time the process spent over the measurement (`StepRate.cpu_s`,
@@ -23,6 +25,7 @@ A policy is `act_fn(obs, i) -> np.ndarray actions` (experiments.lib.policy_step.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable
 
@@ -30,7 +33,8 @@ import numpy as np
 
 from experiments.lib.env_loops import StepRate
 
-__all__ = ["cpu_ceiling", "run_env_alone", "run_envpool_async_loop", "run_policy_alone", "run_vector_loop"]
+__all__ = ["cpu_ceiling", "run_env_alone", "run_envpool_async_alone", "run_envpool_async_loop", "run_envs_alone_threads",
+           "run_policy_alone", "run_vector_loop"]
 
 _clock = time.perf_counter
 
@@ -127,6 +131,83 @@ def run_env_alone(make_vector_env: Callable[[int, int], Any], actions: np.ndarra
     finally:
         vec.close()
     return clock.rate(1, num_envs, 0.0)
+
+
+def run_envpool_async_alone(make_envpool: Callable[[int, int, int], Any], actions: np.ndarray, num_envs: int,
+                            batch_size: int, *, warmup: float, duration: float, seed: int = 0) -> StepRate:
+    """EnvPool's asynchronous mode with no policy: recv -> send(actions for the env ids that came), with
+    `make_envpool(num_envs, batch_size, seed)` and `actions` [S, N, ...] (recv i sends actions[i % S][:B])."""
+    pool = make_envpool(num_envs, batch_size, seed)
+    try:
+        pool.async_reset()
+        clock, i = _Clock(warmup, duration), 0
+        while clock.running():
+            info = pool.recv()[4]
+            pool.send(actions[i % len(actions)][:batch_size], info["env_id"])
+            i += 1
+            clock.steps += batch_size
+    finally:
+        pool.close()
+    return clock.rate(1, num_envs, 0.0)
+
+
+def run_envs_alone_threads(make_vector_env: Callable[[int, int], Any], actions: np.ndarray, num_envs: int,
+                           threads: int, *, warmup: float, duration: float, seed: int = 0) -> StepRate:
+    """`threads` threads at once, each stepping its own vector environment of num_envs / threads with
+    its columns of `actions` [S, N, ...] and no policy: the floor of an ActorPool of that many actors
+    (environments that release the GIL step on several cores at once)."""
+    k = num_envs // threads
+    counts = [0] * threads
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    ready = threading.Barrier(threads + 1)
+
+    def play(t: int) -> None:
+        vec = None
+        try:
+            vec = make_vector_env(k, seed + t * k)
+            _seeded_reset(vec, seed + t * k, k)
+            columns = actions[:, t * k:(t + 1) * k]
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+            ready.abort()
+            if vec is not None:
+                vec.close()
+            return
+        try:
+            ready.wait()
+            i = 0
+            while not stop.is_set():
+                vec.step(columns[i % len(columns)])
+                i += 1
+                counts[t] += k
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            vec.close()
+
+    workers = [threading.Thread(target=play, args=(t,), name=f"env-floor-{t}") for t in range(threads)]
+    for w in workers:
+        w.start()
+    try:
+        ready.wait()
+        time.sleep(warmup)
+        s0, t0, cpu0 = sum(counts), _clock(), time.process_time()
+        time.sleep(duration)
+        s1, t1, cpu1 = sum(counts), _clock(), time.process_time()
+    except threading.BrokenBarrierError:
+        s0 = s1 = 0
+        t0, t1, cpu0, cpu1 = 0.0, 1.0, 0.0, 0.0
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    if errors:
+        raise errors[0]
+    return StepRate(steps_per_s=(s1 - s0) / (t1 - t0), num_actors=threads, envs_per_actor=k, mean_batch=0.0,
+                    env_steps=s1 - s0, elapsed_s=t1 - t0, cpu_s=cpu1 - cpu0)
 
 
 def run_policy_alone(act_fn: Callable, obs: Any, *, warmup: float, duration: float) -> StepRate:

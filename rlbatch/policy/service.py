@@ -203,7 +203,7 @@ class PolicyService:
     async def acall(self, obs, state=None, *, timeout: float | None = None):
         return await asyncio.wrap_future(self.submit(obs, state, timeout=timeout))
 
-    def register(self, *, inline: bool = False) -> "PolicyCaller":
+    def register(self, *, inline: bool = False) -> "PolicyCaller | InlinePolicyCaller":
         """A registered caller (one per actor thread): see BatchedService.register (early flush).
 
         `inline=True`: a caller that runs each of its requests as a batch of its own, in its own
@@ -211,13 +211,14 @@ class PolicyService:
         it never holds other callers' batches back (it is not a known caller). For an actor whose
         request fills a batch by itself, a vector environment's k observations: each actor thread
         then runs inference on its own batch, as Sebulba's actor threads do, and several actors'
-        batches run at once. Its `timeout` is ignored (nothing waits in a queue); a request of more
-        rows than the largest bucket still goes through the queue, split over several batches."""
+        batches run at once. Its `timeout` bounds only a request of more rows than the largest
+        bucket, which still goes through the queue, split over several batches (an inline batch
+        waits for nothing but its own computation)."""
         if inline:
             return InlinePolicyCaller(self)
         return PolicyCaller(self, self._service.register(), self._fast_obs)
 
-    def _call_inline(self, obs, state):
+    def _call_inline(self, obs, state, timeout=None):
         """One request run as a batch of its own in the calling thread (see register)."""
         fast = self._fast_obs
         collator = self._collator
@@ -228,7 +229,7 @@ class PolicyService:
             args, is_rows = collator.request(obs, state)
             rows = collator.count_rows(args, {}) if is_rows else None
             if rows is not None and rows > self._service.max_batch_size:
-                return self._service.call_request(args, {}, rows=True)
+                return self._service.call_request(args, {}, rows=True, timeout=timeout)
             values = collator.prepare(args, {}, rows)
         except InvalidRequest:
             self._service.record_invalid()
@@ -369,7 +370,7 @@ class InlinePolicyCaller:
         self._call = policy._call_inline
 
     def __call__(self, obs, state=None, *, timeout: float | None = None) -> PolicyOutput:
-        return self._call(obs, state)
+        return self._call(obs, state, timeout)
 
     def submit(self, obs, state=None, *, timeout: float | None = None, priority: int = 0):
         return self._policy.submit(obs, state, timeout=timeout, priority=priority)
