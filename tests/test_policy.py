@@ -219,16 +219,19 @@ def test_check_finite_refuses_nan_only_when_asked():
         assert svc(np.zeros(4, np.float32)).version == 0
 
 
+def _refuse_large(x):
+    if (x > 100).any():
+        raise ValueError("policy bug: observation too large")
+    return x
+
+
+def buggy_apply(params, obs, key):
+    """linear_apply, except that it raises at run time (on the host) for an observation above 100."""
+    checked = jax.pure_callback(_refuse_large, jax.ShapeDtypeStruct(obs.shape, obs.dtype), obs)
+    return linear_apply(params, checked, key)
+
+
 def test_apply_fn_error_at_run_time_reaches_callers_and_service_keeps_serving():
-    def host_check(x):
-        if (x > 100).any():
-            raise ValueError("policy bug: observation too large")
-        return x
-
-    def buggy_apply(params, obs, key):
-        checked = jax.pure_callback(host_check, jax.ShapeDtypeStruct(obs.shape, obs.dtype), obs)
-        return linear_apply(params, checked, key)
-
     with rlbatch.PolicyService(buggy_apply, make_params(), example_obs=np.zeros(4, np.float32),
                                buckets=BUCKETS, max_delay=0.0) as svc:
         with pytest.raises(Exception, match="observation too large"):

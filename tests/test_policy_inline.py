@@ -11,7 +11,7 @@ import pytest
 import rlbatch
 from tests import test_actors_vector
 from tests.test_actors import counter_service
-from tests.test_policy import BUCKETS, linear_apply, make_params, pad, sampling_apply
+from tests.test_policy import BUCKETS, buggy_apply, linear_apply, make_params, pad, sampling_apply
 
 
 def _worker_started(svc) -> bool:
@@ -106,15 +106,6 @@ def test_a_request_beyond_the_largest_bucket_is_split_through_the_queue():
 
 
 def test_a_failing_policy_fails_its_inline_caller_alone_and_the_service_serves_on():
-    def host_check(x):
-        if (x > 100).any():
-            raise ValueError("policy bug: observation too large")
-        return x
-
-    def buggy_apply(params, obs, key):
-        checked = jax.pure_callback(host_check, jax.ShapeDtypeStruct(obs.shape, obs.dtype), obs)
-        return linear_apply(params, checked, key)
-
     with rlbatch.PolicyService(buggy_apply, make_params(), example_obs=np.zeros(4, np.float32),
                                buckets=BUCKETS) as svc:
         caller = svc.register(inline=True)
