@@ -248,21 +248,23 @@ class BatchedService:
                 f.set_exception(e)
                 continue
             requests.append(Request(values, None, priority, now, deadline, None, f))
-        if not requests:
-            return futures
+        refused = self._enqueue_all(requests, now, timeout) if requests else None
+        if refused is not None:  # those before it are queued and will run; the rest hold why
+            for rest in requests[refused[0]:]:
+                rest.future.set_exception(refused[1])
+        return futures
+
+    def _enqueue_all(self, requests: list, now: float, timeout: float | None):
+        """Queues requests (one at a time if bounded); (index, error) of the first refused, or None."""
         if self.max_queue is None:
             self._worker.enqueue(requests, now, timeout)
-            return futures
-        for i, r in enumerate(requests):  # one at a time: a long list waits for room, not refused whole
+            return None
+        for i, r in enumerate(requests):
             try:
                 self._worker.enqueue_one(r, now, timeout, True)
             except (QueueFull, ServiceClosed, DeadlineExceeded) as e:
-                # The items before this one are queued and will run: every item keeps its Future,
-                # and the ones refused hold why.
-                for rest in requests[i:]:
-                    rest.future.set_exception(e)
-                break
-        return futures
+                return i, e
+        return None
 
     def _enqueue_split(self, values, num_rows, priority, now, timeout, deadline, caller, future) -> None:
         """Queues a request of more than max_batch_size rows as parts of at most that many rows."""
@@ -275,18 +277,12 @@ class BatchedService:
             r = Request(self.collator.slice_rows(values, s, s + k), k, priority, now, deadline, caller, None)
             r.parent, r.index = split, i
             parts.append(r)
-        if self.max_queue is None:
-            self._worker.enqueue(parts, now, timeout)
-            return
-        for i, r in enumerate(parts):  # each part waits for room in a bounded queue
-            try:
-                self._worker.enqueue_one(r, now, timeout, True)
-            except (QueueFull, ServiceClosed, DeadlineExceeded) as e:
-                if i == 0:
-                    raise
-                # Parts already queued are dropped when taken: the request has failed.
-                split.part_done(i, None, e)
-                return
+        refused = self._enqueue_all(parts, now, timeout)
+        if refused is not None:
+            i, error = refused
+            if i == 0:
+                raise error
+            split.part_done(i, None, error)  # parts already queued are dropped when taken: it failed
 
     # ------------------------------------------------------------------ blocking calls
 
@@ -368,43 +364,11 @@ class BatchedService:
         return value
 
     def call_inline(self, values, rows: int | None = None):
-        """Runs one request whose values the collator has already prepared as a batch of its own,
-        in the calling thread: no queue, no worker, no thread hand-off (the "caller runs" policy).
-
-        For a caller whose every request fills a batch by itself (an actor with a vector
-        environment whose k rows are the batch): it would gain nothing from waiting for others,
-        and it saves the two hand-offs of a queued call. Several threads may call at once; their
-        batches then run at the same time, so the batch function must allow that (a jitted JAX
-        function does, and releases the GIL while it computes). The request and its batch count in
-        the stats like any other; a fault in the batch function or its output reaches this caller
-        alone. `rows`: None for one row, else the request's row count (at most max_batch_size).
-        ServiceClosed once the service is closing; TypeError for a service whose batches need its
-        worker thread (a `setup` context, an `async def` batch function).
-        """
-        n = 1 if rows is None else rows
-        if n > self.max_batch_size:
-            raise InvalidRequest(f"call_inline: expected at most max_batch_size={self.max_batch_size} rows, got {n} "
-                                 f"(call_rows splits a larger request over several batches)")
-        worker = self._worker
-        runner = worker.runner
-        if runner.needs_worker_thread:
-            raise TypeError(f"call_inline: service {self.name!r} runs its batches on its worker thread only "
-                            f"(it has a setup context or an async batch function)")
-        now = _clock()
-        with worker.lock:
-            worker.check_open()
-            stats = self._stats
-            stats.requests += 1
-            stats.rows += n
-        req = Request(values, rows, 0, now, None, None, None)
-        req.lock = threading.Lock()  # completing a request releases its lock; nobody waits on this one
-        req.lock.acquire()
-        job = runner.dispatch([req], n, True)
-        if job is not None:
-            runner.finish(job)
-        if req.error is not None:
-            raise req.error
-        return req.value
+        """Runs one prepared request (`rows`: None for one row, else at most max_batch_size) as a
+        batch of its own in the calling thread, with no queue and no hand-off: for a caller whose
+        request fills a batch alone. Calls from several threads run at once (a jitted JAX function
+        allows it). ServiceClosed once closing; TypeError where batches need the worker thread."""
+        return self._worker.run_inline(values, rows)
 
     def record_invalid(self, n: int = 1) -> None:
         """Counts requests refused for their inputs, including by a front end's own checks before

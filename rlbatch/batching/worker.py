@@ -39,7 +39,8 @@ import time
 from rlbatch.batching.queue import RequestQueue
 from rlbatch.batching.relay import RelayHelpers
 from rlbatch.batching.runner import BatchRunner
-from rlbatch.errors import DeadlineExceeded, QueueFull, ServiceClosed
+from rlbatch.batching.request import Request
+from rlbatch.errors import DeadlineExceeded, InvalidRequest, QueueFull, ServiceClosed
 
 _log = logging.getLogger("rlbatch")
 
@@ -121,6 +122,31 @@ class Worker:
                 if earliest:
                     self._cond.notify()  # a new first deadline: the worker waits for it instead
                 self._wake_if_ready()
+
+    def run_inline(self, values, rows: int | None):
+        """BatchedService.call_inline: one request run as a batch of its own in the calling thread."""
+        n = 1 if rows is None else rows
+        if n > self.max_batch_size:
+            raise InvalidRequest(f"call_inline: expected at most max_batch_size={self.max_batch_size} rows, got {n} "
+                                 f"(call_rows splits a larger request over several batches)")
+        runner = self.runner
+        if runner.needs_worker_thread:
+            raise TypeError(f"call_inline: service {self.name!r} runs its batches on its worker thread only "
+                            f"(it has a setup context or an async batch function)")
+        now = _clock()
+        with self.lock:
+            self.check_open()
+            self.stats.requests += 1
+            self.stats.rows += n
+        req = Request(values, rows, 0, now, None, None, None)
+        req.lock = threading.Lock()  # completing a request releases its lock; nobody waits on this one
+        req.lock.acquire()
+        job = runner.dispatch([req], n, True)
+        if job is not None:
+            runner.finish(job)
+        if req.error is not None:
+            raise req.error
+        return req.value
 
     def enqueue(self, requests, now: float, timeout: float | None) -> None:
         """Queues several requests at once (all or none: the queue must have room for all)."""
