@@ -299,6 +299,9 @@ def test_pinned_processes_keep_their_threads_on_a_cpu_each_apply_jax_options_and
     with make_fleet(pin_python=True, sync_cpu_dispatch=True, jax_options=options) as fleet:
         info = sorted(fleet.process_info(), key=lambda i: i["index"])
         assert [i["python_cpus"] for i in info] == [[cpus[i % len(cpus)]] for i in range(2)]
+        # Each process set JAX's CPU runtime up before its JAX started (it would say if too late).
+        assert all(i["cpu_runtime"] == "JAX CPU runtime: synchronous dispatch, one thread per computation"
+                   for i in info), info
         traj = fleet.get(timeout=60)
         assert traj.action.shape == (T,) and np.isfinite(traj.reward).all()
     assert cache.is_dir() and any(cache.iterdir())  # the processes' compiled buckets, cached there
@@ -335,6 +338,7 @@ def test_a_killed_process_is_restarted_gets_the_newest_parameters_and_its_losses
         info = fleet.process_info()
         old = info[0]["pid"]
         assert all(i["python_cpus"] == sorted(os.sched_getaffinity(0)) for i in info)  # not pinned by default
+        assert all(i["cpu_runtime"] is None for i in info)  # nor JAX's CPU runtime touched
 
         def backlog():
             fleet.refresh_stats()

@@ -107,9 +107,10 @@ class VersionMap:
             return self._fleet[versions]
 
 
-def confine_process(index: int, config: ProcessConfig) -> None:
+def confine_process(index: int, config: ProcessConfig) -> str | None:
     """Applies the config's JAX and CPU settings to this process before it compiles anything or
-    starts any thread of its own.
+    starts any thread of its own; with `sync_cpu_dispatch`, returns `configure_cpu_jax`'s line (what
+    it did, or that JAX had already started and nothing changed).
 
     `jax_options`: `jax.config.update(name, value)` for each pair, e.g. the driver's persistent
     compilation cache (`jax_compilation_cache_dir`), so that a process started again, or the next
@@ -127,12 +128,12 @@ def confine_process(index: int, config: ProcessConfig) -> None:
     """
     for name, value in config.jax_options:
         jax.config.update(name, value)
-    if config.sync_cpu_dispatch:
-        configure_cpu_jax()
+    runtime = configure_cpu_jax() if config.sync_cpu_dispatch else None
     if config.pin_python and hasattr(os, "sched_setaffinity"):
         jax.devices()
         cpus = sorted(thread_cpus())
         pin_threads({cpus[index % len(cpus)]})
+    return runtime
 
 
 class ActorProcess:
@@ -155,7 +156,7 @@ class ActorProcess:
         self._node_id = ray.get_runtime_context().get_node_id()
         self._token = (self._node_id, os.getpid())
         self._versions = None
-        confine_process(index, config)
+        self._cpu_runtime = confine_process(index, config)
         self._python_cpus = sorted(thread_cpus())  # what this process's own threads inherit
         if config.placement == "local":
             self._policy = PolicyService(config.apply_fn, params, example_obs=config.example_obs,
@@ -180,9 +181,10 @@ class ActorProcess:
         self._pool.start()
 
     def info(self) -> dict:
-        """Where this incarnation runs: {"index", "node_id", "pid", "python_cpus"} (the CPUs its
-        pool's and policy's threads may use)."""
-        return {"index": self.index, "node_id": self._node_id, "pid": os.getpid(), "python_cpus": self._python_cpus}
+        """Where this incarnation runs: {"index", "node_id", "pid", "python_cpus" (the CPUs its pool's
+        and policy's threads may use), "cpu_runtime" (what `sync_cpu_dispatch` did, None without it)}."""
+        return {"index": self.index, "node_id": self._node_id, "pid": os.getpid(), "python_cpus": self._python_cpus,
+                "cpu_runtime": self._cpu_runtime}
 
     def next_group(self) -> tuple[Trajectory, ProcessReport]:
         """The next `group_size` finished trajectories stacked [T, g * w, ...] with fleet versions,
