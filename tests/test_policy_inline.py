@@ -5,6 +5,7 @@ import asyncio
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -103,6 +104,26 @@ def test_a_request_beyond_the_largest_bucket_is_split_through_the_queue():
         assert svc.stats.batches == 3  # 16 + 16 + 8
     np.testing.assert_array_equal(action, np.asarray(linear_apply(params, rows, None)[0]))
     assert extras["logits"].shape == (40, 3)
+
+
+def echo_apply(params, obs, key):
+    return jnp.argmax(obs @ params["w"], axis=-1), {"obs": obs}
+
+
+def test_inline_outputs_are_the_callers_own_even_where_the_policy_returns_its_input():
+    # On the CPU an output that is the input itself may share the caller's memory: the caller
+    # writing its next observations into the same array must not change a result already given.
+    with rlbatch.PolicyService(echo_apply, make_params(), example_obs=np.zeros(4, np.float32),
+                               buckets=BUCKETS) as svc:
+        caller = svc.register(inline=True)
+        for n in (BUCKETS[1], BUCKETS[1] - 1):  # a full bucket (no padding copy) and a padded one
+            obs = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+            out = caller(obs)
+            obs[:] = -1.0
+            np.testing.assert_array_equal(out.extras["obs"], np.arange(n * 4, dtype=np.float32).reshape(n, 4))
+        stats = svc.stats
+        assert stats.batches == 2 and stats.rows == 2 * BUCKETS[1] - 1
+        assert stats.bucket_hist == {BUCKETS[1]: 2} and stats.host_prep_time > 0 and stats.device_time > 0
 
 
 def test_a_failing_policy_fails_its_inline_caller_alone_and_the_service_serves_on():

@@ -148,5 +148,19 @@ class BatchRunner:
         # A plain batch of a collator whose results are always values needs no per-request checks.
         self.complete(live, results, plain and self.collator.results_are_values)
 
+    def record_own_batch(self, num_rows: int, bucket: int | None, t_start: float, failed: bool) -> None:
+        """The statistics of a batch of one request that a front end ran in its caller's thread
+        without this runner (PolicyService's inline fast path), as `finish` records a batch."""
+        now = _clock()
+        with self._stats_lock:
+            stats = self.stats
+            stats.queue_waits.append(0.0)
+            if failed:
+                stats.errors += 1
+                stats.record_batch(num_rows, None, now - t_start)
+            else:
+                stats.record_batch(num_rows, bucket, now - t_start)
+                stats.latencies.append(now - t_start)
+
     def complete(self, requests, results, plain: bool = False) -> None:
         complete(requests, results, self.wake_width, plain, self.name)

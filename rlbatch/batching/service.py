@@ -370,6 +370,16 @@ class BatchedService:
         allows it). ServiceClosed once closing; TypeError where batches need the worker thread."""
         return self._worker.run_inline(values, rows)
 
+    def begin_own_batch(self, rows: int) -> float:
+        """For a front end that runs a request of `rows` rows as a batch of its own without the
+        service's batch function (PolicyService's inline fast path): counts the request, or raises
+        ServiceClosed once closing; returns the start time to give `end_own_batch`, which records
+        the batch as call_inline would."""
+        return self._worker.begin_own_batch(rows)
+
+    def end_own_batch(self, rows: int, bucket: int | None, t_start: float, failed: bool = False) -> None:
+        self._worker.runner.record_own_batch(rows, bucket, t_start, failed)
+
     def record_invalid(self, n: int = 1) -> None:
         """Counts requests refused for their inputs, including by a front end's own checks before
         they reached the service, so that `stats.invalid` shows every refusal."""

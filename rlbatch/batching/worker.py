@@ -133,11 +133,7 @@ class Worker:
         if runner.needs_worker_thread:
             raise TypeError(f"call_inline: service {self.name!r} runs its batches on its worker thread only "
                             f"(it has a setup context or an async batch function)")
-        now = _clock()
-        with self.lock:
-            self.check_open()
-            self.stats.requests += 1
-            self.stats.rows += n
+        now = self.begin_own_batch(n)
         req = Request(values, rows, 0, now, None, None, None)
         req.lock = threading.Lock()  # completing a request releases its lock; nobody waits on this one
         req.lock.acquire()
@@ -147,6 +143,15 @@ class Worker:
         if req.error is not None:
             raise req.error
         return req.value
+
+    def begin_own_batch(self, n: int) -> float:
+        """Counts a request of n rows that its caller runs as a batch of its own (run_inline, or a
+        front end's own fast path), or ServiceClosed once closing; the time it started."""
+        with self.lock:
+            self.check_open()
+            self.stats.requests += 1
+            self.stats.rows += n
+        return _clock()
 
     def enqueue(self, requests, now: float, timeout: float | None) -> None:
         """Queues several requests at once (all or none: the queue must have room for all)."""

@@ -121,13 +121,7 @@ class ObservationCollator(ArrayCollator):
         t0 = _clock()
         leaves, treedef = jax.tree_util.tree_flatten(device_out)
         host = treedef.unflatten(to_host(leaves))  # one transfer back per batch, never per row
-        elapsed = _clock() - t0
-        with self.counts_lock:
-            self.device_time += elapsed
-            self.batches += 1
-            counts = self.bucket_rows[bucket]
-            counts[0] += num_rows
-            counts[1] += 1
+        self.count_batch(bucket, num_rows, 0.0, _clock() - t0)
         action, extras = host[0], host[1]
         keys = list(extras)
         columns = [np.asarray(extras[k]) for k in keys]
@@ -151,6 +145,16 @@ class ObservationCollator(ArrayCollator):
                 items.append(state_def.unflatten([leaf[sl] for leaf in state_leaves]))
             results.append(PolicyOutput(items, version))
         return results
+
+    def count_batch(self, bucket, num_rows, prep_time, device_time):
+        """Counts one batch of num_rows rows in `bucket`, and the host and device time it took."""
+        with self.counts_lock:
+            self.prep_time += prep_time
+            self.device_time += device_time
+            self.batches += 1
+            counts = self.bucket_rows[bucket]
+            counts[0] += num_rows
+            counts[1] += 1
 
     @staticmethod
     def join(parts):
