@@ -12,7 +12,11 @@ HalfCheetah-v5 (MuJoCo; a 64x64 tanh MLP with a Gaussian head). For N = 8, 32 an
   each kind's best split, the JSON every split), behind a PolicyService with buckets up to N
   ("merged": actors asking together share a batch) or up to one actor's request ("batch per
   actor": one actor's batch runs while the others step), or with each actor running its own batch
-  in its own thread ("inline policy", ActorPool inline_policy: Sebulba's actor threads);
+  in its own thread ("inline policy", ActorPool inline_policy: Sebulba's actor threads). Each
+  actor's EnvPool or AtariVectorEnv gets cores // threads worker threads (--env-threads);
+- no library: the same threads x k layouts with each thread calling the jitted policy directly
+  and recording nothing, what hand-written actor threads do; rlbatch's best over it is the
+  library's own cost;
 - floors: each vector environment stepped with random actions and no policy at all (the most any
   loop over these environments can do on this machine), and the policy alone on batches of up to N;
   from their CPU time (all the process's threads) the CPU ceiling: cores / (CPU seconds of one
@@ -76,6 +80,10 @@ class Args:
     """the sweep for gym-async, whose N subprocesses take a second each to start on 2 CPUs"""
     kinds: tuple[str, ...] = ("single",) + PEERS
     """what to run: "single" (rlbatch, one env per thread) and the vector kinds (peer loop and rlbatch rows)"""
+    env_threads: Literal["share", "default"] = "share"
+    """worker threads of each rlbatch actor's EnvPool or AtariVectorEnv, and of the floors' t environments:
+    "share" the cores between the t actors (cores // t, at least 1: runtime.env_threads_per_actor), or
+    "default", each its own default (min(k, cores)). The peers' one environment keeps its default."""
     async_batch: float = 0.5
     """EnvPool async mode: batch_size = this fraction of its num_envs"""
     unroll_length: int = 32
@@ -151,6 +159,11 @@ def run_peer(workload: Workload, kind: str, served: Served, n: int, args: Args) 
     return _rate_row(vector_loops.run_vector_loop(workload.vector_env_fn(kind), served.act, n, **timing))
 
 
+def _env_threads(threads: int, args: Args) -> int:
+    """Worker threads of each of `threads` actors' environments (0: the environment's default)."""
+    return runtime.env_threads_per_actor(threads) if args.env_threads == "share" else 0
+
+
 def run_floor(workload: Workload, kind: str, n: int, args: Args, threads: int = 1) -> env_loops.StepRate:
     """The environments of `kind` with random actions drawn beforehand and no policy: one vector
     environment of N, `threads` threads each stepping one of N / threads at once, or for
@@ -161,8 +174,17 @@ def run_floor(workload: Workload, kind: str, n: int, args: Args, threads: int = 
         make = lambda num, batch, seed: workload.make_envpool(num, seed, batch_size=batch)  # noqa: E731
         return vector_loops.run_envpool_async_alone(make, actions, n, _async_batch(n, args), **timing)
     if threads > 1:
-        return vector_loops.run_envs_alone_threads(workload.vector_env_fn(kind), actions, n, threads, **timing)
+        return vector_loops.run_envs_alone_threads(workload.vector_env_fn(kind, _env_threads(threads, args)),
+                                                   actions, n, threads, **timing)
     return vector_loops.run_env_alone(workload.vector_env_fn(kind), actions, n, **timing)
+
+
+def run_no_library(workload: Workload, kind: str, served: Served, n: int, threads: int, args: Args) -> dict:
+    """The sweep's layout of `threads` actors x N / threads environments of `kind`, each thread calling
+    the jitted policy directly and recording nothing (vector_loops.run_policy_threads)."""
+    rate = vector_loops.run_policy_threads(workload.vector_env_fn(kind, _env_threads(threads, args)), served.act, n,
+                                           threads, warmup=args.warmup, duration=args.duration, seed=args.seed)
+    return _rate_row(rate)
 
 
 def _async_batch(num_envs: int, args: Args) -> int:
@@ -171,6 +193,7 @@ def _async_batch(num_envs: int, args: Args) -> int:
 
 
 TARGET_NUM_ENVS = (32, 128)
+NO_LIBRARY = "no library"  # the group of run_no_library's rows
 _BATCHING_LABEL = {"merged": "", "per-actor": ", batch per actor", "inline": ", inline policy"}
 
 
@@ -189,9 +212,10 @@ def run_pool(workload: Workload, kind: str, served: Served, n: int, threads: int
         env_fn, vector_env_fn = workload.make_env, None
     elif kind == "envpool-async":
         async_batch = _async_batch(k, args)
-        env_fn, vector_env_fn = None, workload.envpool_async_fn(lambda m: _async_batch(m, args))
+        env_fn, vector_env_fn = None, workload.envpool_async_fn(lambda m: _async_batch(m, args),
+                                                                _env_threads(threads, args))
     else:
-        env_fn, vector_env_fn = None, workload.vector_env_fn(kind)
+        env_fn, vector_env_fn = None, workload.vector_env_fn(kind, _env_threads(threads, args))
     largest = n if batching == "merged" else (async_batch or k)
     service = rlbatch.PolicyService(served.apply, served.params, example_obs=served.example_obs,
                                     buckets=_buckets(largest), max_delay=args.max_delay, seed=args.seed)
@@ -270,6 +294,11 @@ def run_workload(workload: Workload, args: Args, reports: list) -> list[dict]:
                         mode = f"{kind}, no policy, {t} threads"
                         reruns[mode] = lambda kind=kind, t=t: _rate_row(run_floor(workload, kind, n, args, t))
                         add(n, "floor", mode, reruns[mode]())
+                        # The same layout with the policy called directly, nothing recorded: what the
+                        # actors' threads could do with no library in between.
+                        mode = f"{kind} + policy, no library, {t} threads"
+                        reruns[mode] = lambda kind=kind, t=t: run_no_library(workload, kind, served, n, t, args)
+                        add(n, NO_LIBRARY, mode, reruns[mode]())
             reruns[f"{kind} loop"] = lambda kind=kind: run_peer(workload, kind, served, n, args)
             add(n, "peer", f"{kind} loop", reruns[f"{kind} loop"]())
             threads = args.threads if kind in IN_PROCESS or kind == "envpool-async" else args.subprocess_threads
@@ -301,18 +330,24 @@ def paired_rounds(rows: list[dict], reruns: dict, rounds: int) -> dict | None:
     peer, mine = max(peers, key=_rate), max(sweep, key=_rate)
     floors = [r for r in rows if r["group"] == "floor" and r["mode"] in reruns]
     floor = max(floors, key=_rate) if floors else None
-    peer_rates, mine_rates, floor_rates = [], [], []
+    bare = [r for r in rows if r["group"] == NO_LIBRARY and r["mode"] in reruns]
+    bare = max(bare, key=_rate) if bare else None
+    peer_rates, mine_rates, floor_rates, bare_rates = [], [], [], []
     for _ in range(rounds):
         peer_rates.append(_rate(reruns[peer["mode"]]()))
         mine_rates.append(_rate(reruns[(mine["mode"], mine["threads"])]()))
         if floor is not None:
             floor_rates.append(_rate(reruns[floor["mode"]]()))
+        if bare is not None:
+            bare_rates.append(_rate(reruns[bare["mode"]]()))
     return dict(group="paired", mode=f"{peer['mode']} / {mine['mode']}", peer_mode=peer["mode"],
                 rlbatch_mode=mine["mode"], threads=mine["threads"], envs_per_thread=mine["envs_per_thread"],
                 peer_rates=[round(x) for x in peer_rates], rlbatch_rates=[round(x) for x in mine_rates],
                 steps_per_s=statistics.median(mine_rates), peer_steps_per_s=statistics.median(peer_rates),
                 floor_mode=None if floor is None else floor["mode"], floor_rates=[round(x) for x in floor_rates],
-                floor_steps_per_s=statistics.median(floor_rates) if floor_rates else None)
+                floor_steps_per_s=statistics.median(floor_rates) if floor_rates else None,
+                no_library_mode=None if bare is None else bare["mode"], no_library_rates=[round(x) for x in bare_rates],
+                no_library_steps_per_s=statistics.median(bare_rates) if bare_rates else None)
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -325,7 +360,7 @@ def best_rows(rows: list[dict]) -> list[dict]:
             if key not in best or r["steps_per_s"] > best[key]["steps_per_s"]:
                 best[key] = r
     out += [dict(r, group="rlbatch", mode=f"{r['mode']} (best split)") for r in best.values()]
-    order = {"peer": 0, "rlbatch": 1, "ceiling": 2, "floor": 3, "paired": 4}
+    order = {"peer": 0, "rlbatch": 1, NO_LIBRARY: 2, "ceiling": 3, "floor": 4, "paired": 5}
     return sorted(out, key=lambda r: (r["workload"], r["num_envs"], order[r["group"]], r["mode"]))
 
 
@@ -354,18 +389,27 @@ def targets(rows: list[dict], args: Args) -> list[dict]:
             floor_mode, floor_rate = (max(floors, key=_rate)["mode"], max(map(_rate, floors))) if floors else (None, None)
             if paired is not None and paired.get("floor_steps_per_s") is not None:
                 floor_mode, floor_rate = paired["floor_mode"], paired["floor_steps_per_s"]
+            bare = [r for r in here if r["group"] == NO_LIBRARY]
+            bare_mode, bare_rate = (max(bare, key=_rate)["mode"], max(map(_rate, bare))) if bare else (None, None)
+            if paired is not None and paired.get("no_library_steps_per_s") is not None:
+                bare_mode, bare_rate = paired["no_library_mode"], paired["no_library_steps_per_s"]
             out.append(dict(workload=workload, num_envs=n, best_peer=peer_mode, best_peer_steps_per_s=peer_rate,
                             best_rlbatch=mine_mode, best_rlbatch_steps_per_s=mine_rate,
                             ratio=mine_rate / peer_rate, met=mine_rate >= 1.1 * peer_rate,
                             sweep_ratio=_rate(mine) / _rate(peer),
                             paired=None if paired is None else dict(peer=paired["peer_rates"],
                                                                     rlbatch=paired["rlbatch_rates"],
-                                                                    floor=paired.get("floor_rates") or []),
+                                                                    floor=paired.get("floor_rates") or [],
+                                                                    no_library=paired.get("no_library_rates") or []),
                             env_floor=floor_mode, env_floor_steps_per_s=floor_rate,
                             floor_over_best_peer=None if floor_rate is None else floor_rate / peer_rate,
                             # No design steps these environments faster than they step alone: a floor
                             # under 1.1x the best peer rules the target out on this machine.
                             ruled_out=floor_rate is not None and floor_rate < 1.1 * peer_rate,
+                            # The actors' layout with the policy called directly and nothing recorded.
+                            no_library=bare_mode, no_library_steps_per_s=bare_rate,
+                            no_library_over_best_peer=None if bare_rate is None else bare_rate / peer_rate,
+                            rlbatch_over_no_library=None if not bare_rate else mine_rate / bare_rate,
                             cpu_ceiling=None if ceiling is None else ceiling["mode"],
                             cpu_ceiling_steps_per_s=None if ceiling is None else _rate(ceiling),
                             ceiling_over_best_peer=None if ceiling is None else _rate(ceiling) / peer_rate))
@@ -409,21 +453,29 @@ def render(rows: list[dict], goals: list[dict], devices: list[str], args: Args) 
               "Environments alone: the best of the 'no policy' floors (one vector environment, the sweep's "
               "thread splits, EnvPool's send/recv mode), what no design steps these environments faster than; "
               "under 1.1x the best peer, it rules the target out on this machine.",
-              f"With paired rounds, the best peer, rlbatch's best row and the best floor are each measured "
-              f"{args.paired_rounds} more times, alternately (peer, rlbatch, floor, peer, ...; listed in the last "
-              "column), and their medians are compared; the ratio of the single runs above is the sweep's.", "",
+              "No library: the actors' thread layout with the policy called directly and nothing recorded "
+              "(no service, no trajectories): what hand-written Sebulba actor threads do; rlbatch / no library "
+              "is the library's own cost.",
+              f"With paired rounds, the best peer, rlbatch's best row, the best floor and the best no-library "
+              f"row are each measured {args.paired_rounds} more times, alternately (peer, rlbatch, floor, no "
+              "library, peer, ...; listed in the last column), and their medians are compared; the ratio of the "
+              "single runs above is the sweep's.", "",
               "| target: rlbatch >= 1.1x the best peer | best peer | rlbatch's best | ratio | sweep's ratio | "
-              "environments alone / best peer | CPU ceiling / best peer | met | paired rounds: peer / rlbatch / "
-              "floor steps/s |", "|---|---|---|---:|---:|---:|---:|---|---|"]
+              "environments alone / best peer | no library / best peer | rlbatch / no library | "
+              "CPU ceiling / best peer | met | paired rounds: peer / rlbatch / floor / no library steps/s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for g in goals:
         ceiling = "n/a" if g["ceiling_over_best_peer"] is None else f"{g['ceiling_over_best_peer']:.2f}x"
         floor = "n/a" if g["floor_over_best_peer"] is None else f"{g['floor_over_best_peer']:.2f}x ({g['env_floor']})"
+        bare = "n/a" if g["no_library_over_best_peer"] is None else \
+            f"{g['no_library_over_best_peer']:.2f}x ({g['no_library']})"
+        own = "n/a" if g["rlbatch_over_no_library"] is None else f"{g['rlbatch_over_no_library']:.2f}"
         rounds = "-" if g["paired"] is None else " / ".join(
-            ", ".join(f"{x:,}" for x in g["paired"][side]) or "-" for side in ("peer", "rlbatch", "floor"))
+            ", ".join(f"{x:,}" for x in g["paired"][side]) or "-" for side in ("peer", "rlbatch", "floor", "no_library"))
         met = "yes" if g["met"] else "NO: ruled out by the floor" if g["ruled_out"] else "NO"
         lines.append(f"| {g['workload']}, N={g['num_envs']} | {g['best_peer']} ({g['best_peer_steps_per_s']:,.0f}) | "
                      f"{g['best_rlbatch']} ({g['best_rlbatch_steps_per_s']:,.0f}) | {g['ratio']:.2f}x | "
-                     f"{g['sweep_ratio']:.2f}x | {floor} | {ceiling} | {met} | {rounds} |")
+                     f"{g['sweep_ratio']:.2f}x | {floor} | {bare} | {own} | {ceiling} | {met} | {rounds} |")
     return "\n".join(lines)
 
 

@@ -266,7 +266,7 @@ def build(args: Args) -> Job:
                              envs_per_actor=args.envs_per_actor, seed=args.seed,
                              max_queue=args.queue_batches * args.batch_size,
                              recent_episodes=args.solve_window, inline_policy=args.inline_policy,
-                             **tasks.pool_envs(task, args.env))
+                             **tasks.pool_envs(task, args.env, args.num_actors))
     trainer = rlbatch.Trainer(learner, pool, policy, state=state, batch_size=args.batch_size,
                               max_policy_lag=args.max_policy_lag)
     if resumed is not None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import bench_envs
-from experiments.lib import vector_loops
+from experiments.lib import runtime, tasks, vector_loops
 from experiments.lib.workloads import WORKLOADS
 
 TIMING = dict(warmup=0.05, duration=0.2)
@@ -99,6 +99,40 @@ def test_threads_floor_steps_one_vector_env_per_thread_with_its_columns_and_rais
         vector_loops.run_envs_alone_threads(broken, actions, 6, 2, **TIMING)
 
 
+def test_policy_threads_act_on_each_threads_own_observations_and_raise_a_policy_error():
+    stepped, seen = {}, []
+
+    def recording_vec(n, seed):
+        vec = _cartpole_vec(n, seed)
+        step = vec.step
+        vec.step = lambda actions: (stepped.setdefault(seed, []).append(np.asarray(actions).copy()), step(actions))[1]
+        return vec
+
+    def act(obs, i):  # push right where the pole leans right: an action read from these observations
+        seen.append(obs.copy())
+        return (obs[:, 2] > 0).astype(np.int64)
+
+    rate = vector_loops.run_policy_threads(recording_vec, act, 6, 2, seed=10, **TIMING)
+    assert sorted(stepped) == [10, 13] and rate.num_actors == 2 and rate.envs_per_actor == 3
+    assert rate.env_steps > 0 and rate.env_steps % 3 == 0
+    assert all(o.shape == (3, 4) for o in seen) and len(seen) >= sum(map(len, stepped.values()))
+    # Each thread's actions follow its own environments' observations: replaying the actions it sent
+    # on a fresh copy of its environments gives back observations whose sign matches every action.
+    for seed, actions in stepped.items():
+        vec = _cartpole_vec(3, seed)
+        obs = vec.reset(seed=[seed + j for j in range(3)])[0]
+        for a in actions[:20]:
+            assert (a == (obs[:, 2] > 0)).all()
+            obs = vec.step(a)[0]
+        vec.close()
+
+    def failing(obs, i):
+        raise ValueError("policy broke")
+
+    with pytest.raises(ValueError, match="policy broke"):
+        vector_loops.run_policy_threads(recording_vec, failing, 6, 2, **TIMING)
+
+
 def test_envpool_async_floor_sends_each_recv_its_actions_without_a_policy():
     import envpool
 
@@ -181,6 +215,7 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
     modes = {(r["group"], r["mode"]) for r in rows}
     assert modes == {("floor", "policy alone (batch 4: least CPU per row)"), ("floor", "envpool-sync, no policy"), ("peer", "envpool-sync loop"),
                      ("ceiling", "envpool-sync + policy, CPU time"), ("floor", "envpool-sync, no policy, 2 threads"),
+                     ("no library", "envpool-sync + policy, no library, 2 threads"),
                      ("floor", "envpool-async, no policy"), ("ceiling", "envpool-async + policy, CPU time"),
                      ("peer", "envpool-async loop"), ("rlbatch", "1 env per thread"),
                      ("rlbatch", "rlbatch envpool-sync (best split)"), ("rlbatch", "rlbatch envpool-async (best split)"),
@@ -216,7 +251,7 @@ def test_a_small_run_writes_every_row_with_stages(tmp_path):
 def test_paired_rounds_alternate_the_best_peer_and_rlbatch_row_and_the_target_takes_their_medians():
     calls = []
     series = {"p loop": iter([100.0, 300.0, 200.0]), ("x", 2): iter([250.0, 150.0, 350.0]),
-              "e, no policy, 2 threads": iter([260.0, 210.0, 230.0])}
+              "e, no policy, 2 threads": iter([260.0, 210.0, 230.0]), "e + policy, 2": iter([300.0, 200.0, 280.0])}
 
     def rerun(key):
         def measure():
@@ -231,26 +266,32 @@ def test_paired_rounds_alternate_the_best_peer_and_rlbatch_row_and_the_target_ta
             dict(row, group="sweep", mode="x", steps_per_s=90.0, threads=4, envs_per_thread=8),
             dict(row, group="floor", mode="e, no policy", steps_per_s=150.0, threads=1, envs_per_thread=32),
             dict(row, group="floor", mode="e, no policy, 2 threads", steps_per_s=160.0, threads=2, envs_per_thread=16),
-            dict(row, group="floor", mode="policy alone", steps_per_s=9999.0, threads=1, envs_per_thread=32)]
+            dict(row, group="floor", mode="policy alone", steps_per_s=9999.0, threads=1, envs_per_thread=32),
+            dict(row, group="no library", mode="e + policy, 2", steps_per_s=170.0, threads=2, envs_per_thread=16),
+            dict(row, group="no library", mode="e + policy, 4", steps_per_s=110.0, threads=4, envs_per_thread=8)]
     reruns = {"p loop": rerun("p loop"), "q loop": rerun("q loop"), ("x", 2): rerun(("x", 2)),
               ("x", 4): rerun(("x", 4)), "e, no policy": rerun("e, no policy"),
-              "e, no policy, 2 threads": rerun("e, no policy, 2 threads")}
+              "e, no policy, 2 threads": rerun("e, no policy, 2 threads"), "e + policy, 2": rerun("e + policy, 2"),
+              "e + policy, 4": rerun("e + policy, 4")}
     paired = bench_envs.paired_rounds(rows, reruns, 3)
     # Alternately, the best of each side only (the policy-alone floor is no environment floor).
-    assert calls == ["p loop", ("x", 2), "e, no policy, 2 threads"] * 3
+    assert calls == ["p loop", ("x", 2), "e, no policy, 2 threads", "e + policy, 2"] * 3
     assert paired["peer_steps_per_s"] == 200.0 and paired["steps_per_s"] == 250.0
-    assert paired["floor_steps_per_s"] == 230.0
+    assert paired["floor_steps_per_s"] == 230.0 and paired["no_library_steps_per_s"] == 280.0
     table = bench_envs.best_rows(rows + [dict(row, **paired)])
     [goal] = bench_envs.targets(table, bench_envs.Args(workloads=("w",)))
     assert goal["ratio"] == pytest.approx(1.25) and goal["met"]
     assert goal["sweep_ratio"] == pytest.approx(140.0 / 120.0)
-    assert goal["paired"] == {"peer": [100, 300, 200], "rlbatch": [250, 150, 350], "floor": [260, 210, 230]}
+    assert goal["paired"] == {"peer": [100, 300, 200], "rlbatch": [250, 150, 350], "floor": [260, 210, 230],
+                              "no_library": [300, 200, 280]}
+    assert goal["no_library"] == "e + policy, 2" and goal["no_library_over_best_peer"] == pytest.approx(1.4)
+    assert goal["rlbatch_over_no_library"] == pytest.approx(250.0 / 280.0)
     assert goal["best_peer"] == "p loop" and goal["best_rlbatch"] == "x (best split)"
     assert goal["env_floor"] == "e, no policy, 2 threads" and goal["floor_over_best_peer"] == pytest.approx(1.15)
     assert not goal["ruled_out"]
     text = bench_envs.render(table, [goal], ["cpu:0"], bench_envs.Args(workloads=("w",), num_envs=(32,)))
-    assert "| 1.25x | 1.17x | 1.15x (e, no policy, 2 threads) |" in text
-    assert "100, 300, 200 / 250, 150, 350 / 260, 210, 230" in text
+    assert "| 1.25x | 1.17x | 1.15x (e, no policy, 2 threads) | 1.40x (e + policy, 2) | 0.89 |" in text
+    assert "100, 300, 200 / 250, 150, 350 / 260, 210, 230 / 300, 200, 280" in text
     assert "paired |" not in text.split("CPU ceiling:")[0]  # not a row of the main table
 
 
@@ -266,3 +307,24 @@ def test_a_floor_under_1_1x_the_best_peer_rules_the_target_out():
     rows[2]["steps_per_s"] = 111.0
     [goal] = bench_envs.targets(rows, bench_envs.Args(workloads=("w",), num_envs=(128,)))
     assert not goal["ruled_out"] and not goal["met"]
+
+
+def test_actors_environments_share_the_cores_instead_of_each_starting_a_thread_per_core():
+    cores = runtime.cores()
+    assert runtime.env_threads_per_actor(1) == cores and runtime.env_threads_per_actor(4 * cores) == 1
+    assert runtime.env_threads_per_actor(2) == max(1, cores // 2)
+    halfcheetah = WORKLOADS["halfcheetah"]
+    for make, want in ((halfcheetah.vector_env_fn("envpool-sync", 1), 1),
+                       (halfcheetah.envpool_async_fn(lambda k: k // 2, 1), 1),
+                       (halfcheetah.vector_env_fn("envpool-sync"), 0)):  # 0: EnvPool's default, min(k, cores)
+        env = make(4, 0)
+        try:
+            assert env.config["num_threads"] == want
+        finally:
+            env.close()
+    task = tasks.probe("ALE/Pong-v5")
+    env = tasks.pool_envs(task, "ALE/Pong-v5", actors_per_machine=4 * cores)["vector_env_fn"](2, 0)
+    try:
+        assert env.config["num_threads"] == 1
+    finally:
+        env.close()

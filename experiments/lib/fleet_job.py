@@ -38,7 +38,8 @@ def make_fleet(args, task: tasks.Task, learner, state, *, num_processes: int, pl
     """
     from rlbatch.distributed import ActorFleet  # Ray is an optional extra: imported only for a fleet
 
-    envs = tasks.pool_envs(task, args.env)
+    # (the processes of a local fleet share this machine's cores; elsewhere each has its own)
+    envs = tasks.pool_envs(task, args.env, args.num_actors * (num_processes if placement == "local" else 1))
     return ActorFleet(envs["env_fn"], learner.policy.apply, learner.params(state), example_obs=task.example_obs,
                       vector_env_fn=envs.get("vector_env_fn"), num_processes=num_processes,
                       num_actors=args.num_actors, unroll_length=args.unroll_length,

@@ -8,11 +8,26 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["DEFAULT_COMPILATION_CACHE", "enable_compilation_cache", "pin_python_threads"]
+__all__ = ["DEFAULT_COMPILATION_CACHE", "cores", "enable_compilation_cache", "env_threads_per_actor",
+           "pin_python_threads"]
 
 # XDG's cache directory, as pip and JAX's own tools use it; RLBATCH_JAX_CACHE overrides it.
 DEFAULT_COMPILATION_CACHE = os.environ.get(
     "RLBATCH_JAX_CACHE", os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rlbatch", "jax"))
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def env_threads_per_actor(num_actors: int) -> int:
+    """Worker threads for each actor's EnvPool or AtariVectorEnv: the cores shared between the
+    actors, at least one each. Both default to min(num_envs, cores) threads per environment, so t
+    actors would start t x cores threads that all spin for the same cores: measured on the 2-core
+    VM, HalfCheetah, 2 actor threads x EnvPool(16) with inline policies, 16.7k env steps/s with two
+    threads each and 22.8k with one (medians of 3 alternating runs)."""
+    return max(1, cores() // max(1, num_actors))
 
 
 def compilation_cache_options(path: str | None) -> dict:

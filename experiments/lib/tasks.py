@@ -20,6 +20,7 @@ import numpy as np
 
 import envs  # noqa: F401 - registers the rlbatch/ environments (rlbatch/Catch-v0, ...)
 from envs import atari
+from experiments.lib import runtime
 from experiments.lib.presets import family_of
 
 __all__ = ["Task", "envpool_task_id", "make_eval_env", "pool_envs", "probe"]
@@ -57,14 +58,17 @@ def probe(env_id: str) -> Task:
         env.close()
 
 
-def pool_envs(task: Task, env_id: str) -> dict[str, Any]:
-    """The ActorPool keyword arguments that give its actors `env_id`'s environments."""
+def pool_envs(task: Task, env_id: str, actors_per_machine: int = 1) -> dict[str, Any]:
+    """The ActorPool keyword arguments that give its actors `env_id`'s environments. Atari: each
+    actor steps an EnvPool of its k environments, whose worker threads share the cores of the
+    machine it runs on with the other `actors_per_machine` actors' (runtime.env_threads_per_actor)."""
     if task.family != "atari":
         return {"env_fn": env_id}
     task_id = envpool_task_id(env_id)
 
     def vector_env_fn(k: int, seed: int):
-        return atari.make_envpool_atari(task_id, k, seed=seed, episodic_life=True, reward_clip=True)
+        return atari.make_envpool_atari(task_id, k, seed=seed, episodic_life=True, reward_clip=True,
+                                        num_threads=runtime.env_threads_per_actor(actors_per_machine))
 
     return {"env_fn": None, "vector_env_fn": vector_env_fn}
 

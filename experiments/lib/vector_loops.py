@@ -13,6 +13,8 @@ users write it (CleanRL's `ppo_atari_envpool` and `ppo_continuous_action` loops)
   environment floor, what no loop that steps these environments this way on this machine can beat;
   `run_envs_alone_threads` the same for t threads each stepping its own vector environment of N / t
   at once, and `run_envpool_async_alone` for EnvPool's asynchronous mode (recv -> send);
+- `run_policy_threads`: t threads each stepping its own vector environment of N / t and calling the
+  policy directly: an ActorPool's layout with no library code (no service, nothing recorded);
 - `run_policy_alone`: the policy on batches of N observations and no environment: the policy floor.
 
 Every loop also measures the CPU time the process spent over the measurement (`StepRate.cpu_s`,
@@ -34,7 +36,7 @@ import numpy as np
 from experiments.lib.env_loops import StepRate
 
 __all__ = ["cpu_ceiling", "run_env_alone", "run_envpool_async_alone", "run_envpool_async_loop", "run_envs_alone_threads",
-           "run_policy_alone", "run_vector_loop"]
+           "run_policy_alone", "run_policy_threads", "run_vector_loop"]
 
 _clock = time.perf_counter
 
@@ -157,6 +159,25 @@ def run_envs_alone_threads(make_vector_env: Callable[[int, int], Any], actions: 
     its columns of `actions` [S, N, ...] and no policy: the floor of an ActorPool of that many actors
     (environments that release the GIL step on several cores at once)."""
     k = num_envs // threads
+    columns = [actions[:, t * k:(t + 1) * k] for t in range(threads)]
+    return _run_threads(make_vector_env, lambda t, obs, i: columns[t][i % len(actions)], num_envs, threads,
+                        warmup=warmup, duration=duration, seed=seed)
+
+
+def run_policy_threads(make_vector_env: Callable[[int, int], Any], act_fn: Callable, num_envs: int, threads: int, *,
+                       warmup: float, duration: float, seed: int = 0) -> StepRate:
+    """`threads` threads at once, each stepping its own vector environment of num_envs / threads with
+    actions from `act_fn(obs, i)` called directly, and nothing else: no service, no trajectories. What
+    the policy and the environments do in an ActorPool's layout with no library code at all (the
+    Sebulba actor threads, written by hand); its [N / threads, ...] shape is compiled before the clock."""
+    return _run_threads(make_vector_env, lambda t, obs, i: act_fn(obs, i), num_envs, threads,
+                        warmup=warmup, duration=duration, seed=seed)
+
+
+def _run_threads(make_vector_env, act: Callable, num_envs: int, threads: int, *, warmup: float, duration: float,
+                 seed: int) -> StepRate:
+    """Thread t steps its own vector environment of num_envs / threads with `act(t, obs, i)`."""
+    k = num_envs // threads
     counts = [0] * threads
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -166,8 +187,8 @@ def run_envs_alone_threads(make_vector_env: Callable[[int, int], Any], actions: 
         vec = None
         try:
             vec = make_vector_env(k, seed + t * k)
-            _seeded_reset(vec, seed + t * k, k)
-            columns = actions[:, t * k:(t + 1) * k]
+            obs = _seeded_reset(vec, seed + t * k, k)
+            act(t, obs, 0)  # compiles the policy's shape, if there is one, before the clock
         except BaseException as e:  # noqa: BLE001 - reported by the caller
             errors.append(e)
             ready.abort()
@@ -178,7 +199,7 @@ def run_envs_alone_threads(make_vector_env: Callable[[int, int], Any], actions: 
             ready.wait()
             i = 0
             while not stop.is_set():
-                vec.step(columns[i % len(columns)])
+                obs = vec.step(act(t, obs, i))[0]
                 i += 1
                 counts[t] += k
         except threading.BrokenBarrierError:
@@ -188,7 +209,7 @@ def run_envs_alone_threads(make_vector_env: Callable[[int, int], Any], actions: 
         finally:
             vec.close()
 
-    workers = [threading.Thread(target=play, args=(t,), name=f"env-floor-{t}") for t in range(threads)]
+    workers = [threading.Thread(target=play, args=(t,), name=f"vector-thread-{t}") for t in range(threads)]
     for w in workers:
         w.start()
     try:

@@ -55,24 +55,27 @@ class Workload:
     def kinds(self) -> tuple[str, ...]:
         return tuple(k for k in KINDS if k != "ale-vector" or self.ale)
 
-    def vector_env_fn(self, kind: str) -> Callable[[int, int], Any]:
+    def vector_env_fn(self, kind: str, num_threads: int = 0) -> Callable[[int, int], Any]:
         """`(k, seed) -> vector environment` of `kind` (see the module docstring); for
-        "envpool-async" see `envpool_async_fn`."""
+        "envpool-async" see `envpool_async_fn`. `num_threads`: the worker threads of each EnvPool or
+        AtariVectorEnv (0: theirs by default, min(k, cores))."""
+        threads = {"num_threads": num_threads} if num_threads else {}
         if kind == "gym-sync":
             return lambda k, seed: gymnasium.vector.SyncVectorEnv([self.make_env] * k)
         if kind == "gym-async":
             return lambda k, seed: gymnasium.vector.AsyncVectorEnv([self.make_env] * k, shared_memory=True,
                                                                    context="forkserver")
         if kind == "envpool-sync":
-            return lambda k, seed: self.make_envpool(k, seed)
+            return lambda k, seed: self.make_envpool(k, seed, **threads)
         if kind == "ale-vector" and self.ale:
-            return lambda k, seed: atari.make_ale_vector_env(self.env_id, k, seed)
+            return lambda k, seed: atari.make_ale_vector_env(self.env_id, k, seed, **threads)
         raise ValueError(f"Workload {self.name}: expected a vector kind of {self.kinds} (envpool-async through "
                          f"envpool_async_fn), got {kind!r}")
 
-    def envpool_async_fn(self, batch_size: Callable[[int], int]) -> Callable[..., Any]:
+    def envpool_async_fn(self, batch_size: Callable[[int], int], num_threads: int = 0) -> Callable[..., Any]:
         """`(k, seed) -> EnvPool` of k environments in asynchronous mode, batch_size(k) per recv."""
-        return lambda k, seed: self.make_envpool(k, seed, batch_size=batch_size(k))
+        threads = {"num_threads": num_threads} if num_threads else {}
+        return lambda k, seed: self.make_envpool(k, seed, batch_size=batch_size(k), **threads)
 
     def floor_actions(self, n: int, steps: int = 64, seed: int = 0) -> np.ndarray:
         """Actions [steps, n, ...] for the environment floor, drawn from the action space (seeded): the
