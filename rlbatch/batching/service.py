@@ -370,15 +370,11 @@ class BatchedService:
         allows it). ServiceClosed once closing; TypeError where batches need the worker thread."""
         return self._worker.run_inline(values, rows)
 
-    def begin_own_batch(self, rows: int) -> float:
-        """For a front end that runs a request of `rows` rows as a batch of its own without the
-        service's batch function (PolicyService's inline fast path): counts the request, or raises
-        ServiceClosed once closing; returns the start time to give `end_own_batch`, which records
-        the batch as call_inline would."""
-        return self._worker.begin_own_batch(rows)
-
-    def end_own_batch(self, rows: int, bucket: int | None, t_start: float, failed: bool = False) -> None:
-        self._worker.runner.record_own_batch(rows, bucket, t_start, failed)
+    def own_batch_hooks(self):
+        """(begin, end) for a front end that runs a request as a batch of its own without the batch
+        function (PolicyService's inline fast path): begin(rows) counts it, or raises ServiceClosed,
+        and returns its start; end(rows, bucket, start, failed) records the batch as call_inline does."""
+        return self._worker.begin_own_batch, self._worker.runner.record_own_batch
 
     def record_invalid(self, n: int = 1) -> None:
         """Counts requests refused for their inputs, including by a front end's own checks before
