@@ -364,21 +364,18 @@ class BatchedService:
         return value
 
     def call_inline(self, values, rows: int | None = None):
-        """Runs one prepared request (`rows`: None for one row, else at most max_batch_size) as a
-        batch of its own in the calling thread, with no queue and no hand-off: for a caller whose
-        request fills a batch alone. Calls from several threads run at once (a jitted JAX function
-        allows it). ServiceClosed once closing; TypeError where batches need the worker thread."""
+        """Runs one prepared request (`rows`: None for one row, else at most max_batch_size) as a batch of
+        its own in the calling thread, no queue, no hand-off; calls from several threads run at once.
+        ServiceClosed once closing; TypeError where batches need the worker thread."""
         return self._worker.run_inline(values, rows)
 
     def own_batch_hooks(self):
-        """(begin, end) for a front end that runs a request as a batch of its own without the batch
-        function (PolicyService's inline fast path): begin(rows) counts it, or raises ServiceClosed,
-        and returns its start; end(rows, bucket, start, failed) records the batch as call_inline does."""
+        """(begin, end) for a front end that runs its own batch (PolicyService's inline fast path):
+        begin(rows) counts it (ServiceClosed once closing) -> start; end(rows, bucket, start, failed)."""
         return self._worker.begin_own_batch, self._worker.runner.record_own_batch
 
     def record_invalid(self, n: int = 1) -> None:
-        """Counts requests refused for their inputs, including by a front end's own checks before
-        they reached the service, so that `stats.invalid` shows every refusal."""
+        """Counts requests refused for their inputs, also by a front end's own checks (stats.invalid)."""
         with self._worker.lock:
             self._stats.invalid += n
 
@@ -387,10 +384,9 @@ class BatchedService:
     def register(self, *, keep_alive: Any = None) -> Caller:
         """A registered caller whose requests count towards early flush; close it when done.
 
-        Use it for a known set of callers (actor threads): when every known caller has a request
-        waiting, the batch goes at once. `keep_alive`: an object the caller keeps alive until it
-        is closed (a decorated method's instance, whose collection would close the service).
-        """
+        For a known set of callers (actor threads): once every one has a request waiting, the batch
+        goes. `keep_alive`: kept alive until closed (a decorated method's instance, whose collection
+        would close the service)."""
         caller = Caller(self, holds=keep_alive)
         self.add_caller(caller)
         return caller
@@ -429,12 +425,10 @@ class BatchedService:
     def close(self, wait: bool = True, *, cancel_pending: bool = False, timeout: float | None = None) -> bool:
         """Stops the service. Safe to call more than once.
 
-        Requests already queued run to completion (the queue is drained without waiting for
-        max_delay), or with `cancel_pending=True` fail at once with ServiceClosed (except the rest
-        of a request split over several batches whose first part already ran). Later submits
-        raise ServiceClosed. With `wait=True` the worker threads are joined before this returns,
-        for at most `timeout` seconds: returns False if they were still running then (True
-        otherwise); once they have ended, any request still queued has failed.
+        Queued requests run (drained without waiting for max_delay), or with `cancel_pending=True`
+        fail with ServiceClosed (except the rest of a split request whose first part ran); later
+        submits raise ServiceClosed. `wait=True` joins the worker threads for at most `timeout` s:
+        False if they still ran then; once they have ended, any request still queued has failed.
         """
         return self._worker.close(wait, cancel_pending, timeout)
 
